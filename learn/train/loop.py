@@ -1,0 +1,197 @@
+"""Training in one process: the reference path (the Ray Train loop calls the same pieces).
+
+    state = fit(model, splits, cfg.train, cfg.eval, max_history, num_items, on_epoch=...)
+
+``train_step`` is one optimisation step on one batch; ``run_epoch`` draws the epoch's batches and
+steps through them; ``fit`` adds evaluation on the valid split, early stopping on valid NDCG@10 and
+restores the best weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from learn.config import EvalConfig, TrainConfig
+from learn.data.sequences import EvalSplit, Splits
+from learn.towers.losses import dense_all_action_loss, full_softmax_loss, in_batch_softmax_loss
+from learn.towers.model import TwinTowers, pad_histories
+from learn.train.batches import DenseBatch, PairBatch, dense_batches, pair_batches
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+    )
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Linear warm-up for ``warmup_epochs``, then cosine decay to zero at the last epoch."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def steps_per_epoch(train: list[np.ndarray], batch_size: int, world_size: int = 1) -> int:
+    users = sum(1 for s in train if len(s) >= 2) // world_size
+    return max(1, math.ceil(users / batch_size))
+
+
+def epoch_batches(train: list[np.ndarray], cfg: TrainConfig, max_history: int, rng: np.random.Generator,
+                  rank: int = 0, world_size: int = 1):
+    if cfg.recipe == "dense_all_action":
+        return dense_batches(train, batch_size=cfg.batch_size, max_history=max_history, target_len=cfg.target_len,
+                             n_history=cfg.n_history, n_targets=cfg.n_targets, recency=cfg.recency_weighting,
+                             rng=rng, rank=rank, world_size=world_size)
+    low = "one" if cfg.recipe == "full_softmax" else "half"
+    return pair_batches(train, batch_size=cfg.batch_size, max_history=max_history, low=low,
+                        all_positions=cfg.all_positions, rng=rng, rank=rank, world_size=world_size)
+
+
+def compute_loss(model: TwinTowers, batch, cfg: TrainConfig) -> torch.Tensor:
+    core = model.module if hasattr(model, "module") else model
+    if isinstance(batch, DenseBatch):
+        out = model(batch.hist_tokens)
+        B = out.shape[0]
+        hist = out[torch.arange(B).unsqueeze(1), batch.hist_pos]
+        tgt_all = core.target_sequence_embedding(batch.tgt_tokens)
+        tgt = tgt_all[torch.arange(B).unsqueeze(1), batch.tgt_pos]
+        return dense_all_action_loss(hist, batch.hist_valid, tgt, batch.tgt_valid, batch.tgt_items, cfg.score_scale)
+    assert isinstance(batch, PairBatch)
+    out = model(batch.tokens)
+    user = out[batch.rows, batch.positions]
+    if cfg.recipe == "full_softmax":
+        items = core.item_embedding(torch.arange(core.num_items))
+        return full_softmax_loss(user, items, batch.targets, cfg.score_scale)
+    target_vecs = core.item_embedding(batch.targets)
+    return in_batch_softmax_loss(user, target_vecs, batch.targets, cfg.score_scale)
+
+
+def train_step(model, batch, opt, sched, cfg: TrainConfig) -> float:
+    """One optimisation step; returns the loss. Used as is by the Ray Train worker loop."""
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    loss = compute_loss(model, batch, cfg)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}: lower train.lr or check the content vectors")
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return float(loss.detach())
+
+
+def run_epoch(model, train: list[np.ndarray], cfg: TrainConfig, max_history: int, opt, sched,
+              rng: np.random.Generator, rank: int = 0, world_size: int = 1, progress: bool = True,
+              desc: str = "train") -> float:
+    total, n = 0.0, 0
+    steps = steps_per_epoch(train, cfg.batch_size, world_size)
+    bar = tqdm(epoch_batches(train, cfg, max_history, rng, rank, world_size), total=steps, desc=desc,
+               disable=not progress, leave=False)
+    for batch in bar:
+        loss = train_step(model, batch, opt, sched, cfg)
+        total += loss
+        n += 1
+        bar.set_postfix(loss=f"{loss:.4f}")
+    return total / max(1, n)
+
+
+@torch.no_grad()
+def user_embeddings(model: TwinTowers, histories: list[np.ndarray], max_history: int,
+                    batch_size: int = 512) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    out = []
+    order = np.argsort([len(h) for h in histories], kind="stable")  # similar lengths, less padding
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        out.append(model.user_embedding(pad_histories([histories[i] for i in idx], max_history)))
+    model.train(was)
+    emb = torch.cat(out) if out else torch.zeros(0, model.cfg.d_out)
+    result = torch.empty_like(emb)
+    result[torch.as_tensor(order)] = emb
+    return result
+
+
+def evaluate_model(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
+                   train_popularity: np.ndarray | None = None, prefix: str = "") -> dict[str, float]:
+    from learn.evaluate import evaluate_both_modes
+
+    users = user_embeddings(model, split.histories, max_history)
+    items = model.all_item_embeddings()
+    return evaluate_both_modes(
+        users, items, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
+        chunk_size=eval_cfg.chunk_size, train_popularity=train_popularity, prefix=prefix,
+        popularity_buckets=eval_cfg.popularity_buckets, history_buckets=eval_cfg.history_buckets,
+    )
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_valid: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def fit(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max_history: int,
+        seed: int = 0, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+        progress: bool = True) -> FitResult:
+    """Train with early stopping on valid NDCG@10; the best weights are loaded back at the end."""
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    opt = make_optimizer(model, train_cfg)
+    sched = make_scheduler(opt, train_cfg, steps_per_epoch(splits.train, train_cfg.batch_size))
+    key = "ndcg_at_10" if 10 in eval_cfg.ks else f"ndcg_at_{min(eval_cfg.ks)}"
+    best_score, best_epoch, best_state, best_valid = -1.0, -1, None, {}
+    history: list[dict[str, float]] = []
+    bad_epochs = 0
+    stopped = False
+    bar = tqdm(range(1, train_cfg.epochs + 1), desc="epochs", disable=not progress)
+    for epoch in bar:
+        loss = run_epoch(model, splits.train, train_cfg, max_history, opt, sched, rng, progress=progress,
+                         desc=f"epoch {epoch}")
+        row = {"epoch": epoch, "train_loss": loss, "lr": sched.get_last_lr()[0]}
+        if epoch % train_cfg.eval_every == 0 or epoch == train_cfg.epochs:
+            valid = evaluate_model(model, splits.valid, eval_cfg, max_history, prefix="valid_")
+            row.update(valid)
+            score = valid[f"valid_{key}"]
+            if score > best_score:
+                best_score, best_epoch, bad_epochs = score, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+                best_valid = valid
+            else:
+                bad_epochs += 1
+        history.append(row)
+        bar.set_postfix(loss=f"{loss:.4f}", valid_ndcg10=f"{row.get(f'valid_{key}', float('nan')):.4f}",
+                        best=best_epoch)
+        print(f"epoch {epoch:3d}  loss {loss:.4f}  valid {key} {row.get(f'valid_{key}', float('nan')):.4f}"
+              f"  recall_at_10 {row.get('valid_recall_at_10', float('nan')):.4f}  (best epoch {best_epoch})",
+              flush=True)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+        if train_cfg.patience > 0 and bad_epochs >= train_cfg.patience:
+            stopped = True
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return FitResult(best_epoch=best_epoch, best_valid=best_valid, history=history, stopped_early=stopped,
+                     seconds=time.perf_counter() - start)
