@@ -1,0 +1,415 @@
+"""Full-catalog ranking metrics with one target per user.
+
+Every user's target is ranked against ALL N catalog items by score = user . item (the caller has
+already normalised/scaled the vectors). Users are scored ``chunk_size`` rows at a time, so at most a
+[chunk_size, N] score matrix exists at once.
+
+Rank (0-based) is pessimistic under ties:
+    rank = #items scoring above the target + #OTHER items scoring exactly the target's score.
+With history exclusion, the user's own history items (other than the target item itself) are
+dropped from the catalog before counting (equivalent to scoring them -inf).
+
+Both modes come out of the same scoring pass: the "excluded" rank is the "included" rank minus the
+number of distinct excluded items that counted against the target.
+
+Metric keys (one target, so Recall@K == HR@K):
+    recall_at_{K}, ndcg_at_{K}  (1/log2(rank+2) if rank < K else 0), mrr (1/(rank+1))
+Segment keys (see ``segment_metrics``):
+    ndcg_at_{k}_{seg}, recall_at_{k}_{seg}, users_{seg}
+    seg in pop_cold, pop_tail/pop_mid/pop_head (3 buckets; otherwise pop_q0..pop_q{n-1}),
+           hist_le3, hist_4_5, hist_6_10, hist_11_20, hist_gt20 (from the history upper bounds).
+Bucket edges for logging: ``popularity_edges`` and ``segment_descriptions``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from learn.data.sequences import EvalSplit
+
+ScoreFn = Callable[[Any], "torch.Tensor | np.ndarray"]
+
+__all__ = [
+    "target_ranks",
+    "target_ranks_both",
+    "metrics_from_ranks",
+    "popularity_edges",
+    "popularity_segment_names",
+    "history_segment_names",
+    "segment_descriptions",
+    "segment_metrics",
+    "evaluate_split",
+    "evaluate_both_modes",
+]
+
+
+# ----------------------------------------------------------------------------------------- ranks
+
+
+def _chunk_scores(user_chunk: torch.Tensor, item_emb_f32: torch.Tensor) -> torch.Tensor:
+    """[c, d] x [N, d] -> [c, N] float32 dot products. Kept separate so tests can spy on it."""
+    return user_chunk.to(device=item_emb_f32.device, dtype=torch.float32) @ item_emb_f32.T
+
+
+def _as_index_array(a: Any, name: str) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-d, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer catalog indices, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def target_ranks_both(
+    user_emb: Any,
+    item_emb: torch.Tensor | None,
+    targets: np.ndarray,
+    histories: Sequence[np.ndarray] | None,
+    *,
+    chunk_size: int = 2048,
+    score_fn: ScoreFn | None = None,
+    need_included: bool = True,
+    need_excluded: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Ranks with history kept and with history excluded, from one scoring pass per chunk.
+
+    Returns (ranks_included, ranks_excluded); an entry is None when its ``need_*`` flag is False.
+    See ``target_ranks`` for the arguments.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    targets = _as_index_array(targets, "targets")
+    U = len(targets)
+    if user_emb is None or len(user_emb) != U:
+        raise ValueError(f"user_emb has {None if user_emb is None else len(user_emb)} rows, targets {U}")
+    if need_excluded:
+        if histories is None:
+            raise ValueError("histories are required to exclude history items")
+        if len(histories) != U:
+            raise ValueError(f"{len(histories)} histories for {U} targets")
+
+    if score_fn is None:
+        if item_emb is None:
+            raise ValueError("item_emb is required unless score_fn is given")
+        user_emb = torch.as_tensor(user_emb)
+        item_f32 = torch.as_tensor(item_emb).detach().to(device=user_emb.device, dtype=torch.float32)
+        if item_f32.ndim != 2 or user_emb.ndim != 2 or user_emb.shape[1] != item_f32.shape[1]:
+            raise ValueError(f"shape mismatch: user_emb {tuple(user_emb.shape)}, item_emb {tuple(item_f32.shape)}")
+        N = item_f32.shape[0]
+        if not torch.isfinite(item_f32).all():
+            raise ValueError("item_emb holds NaN/inf values")
+    else:
+        item_f32 = None
+        N = None if item_emb is None else int(item_emb.shape[0])
+
+    incl = np.empty(U, dtype=np.int64) if need_included else None
+    excl = np.empty(U, dtype=np.int64) if need_excluded else None
+
+    with torch.inference_mode():
+        for start in range(0, U, chunk_size):
+            end = min(start + chunk_size, U)
+            c = end - start
+            if score_fn is None:
+                chunk = user_emb[start:end].detach()
+                if not torch.isfinite(chunk).all():
+                    raise ValueError(f"user_emb rows {start}:{end} hold NaN/inf values")
+                scores = _chunk_scores(chunk, item_f32)
+            else:
+                scores = torch.as_tensor(score_fn(user_emb[start:end])).to(torch.float32)
+                if N is None:
+                    N = scores.shape[-1]
+                if torch.isnan(scores).any():
+                    raise ValueError(f"score_fn returned NaN scores for users {start}:{end}")
+            if scores.shape != (c, N):
+                raise ValueError(f"scores for users {start}:{end} have shape {tuple(scores.shape)}, expected {(c, N)}")
+
+            tgt = targets[start:end]
+            if tgt.size and (tgt.min() < 0 or tgt.max() >= N):
+                raise ValueError(f"target index out of range [0, {N}) among users {start}:{end}")
+            tgt_t = torch.from_numpy(tgt).to(scores.device)
+            t_score = scores.gather(1, tgt_t.view(-1, 1))  # [c, 1]
+            # items above + ties, in one comparison; minus 1 for the target itself
+            base = ((scores >= t_score).sum(1, dtype=torch.int32) - 1).cpu().numpy().astype(np.int64)
+            if incl is not None:
+                incl[start:end] = base
+            if excl is None:
+                continue
+
+            # distinct (user, item) history pairs in this chunk, the target item itself kept
+            hist = [np.asarray(h) for h in histories[start:end]]
+            lens = np.fromiter((len(h) for h in hist), dtype=np.int64, count=c)
+            if lens.sum() == 0:
+                excl[start:end] = base
+                continue
+            cols = _as_index_array(np.concatenate([h for h in hist if len(h)]), "histories")
+            if cols.min() < 0 or cols.max() >= N:
+                raise ValueError(f"history index out of range [0, {N}) among users {start}:{end}")
+            rows = np.repeat(np.arange(c, dtype=np.int64), lens)
+            keep = cols != tgt[rows]
+            keys = np.unique(rows[keep] * N + cols[keep])
+            rows, cols = keys // N, keys % N
+            # an excluded item counted in ``base`` iff its score >= the target's score
+            r_t = torch.from_numpy(rows).to(scores.device)
+            c_t = torch.from_numpy(cols).to(scores.device)
+            counted = (scores[r_t, c_t] >= t_score[r_t, 0]).cpu().numpy()
+            excl[start:end] = base - np.bincount(rows[counted], minlength=c)
+    return incl, excl
+
+
+def target_ranks(
+    user_emb: Any,
+    item_emb: torch.Tensor | None,
+    targets: np.ndarray,
+    histories: Sequence[np.ndarray] | None,
+    *,
+    exclude_history: bool,
+    chunk_size: int = 2048,
+    score_fn: ScoreFn | None = None,
+) -> np.ndarray:
+    """0-based pessimistic rank of each user's target among all N catalog items.
+
+    user_emb [U, d], item_emb [N, d] (any float dtype; scored in float32 on user_emb's device),
+    targets [U] catalog indices, histories: per user catalog indices (needed for exclusion).
+    score_fn(user_emb[start:end]) -> [c, N] scores replaces the dot product when given (item_emb
+    may then be None); user_emb may then be anything sliceable of length U, e.g. np.arange(U) to
+    hand the callback the row indices of the chunk.
+    """
+    incl, excl = target_ranks_both(
+        user_emb,
+        item_emb,
+        targets,
+        histories,
+        chunk_size=chunk_size,
+        score_fn=score_fn,
+        need_included=not exclude_history,
+        need_excluded=exclude_history,
+    )
+    return excl if exclude_history else incl
+
+
+# --------------------------------------------------------------------------------------- metrics
+
+
+def _check_ranks(ranks: Any) -> np.ndarray:
+    r = np.asarray(ranks)
+    if r.ndim != 1 or r.size == 0:
+        raise ValueError(f"ranks must be a non-empty 1-d array, got shape {r.shape}")
+    if (r < 0).any():
+        raise ValueError("ranks must be >= 0")
+    return r.astype(np.float64)
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (10, 50)) -> dict[str, float]:
+    """{"recall_at_K", "ndcg_at_K" for each K, "mrr"} averaged over users, as python floats."""
+    r = _check_ranks(ranks)
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = r < k
+        out[f"recall_at_{k}"] = float(hit.mean())
+        out[f"ndcg_at_{k}"] = float(np.where(hit, 1.0 / np.log2(r + 2.0), 0.0).mean())
+    out["mrr"] = float((1.0 / (r + 1.0)).mean())
+    return out
+
+
+# -------------------------------------------------------------------------------------- segments
+
+
+def popularity_edges(train_popularity: np.ndarray, n_buckets: int) -> np.ndarray:
+    """Interior edges (n_buckets - 1 of them) splitting warm items (train count > 0) into quantile
+    buckets of the catalog. Bucket b holds counts in (edges[b-1], edges[b]]; they depend only on the
+    training data, so they are fixed per dataset and split."""
+    if n_buckets < 1:
+        raise ValueError(f"popularity_buckets must be >= 1, got {n_buckets}")
+    pop = np.asarray(train_popularity)
+    warm = pop[pop > 0].astype(np.float64)
+    if warm.size == 0 or n_buckets == 1:
+        return np.zeros(0, dtype=np.float64)
+    return np.quantile(warm, np.arange(1, n_buckets) / n_buckets)
+
+
+def popularity_segment_names(n_buckets: int) -> list[str]:
+    """Warm bucket names, least popular first (pop_cold is separate)."""
+    if n_buckets == 3:
+        return ["pop_tail", "pop_mid", "pop_head"]
+    return [f"pop_q{i}" for i in range(n_buckets)]
+
+
+def _check_history_bounds(bounds: Sequence[int]) -> list[int]:
+    b = [int(x) for x in bounds]
+    if any(x < 0 for x in b) or any(b2 <= b1 for b1, b2 in zip(b, b[1:])):
+        raise ValueError(f"history_buckets must be increasing non-negative upper bounds, got {list(bounds)}")
+    return b
+
+
+def history_segment_names(bounds: Sequence[int]) -> list[str]:
+    """[3, 5, 10, 20] -> hist_le3, hist_4_5, hist_6_10, hist_11_20, hist_gt20. Empty -> []."""
+    b = _check_history_bounds(bounds)
+    if not b:
+        return []
+    names = [f"hist_le{b[0]}"]
+    for lo, hi in zip(b, b[1:]):
+        names.append(f"hist_{lo + 1}" if lo + 1 == hi else f"hist_{lo + 1}_{hi}")
+    names.append(f"hist_gt{b[-1]}")
+    return names
+
+
+def segment_descriptions(
+    train_popularity: np.ndarray,
+    *,
+    popularity_buckets: int = 3,
+    history_buckets: Sequence[int] = (3, 5, 10, 20),
+) -> dict[str, str]:
+    """Human-readable definition of every segment (with the actual edges), for logging as params."""
+    edges = popularity_edges(train_popularity, popularity_buckets)
+    out = {"pop_cold": "train count == 0"}
+    bounds = [0.0, *edges.tolist(), float("inf")]
+    for name, lo, hi in zip(popularity_segment_names(popularity_buckets), bounds, bounds[1:]):
+        out[name] = f"{lo:g} < train count <= {hi:g}"
+    b = _check_history_bounds(history_buckets)
+    hb = [-1, *b, float("inf")]
+    for name, lo, hi in zip(history_segment_names(b), hb, hb[1:]):
+        out[name] = f"{lo + 1:g} <= history length <= {hi:g}"
+    return out
+
+
+def segment_metrics(
+    ranks: np.ndarray,
+    targets: np.ndarray,
+    histories: Sequence[np.ndarray],
+    train_popularity: np.ndarray,
+    *,
+    k: int = 10,
+    popularity_buckets: int = 3,
+    history_buckets: Sequence[int] = (3, 5, 10, 20),
+) -> dict[str, float]:
+    """NDCG@k / Recall@k / user count per segment; empty segments are left out.
+
+    Item segments by the TARGET's train count: pop_cold (0), then the warm quantile buckets of
+    ``popularity_edges``. User segments by len(history). Edges: ``popularity_edges`` /
+    ``segment_descriptions`` (same arguments give the same edges).
+    """
+    r = _check_ranks(ranks)
+    targets = _as_index_array(targets, "targets")
+    pop = np.asarray(train_popularity)
+    if len(targets) != len(r) or len(histories) != len(r):
+        raise ValueError(f"{len(r)} ranks, {len(targets)} targets, {len(histories)} histories")
+    if targets.size and (targets.min() < 0 or targets.max() >= len(pop)):
+        raise ValueError(f"target index out of range [0, {len(pop)}) of train_popularity")
+
+    segments: list[tuple[str, np.ndarray]] = []
+    tpop = pop[targets]
+    cold = tpop <= 0
+    segments.append(("pop_cold", cold))
+    bucket = np.searchsorted(popularity_edges(pop, popularity_buckets), tpop, side="left")
+    for i, name in enumerate(popularity_segment_names(popularity_buckets)):
+        segments.append((name, ~cold & (bucket == i)))
+
+    bounds = _check_history_bounds(history_buckets)
+    if bounds:
+        lens = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+        hbucket = np.searchsorted(np.asarray(bounds), lens, side="left")
+        for i, name in enumerate(history_segment_names(bounds)):
+            segments.append((name, hbucket == i))
+
+    out: dict[str, float] = {}
+    for name, mask in segments:
+        n = int(mask.sum())
+        if n == 0:
+            continue
+        m = metrics_from_ranks(ranks=np.asarray(ranks)[mask], ks=(k,))
+        out[f"ndcg_at_{k}_{name}"] = m[f"ndcg_at_{k}"]
+        out[f"recall_at_{k}_{name}"] = m[f"recall_at_{k}"]
+        out[f"users_{name}"] = n
+    return out
+
+
+# ------------------------------------------------------------------------------------ convenience
+
+
+def _all_metrics(
+    ranks: np.ndarray,
+    split: EvalSplit,
+    ks: Sequence[int],
+    train_popularity: np.ndarray | None,
+    segment_k: int | None,
+    popularity_buckets: int,
+    history_buckets: Sequence[int],
+) -> dict[str, float]:
+    out: dict[str, float] = {"users": len(ranks), **metrics_from_ranks(ranks, ks)}
+    if train_popularity is not None:
+        out.update(
+            segment_metrics(
+                ranks,
+                split.targets,
+                split.histories,
+                train_popularity,
+                k=segment_k if segment_k is not None else min(ks),
+                popularity_buckets=popularity_buckets,
+                history_buckets=history_buckets,
+            )
+        )
+    return out
+
+
+def evaluate_split(
+    user_emb: Any,
+    item_emb: torch.Tensor | None,
+    split: EvalSplit,
+    *,
+    ks: Sequence[int] = (10, 50),
+    exclude_history: bool,
+    chunk_size: int = 2048,
+    train_popularity: np.ndarray | None = None,
+    prefix: str = "",
+    segment_k: int | None = None,
+    popularity_buckets: int = 3,
+    history_buckets: Sequence[int] = (3, 5, 10, 20),
+    score_fn: ScoreFn | None = None,
+) -> dict[str, float]:
+    """Rank ``split``'s targets and return prefixed metrics: {prefix}users, {prefix}recall_at_K,
+    {prefix}ndcg_at_K, {prefix}mrr, plus segment keys (at segment_k, default min(ks)) when
+    train_popularity is given."""
+    ranks = target_ranks(
+        user_emb,
+        item_emb,
+        split.targets,
+        split.histories,
+        exclude_history=exclude_history,
+        chunk_size=chunk_size,
+        score_fn=score_fn,
+    )
+    m = _all_metrics(ranks, split, ks, train_popularity, segment_k, popularity_buckets, history_buckets)
+    return {f"{prefix}{key}": v for key, v in m.items()}
+
+
+def evaluate_both_modes(
+    user_emb: Any,
+    item_emb: torch.Tensor | None,
+    split: EvalSplit,
+    *,
+    ks: Sequence[int] = (10, 50),
+    exclude_history: bool,
+    chunk_size: int = 2048,
+    train_popularity: np.ndarray | None = None,
+    prefix: str = "",
+    segment_k: int | None = None,
+    popularity_buckets: int = 3,
+    history_buckets: Sequence[int] = (3, 5, 10, 20),
+    score_fn: ScoreFn | None = None,
+) -> dict[str, float]:
+    """Like ``evaluate_split`` for both history modes from one scoring pass.
+
+    The configured mode's keys are plain ({prefix}ndcg_at_10); the other mode's carry a suffix:
+    "_excl_hist" when exclude_history=False is configured, "_incl_hist" when it is True.
+    """
+    incl, excl = target_ranks_both(
+        user_emb, item_emb, split.targets, split.histories, chunk_size=chunk_size, score_fn=score_fn
+    )
+    main, other, suffix = (excl, incl, "_incl_hist") if exclude_history else (incl, excl, "_excl_hist")
+    args = (split, ks, train_popularity, segment_k, popularity_buckets, history_buckets)
+    out = {f"{prefix}{key}": v for key, v in _all_metrics(main, *args).items()}
+    out.update({f"{prefix}{key}{suffix}": v for key, v in _all_metrics(other, *args).items() if key != "users"})
+    return out
