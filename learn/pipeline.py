@@ -11,6 +11,7 @@ Stages (wall time of each is logged as ``time_<stage>_s``):
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,17 +39,16 @@ class PipelineResult:
 def content_store_path(cfg: Config, dataset_name: str) -> Path:
     if cfg.embed.store:
         return Path(cfg.embed.store)
-    return Path(cfg.embed.cache_dir) / "content" / f"{dataset_name}.parquet"
+    # one file per dataset and model: a store holds vectors of one dimension only
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.embed.model).strip("_")[-60:]
+    return Path(cfg.embed.cache_dir) / "content" / f"{dataset_name}-{slug}.parquet"
 
 
 def embed_items(cfg: Config, dataset_name: str, item_ids: np.ndarray, texts: list[str]) -> tuple[np.ndarray, dict, str]:
     from learn.embed.hf import HFEncoder
     from learn.embed.store import ContentStore, embed_catalog
 
-    encoder = HFEncoder(
-        cfg.embed.model, revision=cfg.embed.revision, max_tokens=cfg.embed.max_tokens,
-        batch_size=cfg.embed.batch_size, dtype=cfg.embed.dtype, cache_dir=cfg.embed.cache_dir,
-    )
+    encoder = HFEncoder.from_config(cfg.embed)
     store = ContentStore(content_store_path(cfg, dataset_name))
     vectors, stats = embed_catalog(encoder, [str(i) for i in item_ids], texts, store)
     return np.asarray(vectors, dtype=np.float32), stats, encoder.encoder_id

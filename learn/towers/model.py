@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -159,5 +160,5 @@ def pad_histories(histories: list, max_len: int) -> torch.Tensor:
     for i, h in enumerate(histories):
         h = h[-max_len:]
         if len(h):
-            out[i, : len(h)] = torch.as_tensor(h, dtype=torch.long) + 1
+            out[i, : len(h)] = torch.tensor(np.asarray(h), dtype=torch.long) + 1
     return out
