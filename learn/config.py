@@ -50,6 +50,7 @@ class DataConfig:
     # How an item's fields become the text the LLM reads; null = the reader's default.
     text_template: str | None = None
     missing_text: str = "drop"  # drop | fail: interactions whose item has no text
+    unsorted_timestamps: str = "sort"  # sort | fail: a user's timestamps going backwards in file order
     split: str = "leave_one_out"  # leave_one_out | time_cut
     time_cut: float = 0.8  # time_cut split: quantile of all timestamps (<=1) or a timestamp (>1)
     max_history: int = 40
@@ -143,6 +144,7 @@ _CHOICES = {
     "data.format": {"auto", "demo", "unisrec", "amazon2018", "files"},
     "data.missing_text": {"drop", "fail"},
     "data.split": {"leave_one_out", "time_cut"},
+    "data.unsorted_timestamps": {"sort", "fail"},
     "model.positions": {"none", "learned"},
     "model.item_tower": {"a", "b", "c"},
     "train.recipe": {"full_softmax", "in_batch", "dense_all_action", "content_mean", "content_last"},

@@ -21,6 +21,7 @@ import torch
 
 from learn.config import Config, flatten, to_dict
 from learn.data.load import item_texts, load_dataset
+from learn.data.schema import DataError
 from learn.data.sequences import Splits, build_sequences
 from learn.tracking.mlflow_run import Tracker
 from learn.utils import StageTimer, atomic_path, atomic_write_text, seed_everything, text_hash
@@ -44,13 +45,14 @@ def content_store_path(cfg: Config, dataset_name: str) -> Path:
     return Path(cfg.embed.cache_dir) / "content" / f"{dataset_name}-{slug}.parquet"
 
 
-def embed_items(cfg: Config, dataset_name: str, item_ids: np.ndarray, texts: list[str]) -> tuple[np.ndarray, dict, str]:
+def embed_items(cfg: Config, dataset_name: str, item_ids: np.ndarray, texts: list[str],
+                progress: bool = True) -> tuple[np.ndarray, dict, str]:
     from learn.embed.hf import HFEncoder
     from learn.embed.store import ContentStore, embed_catalog
 
     encoder = HFEncoder.from_config(cfg.embed)
     store = ContentStore(content_store_path(cfg, dataset_name))
-    vectors, stats = embed_catalog(encoder, [str(i) for i in item_ids], texts, store)
+    vectors, stats = embed_catalog(encoder, [str(i) for i in item_ids], texts, store, progress=progress)
     return np.asarray(vectors, dtype=np.float32), stats, encoder.encoder_id
 
 
@@ -93,7 +95,10 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
         with timer("data"):
             raw = load_dataset(cfg.data)
             texts = item_texts(raw, cfg.data.text_template)
-            data = build_sequences(raw, texts)
+            if cfg.data.split == "time_cut" and not raw.has_clock:
+                raise DataError(f"data.split=time_cut needs real timestamps, but {raw.source or raw.name} has "
+                                f"only an order; use data.split=leave_one_out")
+            data = build_sequences(raw, texts, cfg.data.unsorted_timestamps)
             splits = data.split(cfg.data.split, cfg.data.max_history, cfg.data.time_cut, cfg.seed)
             popularity = splits.train_popularity(data.num_items)
         n_inter = int(sum(len(s) for s in data.seqs))
@@ -112,7 +117,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
                           "dataset_text_fingerprint": text_hash("\n".join(data.texts))})
 
         with timer("embed"):
-            content, embed_stats, encoder_id = embed_items(cfg, data.name, data.item_ids, data.texts)
+            content, embed_stats, encoder_id = embed_items(cfg, data.name, data.item_ids, data.texts, progress)
         print(f"[embed] {encoder_id}: dim {content.shape[1]}, {embed_stats}", flush=True)
         tracker.log_params({"encoder_id": encoder_id})
         tracker.log_metrics({f"embed_{k}": v for k, v in embed_stats.items() if isinstance(v, (int, float))})

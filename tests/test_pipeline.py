@@ -9,6 +9,7 @@ import mlflow
 import pytest
 
 from learn.config import load_config
+from learn.data.schema import DataError
 from learn.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,3 +93,32 @@ def test_scientific_floor_reproduces_published_baseline(tmp_path, model_cache):
     m = run_pipeline(cfg, progress=False).metrics
     assert m["test_recall_at_10"] == pytest.approx(0.0990, abs=6e-4)
     assert m["test_ndcg_at_10"] == pytest.approx(0.0489, abs=6e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["train.recipe=in_batch", "model.item_tower=b"],
+    ["train.recipe=dense_all_action", "data.split=time_cut", "train.n_history=4", "train.n_targets=4",
+     "train.target_len=8"],
+    ["model.item_tower=c", "model.positions=learned", "train.all_positions=true"],
+], ids=["in_batch-b", "dense-time_cut", "item_tower_c"])
+def test_recipes_and_variants_run_end_to_end(tiny_cfg, overrides):
+    m = run_pipeline(tiny_cfg("tracking.enabled=false", "train.epochs=2", *overrides), progress=False).metrics
+    assert m["epochs_run"] == 2 and 0 < m["test_users"]
+    assert 0.0 <= m["test_ndcg_at_10"] <= m["test_ndcg_at_50"] <= 1.0
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(tiny_cfg):
+    a = run_pipeline(tiny_cfg("tracking.enabled=false", "train.epochs=2"), progress=False).metrics
+    b = run_pipeline(tiny_cfg("tracking.enabled=false", "train.epochs=2"), progress=False).metrics
+    assert a["test_ndcg_at_10"] == b["test_ndcg_at_10"] and a["valid_mrr"] == b["valid_mrr"]
+
+
+def test_time_cut_refuses_data_without_a_clock(tmp_path):
+    (tmp_path / "items.csv").write_text("item_id,title\na,Alpha\nb,Beta\n")
+    (tmp_path / "interactions.csv").write_text("user_id,item_id\nu,a\nu,b\nu,a\n")
+    cfg = load_config(ROOT / "conf/tiny.yaml", [f"data.path={tmp_path}", "data.split=time_cut",
+                                                "tracking.enabled=false", f"output_dir={tmp_path}"])
+    with pytest.raises(DataError, match="time_cut needs real timestamps"):
+        run_pipeline(cfg, progress=False)

@@ -338,6 +338,7 @@ def read_files(
     users = id_values(tb, user_id_col, "user id")
     inter_items = id_values(tb, item_id_col, "item id")
     source = f"{items_path} + {interactions_path}"
+    has_clock = True
     if timestamp_col is not None and timestamp_col in tb.columns:
         stamps = np.empty(len(tb), dtype=np.int64)
         for i, v in enumerate(tb.columns[timestamp_col]):
@@ -356,6 +357,7 @@ def read_files(
             stamps[i] = t
     else:
         # no clock in the file: the row order is the time order
+        has_clock = False
         stamps = np.arange(len(tb), dtype=np.int64)
         note = "no timestamp column" if timestamp_col is None else f"no '{timestamp_col}' column"
         source += f" ({note}: timestamps are the row order)"
@@ -391,4 +393,5 @@ def read_files(
         drops=drops,
         source=source,
         default_template=default_template(fields),
+        has_clock=has_clock,
     )

@@ -61,6 +61,9 @@ class RawDataset:
     drops: DropReport = field(default_factory=DropReport)
     source: str = ""
     default_template: str = "{text}"
+    # False when the source has no clock and timestamps are only an order (UniSRec files, generic
+    # files without a timestamp column): a global time cut is then meaningless
+    has_clock: bool = True
 
     def write_parquet(self, directory: str | Path) -> tuple[Path, Path]:
         """items.parquet and interactions.parquet, each written atomically."""

@@ -64,8 +64,12 @@ class SequenceData:
         raise DataError(f"unknown split '{kind}' (expected leave_one_out or time_cut)")
 
 
-def build_sequences(ds: RawDataset, texts: pd.Series) -> SequenceData:
-    """Group interactions by user in time order (stable: ties keep file order)."""
+def build_sequences(ds: RawDataset, texts: pd.Series, unsorted: str = "sort") -> SequenceData:
+    """Group interactions by user in time order (stable: ties keep file order).
+
+    ``unsorted="fail"``: a user whose timestamps go backwards in file order is an error naming the
+    row (for logs that must be append-only); ``"sort"`` orders them by time.
+    """
     items = ds.items
     if len(items) == 0:
         raise DataError(f"{ds.source or ds.name}: the items table is empty")
@@ -91,6 +95,17 @@ def build_sequences(ds: RawDataset, texts: pd.Series) -> SequenceData:
     frame = pd.DataFrame(
         {"user": inter["user_id"].astype(str), "item": codes, "ts": ts.astype(np.int64), "row": np.arange(len(inter))}
     )
+    if unsorted == "fail":
+        by_user = frame.sort_values(["user", "row"], kind="stable")
+        back = (by_user["user"].to_numpy()[1:] == by_user["user"].to_numpy()[:-1]) & (
+            np.diff(by_user["ts"].to_numpy()) < 0)
+        if back.any():
+            r = by_user.iloc[int(np.flatnonzero(back)[0]) + 1]
+            raise DataError(
+                f"{ds.source or ds.name}: interaction row {int(r['row'])} (user {r['user']!r}) has timestamp "
+                f"{int(r['ts'])}, earlier than that user's previous row; the log must be in time order "
+                f"(or set data.unsorted_timestamps=sort)"
+            )
     frame = frame.sort_values(["user", "ts", "row"], kind="stable")
     user_ids, starts = np.unique(frame["user"].to_numpy(dtype=object), return_index=True)
     bounds = list(starts) + [len(frame)]
@@ -142,8 +157,6 @@ def time_cut_split(data: SequenceData, max_history: int, cut: float, seed: int) 
         point = float(cut)
     train, users, hist, targ = [], [], [], []
     for u, (seq, ts) in enumerate(zip(data.seqs, data.times)):
-        if len(ts) > 1 and (np.diff(ts) < 0).any():
-            raise DataError(f"{data.name}: timestamps of user {data.user_ids[u]!r} are not in order after sorting")
         before = ts < point
         train.append(seq[before])
         if before.any() and (~before).any():

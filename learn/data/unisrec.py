@@ -305,4 +305,5 @@ def read_unisrec(path: str | Path) -> RawDataset:
         drops=drops,
         source=f"{directory} (UniSRec files '{name}'; timestamps are sequence positions)",
         default_template="{text}",
+        has_clock=False,
     )

@@ -70,3 +70,11 @@ def test_drop_report_counts_and_summarises():
     d.add("nothing", 0)
     assert d.total == 5 and d.metrics() == {"dropped_item_without_text": 5}
     assert "item_without_text: 5" in d.summary() and "nothing" not in d.summary()
+
+
+def test_backwards_timestamps_fail_when_the_log_must_be_ordered():
+    ds = dataset([("u", "i0", 1), ("v", "i1", 2), ("u", "i2", 5), ("u", "i3", 4)])
+    texts = render_texts(ds.items, "{title}")
+    assert build_sequences(ds, texts).seqs[0].tolist() == [0, 3, 2]  # "sort" orders by time
+    with pytest.raises(DataError, match=r"row 3 \(user 'u'\) has timestamp 4"):
+        build_sequences(ds, texts, unsorted="fail")
