@@ -12,9 +12,9 @@ PYTEST_ARGS ?=
 # Idempotent: rebuilds only when pyproject.toml or requirements.lock changed.
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade "pip==25.3"
 	# torch first, exact version: it is the CPU build on these machines
 	$(PY) -m pip install -q "torch==2.13.0"

@@ -97,7 +97,7 @@ class TrainConfig:
     eps: float = 1e-6
     warmup_epochs: float = 1.0
     grad_clip: float = 1.0
-    patience: int = 5  # early stopping on valid NDCG@10, in epochs
+    patience: int = 5  # early stopping: evaluations (every eval_every epochs) without a better valid NDCG@10
     score_scale: float = 20.0
     # full_softmax / in_batch: every position of the training sequence predicts its successor
     # (instead of one sampled target per user and epoch)
@@ -247,15 +247,28 @@ def validate(cfg: Config) -> Config:
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"key '{key}' must be one of {sorted(allowed)}, got {flat[key]!r}")
+    positive = ["train.epochs", "train.batch_size", "data.max_history", "embed.batch_size", "embed.max_tokens",
+                "eval.chunk_size", "model.max_len", "model.n_heads", "model.n_layers", "model.d_model", "model.d_ff",
+                "model.d_out", "train.eval_every", "train.n_history", "train.n_targets", "train.target_len",
+                "eval.popularity_buckets", "train.score_scale", "data.demo.num_items", "data.demo.num_users"]
+    for key in positive:
+        if flat[key] <= 0:
+            raise ConfigError(f"key '{key}' must be > 0, got {flat[key]}")
+    for key in ["model.dropout", "train.betas", "data.time_cut"]:
+        values = flat[key] if isinstance(flat[key], list) else [flat[key]]
+        if key != "data.time_cut" and any(not 0 <= v < 1 for v in values):
+            raise ConfigError(f"key '{key}' must be in [0, 1), got {flat[key]}")
+    if cfg.data.time_cut <= 0:
+        raise ConfigError(f"key 'data.time_cut' must be a quantile in (0, 1] or a timestamp > 1, got {cfg.data.time_cut}")
+    if (cfg.train.recipe == "dense_all_action" and cfg.model.item_tower == "a"
+            and cfg.model.positions == "learned"):
+        raise ConfigError("model.positions=learned with model.item_tower=a and the dense_all_action recipe would "
+                          "train targets at positions 1..n but serve them at position 0; use item_tower=b or "
+                          "positions=none")
     if cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(
             f"key 'model.d_model' ({cfg.model.d_model}) must be divisible by 'model.n_heads' ({cfg.model.n_heads})"
         )
-    positive = ["train.epochs", "train.batch_size", "data.max_history", "embed.batch_size",
-                "embed.max_tokens", "eval.chunk_size", "model.max_len"]
-    for key in positive:
-        if flat[key] <= 0:
-            raise ConfigError(f"key '{key}' must be > 0, got {flat[key]}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"key 'train.lr' must be > 0, got {cfg.train.lr}")
     if not cfg.eval.ks or any(k <= 0 for k in cfg.eval.ks):

@@ -75,7 +75,8 @@ def evaluate_floor(cfg: Config, content: np.ndarray, splits: Splits, popularity:
 
     split = splits.valid if which == "valid" else splits.test
     return evaluate_both_modes(
-        content_user_vectors(content, split, cfg.train.recipe), content_item_vectors(content), split,
+        content_user_vectors(content, split, cfg.train.recipe, cfg.data.max_history), content_item_vectors(content),
+        split,
         ks=cfg.eval.ks, exclude_history=cfg.eval.exclude_history, chunk_size=cfg.eval.chunk_size,
         train_popularity=popularity, prefix=prefix, popularity_buckets=cfg.eval.popularity_buckets,
         history_buckets=cfg.eval.history_buckets,
@@ -99,7 +100,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
                 raise DataError(f"data.split=time_cut needs real timestamps, but {raw.source or raw.name} has "
                                 f"only an order; use data.split=leave_one_out")
             data = build_sequences(raw, texts, cfg.data.unsorted_timestamps)
-            splits = data.split(cfg.data.split, cfg.data.max_history, cfg.data.time_cut, cfg.seed)
+            splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
             popularity = splits.train_popularity(data.num_items)
         n_inter = int(sum(len(s) for s in data.seqs))
         print(f"[data] {data.name}: {data.num_items} items, {len(data.seqs)} users, {n_inter} interactions; "
@@ -127,11 +128,12 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
         metrics: dict[str, float] = {}
         if cfg.train.recipe in NO_TRAINING:
             with timer("test"):
-                metrics.update(evaluate_floor(cfg, content, splits, popularity, "valid", "valid_"))
+                metrics.update(evaluate_floor(cfg, content, splits, popularity, "valid", "best_valid_"))
                 metrics.update(evaluate_floor(cfg, content, splits, popularity, "test", "test_"))
         else:
             from learn.train.loop import evaluate_model, fit
 
+            seed_everything(cfg.seed)  # the same initial weights whether or not the encoder ran
             model = build_model(cfg, content)
             n_params = sum(p.numel() for p in model.parameters())
             print(f"[train] recipe {cfg.train.recipe}, item tower {cfg.model.item_tower}, {n_params:,} parameters",
@@ -144,7 +146,8 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
                              progress=progress)
             metrics.update({"best_epoch": result.best_epoch, "epochs_run": len(result.history),
                             "stopped_early": float(result.stopped_early)})
-            metrics.update(result.best_valid)
+            # the restored (best) epoch's valid metrics; per-epoch valid_* values are in the history
+            metrics.update({f"best_{k}": v for k, v in result.best_valid.items()})
             with timer("test"):
                 metrics.update(evaluate_model(model, splits.test, cfg.eval, cfg.data.max_history,
                                               train_popularity=popularity, prefix="test_"))

@@ -19,7 +19,9 @@ from learn.data.schema import DataError, DropReport, RawDataset
 @dataclass
 class EvalSplit:
     users: np.ndarray  # user index per row
-    histories: list[np.ndarray]  # catalog indices, oldest first, capped at max_history
+    # catalog indices, oldest first, the WHOLE history: the towers read its last data.max_history
+    # items, while history exclusion in evaluation removes every earlier item
+    histories: list[np.ndarray]
     targets: np.ndarray  # catalog index per row
 
     def __len__(self) -> int:
@@ -56,12 +58,21 @@ class SequenceData:
     def num_items(self) -> int:
         return len(self.item_ids)
 
-    def split(self, kind: str, max_history: int, time_cut: float = 0.8, seed: int = 0) -> Splits:
+    def split(self, kind: str, time_cut: float = 0.8, seed: int = 0) -> Splits:
         if kind == "leave_one_out":
-            return leave_one_out(self, max_history)
-        if kind == "time_cut":
-            return time_cut_split(self, max_history, time_cut, seed)
-        raise DataError(f"unknown split '{kind}' (expected leave_one_out or time_cut)")
+            splits = leave_one_out(self)
+        elif kind == "time_cut":
+            splits = time_cut_split(self, time_cut, seed)
+        else:
+            raise DataError(f"unknown split '{kind}' (expected leave_one_out or time_cut)")
+        if len(splits.valid) == 0 or len(splits.test) == 0:
+            raise DataError(
+                f"{self.name}: split {kind} leaves {len(splits.valid)} valid and {len(splits.test)} test users "
+                f"(leave_one_out needs users with >= 3 items; time_cut needs users on both sides of the cut)"
+            )
+        if not any(len(s) >= 2 for s in splits.train):
+            raise DataError(f"{self.name}: split {kind} leaves no user with >= 2 training items: nothing to train on")
+        return splits
 
 
 def build_sequences(ds: RawDataset, texts: pd.Series, unsorted: str = "sort") -> SequenceData:
@@ -124,7 +135,7 @@ def build_sequences(ds: RawDataset, texts: pd.Series, unsorted: str = "sort") ->
     )
 
 
-def leave_one_out(data: SequenceData, max_history: int) -> Splits:
+def leave_one_out(data: SequenceData) -> Splits:
     train, vu, vh, vt, tu, th, tt = [], [], [], [], [], [], []
     too_short = 0
     for u, seq in enumerate(data.seqs):
@@ -135,10 +146,10 @@ def leave_one_out(data: SequenceData, max_history: int) -> Splits:
             continue
         train.append(seq[:-2])
         vu.append(u)
-        vh.append(seq[:-2][-max_history:])
+        vh.append(seq[:-2])
         vt.append(seq[-2])
         tu.append(u)
-        th.append(seq[:-1][-max_history:])
+        th.append(seq[:-1])
         tt.append(seq[-1])
     return Splits(
         kind="leave_one_out",
@@ -149,7 +160,7 @@ def leave_one_out(data: SequenceData, max_history: int) -> Splits:
     )
 
 
-def time_cut_split(data: SequenceData, max_history: int, cut: float, seed: int) -> Splits:
+def time_cut_split(data: SequenceData, cut: float, seed: int) -> Splits:
     all_ts = np.concatenate(data.times)
     if cut <= 1.0:
         point = float(np.quantile(all_ts, cut))
@@ -161,7 +172,7 @@ def time_cut_split(data: SequenceData, max_history: int, cut: float, seed: int) 
         train.append(seq[before])
         if before.any() and (~before).any():
             users.append(u)
-            hist.append(seq[before][-max_history:])
+            hist.append(seq[before])
             targ.append(seq[~before][0])
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(users))

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from learn.data.sequences import EvalSplit
 
 
-def content_user_vectors(content: np.ndarray, split: EvalSplit, how: str) -> torch.Tensor:
+def content_user_vectors(content: np.ndarray, split: EvalSplit, how: str, max_history: int) -> torch.Tensor:
+    """One vector per evaluated user from the last ``max_history`` items of its history."""
     vecs = torch.as_tensor(content, dtype=torch.float32)
     rows = []
     for h in split.histories:
-        h = torch.as_tensor(np.asarray(h), dtype=torch.long)
+        h = torch.tensor(np.asarray(h)[-max_history:], dtype=torch.long)
         rows.append(vecs[h].mean(0) if how == "content_mean" else vecs[h[-1]])
     return F.normalize(torch.stack(rows), dim=-1)
 

@@ -13,12 +13,16 @@ def full_softmax_loss(user: torch.Tensor, all_items: torch.Tensor, targets: torc
 
 
 def in_batch_softmax_loss(
-    user: torch.Tensor, target_vecs: torch.Tensor, targets: torch.Tensor, scale: float
+    user: torch.Tensor, target_vecs: torch.Tensor, targets: torch.Tensor, scale: float,
+    owners: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax over the batch's targets; other rows whose target is the same item are masked out
-    (they are not negatives). user [B, d], target_vecs [B, d], targets [B]."""
+    (they are not negatives), and so are other rows of the same user (``owners``, when several
+    positions of one sequence are in the batch). user [B, d], target_vecs [B, d], targets [B]."""
     logits = scale * user @ target_vecs.T
     same = targets.unsqueeze(1) == targets.unsqueeze(0)
+    if owners is not None:
+        same |= owners.unsqueeze(1) == owners.unsqueeze(0)
     same.fill_diagonal_(False)
     logits = logits.masked_fill(same, float("-inf"))
     return F.cross_entropy(logits, torch.arange(len(targets), device=logits.device))

@@ -138,7 +138,9 @@ class TwinTowers(nn.Module):
         if self.cfg.item_tower == "a":
             return self.encode_sequence(tokens)
         if self.cfg.item_tower == "b":
-            return self.encode_sequence(tokens, self_only=True)
+            # each target alone, exactly as served (also with learned positions: all at position 0)
+            B, L = tokens.shape
+            return self.encode_sequence(tokens.reshape(-1, 1)).view(B, L, -1)
         return F.normalize(self._inputs(tokens), dim=-1)
 
     @torch.no_grad()

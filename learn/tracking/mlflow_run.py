@@ -12,7 +12,8 @@ import re
 from typing import Any
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-_SECRET = re.compile(r"(password|secret|token|api_key|access_key)", re.I)
+_SECRET = re.compile(r"(^|[._])(password|secret|token|api_key|access_key)$", re.I)
+_URL_CREDENTIALS = re.compile(r"(//)[^/@\s]+@")
 
 
 def resolve_uri(configured: str | None) -> str:
@@ -22,7 +23,7 @@ def resolve_uri(configured: str | None) -> str:
 def _param_value(key: str, value: Any) -> str:
     if _SECRET.search(key):
         return "***"
-    text = "null" if value is None else str(value)
+    text = "null" if value is None else _URL_CREDENTIALS.sub(r"\1***@", str(value))
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 

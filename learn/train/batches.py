@@ -40,14 +40,15 @@ class DenseBatch:
     tgt_items: torch.Tensor  # [B, N_t] catalog indices (-1 where invalid)
 
 
-def shard_users(train: list[np.ndarray], min_len: int, rank: int, world_size: int, rng: np.random.Generator,
+def shard_users(train: list[np.ndarray], min_len: int, rank: int, world_size: int, order_rng: np.random.Generator,
                 equalize: bool = True) -> np.ndarray:
     """Shuffled users with at least ``min_len`` training items, this worker's share.
 
-    With ``equalize`` every worker gets the same count (the tail is cut) so DDP steps line up.
+    ``order_rng`` must be seeded the same on every worker (e.g. by seed and epoch) so the shards are
+    disjoint; with ``equalize`` every worker gets the same count (the tail is cut) so DDP steps line up.
     """
     users = np.array([u for u, s in enumerate(train) if len(s) >= min_len], dtype=np.int64)
-    users = users[rng.permutation(len(users))]
+    users = users[order_rng.permutation(len(users))]
     if world_size > 1:
         per = len(users) // world_size if equalize else None
         users = users[rank::world_size]
@@ -57,8 +58,9 @@ def shard_users(train: list[np.ndarray], min_len: int, rank: int, world_size: in
 
 
 def pair_batches(train: list[np.ndarray], *, batch_size: int, max_history: int, low: str, all_positions: bool,
-                 rng: np.random.Generator, rank: int = 0, world_size: int = 1):
-    users = shard_users(train, 2, rank, world_size, rng)
+                 rng: np.random.Generator, order_rng: np.random.Generator | None = None, rank: int = 0,
+                 world_size: int = 1):
+    users = shard_users(train, 2, rank, world_size, order_rng or rng)
     for start in range(0, len(users), batch_size):
         chunk = users[start : start + batch_size]
         hists, tgts, npos = [], [], []
@@ -66,7 +68,9 @@ def pair_batches(train: list[np.ndarray], *, batch_size: int, max_history: int, 
             seq = train[u]
             L = len(seq)
             if all_positions:
-                window = seq[-(max_history + 1) :]
+                # a random window of max_history + 1 items: over epochs every transition is a target
+                start = int(rng.integers(0, max(1, L - max_history)))
+                window = seq[start : start + max_history + 1]
                 hists.append(window[:-1])
                 tgts.append(window[1:])
                 npos.append(len(window) - 1)
@@ -99,23 +103,26 @@ def recency_weights(n: int) -> np.ndarray:
     return w / w.max()
 
 
-def sample_targets(n: int, n_targets: int, recency: bool, rng: np.random.Generator, cap: int) -> np.ndarray:
-    """Two stages: a uniform subsample of at most ``cap`` positions, then ``n_targets`` of them
-    drawn without replacement, weighted by recency when asked. Sorted positions."""
+def sample_targets(n: int, n_targets: int, recency: bool, rng: np.random.Generator,
+                   cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two stages over a target part of ``n`` items: a uniform subsample ``pool`` of at most ``cap``
+    positions (kept in time order), then ``n_targets`` of the pool drawn without replacement,
+    weighted by recency over the whole part when asked. Returns (pool, picks into pool), sorted."""
     pool = np.arange(n)
     if n > cap:
-        pool = np.sort(rng.choice(pool, size=cap, replace=False))
+        pool = np.sort(rng.choice(n, size=cap, replace=False))
     k = min(n_targets, len(pool))
     p = None
     if recency:
         w = recency_weights(n)[pool]
         p = w / w.sum()
-    return np.sort(rng.choice(pool, size=k, replace=False, p=p))
+    return pool, np.sort(rng.choice(len(pool), size=k, replace=False, p=p))
 
 
 def dense_batches(train: list[np.ndarray], *, batch_size: int, max_history: int, target_len: int, n_history: int,
-                  n_targets: int, recency: bool, rng: np.random.Generator, rank: int = 0, world_size: int = 1):
-    users = shard_users(train, 2, rank, world_size, rng)
+                  n_targets: int, recency: bool, rng: np.random.Generator,
+                  order_rng: np.random.Generator | None = None, rank: int = 0, world_size: int = 1):
+    users = shard_users(train, 2, rank, world_size, order_rng or rng)
     for start in range(0, len(users), batch_size):
         chunk = users[start : start + batch_size]
         hists, tgts, hpos, tpos = [], [], [], []
@@ -124,12 +131,12 @@ def dense_batches(train: list[np.ndarray], *, batch_size: int, max_history: int,
             L = len(seq)
             cut = int(rng.integers(max(1, L // 2), L))
             h = seq[:cut][-max_history:]
-            t = seq[cut : cut + target_len]
+            pool, picks = sample_targets(L - cut, n_targets, recency, rng, cap=target_len)
             hists.append(h)
-            tgts.append(t)
+            tgts.append(seq[cut:][pool])  # the target part the item tower reads, at most target_len
             k = min(n_history, len(h))
             hpos.append(np.sort(rng.choice(len(h), size=k, replace=False)))
-            tpos.append(sample_targets(len(t), n_targets, recency, rng, cap=target_len))
+            tpos.append(picks)
         B = len(chunk)
         hist_pos = torch.zeros(B, n_history, dtype=torch.long)
         hist_valid = torch.zeros(B, n_history, dtype=torch.bool)

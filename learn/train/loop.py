@@ -52,15 +52,20 @@ def steps_per_epoch(train: list[np.ndarray], batch_size: int, world_size: int = 
     return max(1, math.ceil(users / batch_size))
 
 
-def epoch_batches(train: list[np.ndarray], cfg: TrainConfig, max_history: int, rng: np.random.Generator,
+def epoch_batches(train: list[np.ndarray], cfg: TrainConfig, max_history: int, seed: int, epoch: int,
                   rank: int = 0, world_size: int = 1):
+    """The epoch's batches for this worker: the user order depends on (seed, epoch) only, so every
+    DDP worker shuffles alike and the shards stay disjoint; sampling within a shard is per worker."""
+    order_rng = np.random.default_rng([seed, epoch])
+    rng = np.random.default_rng([seed, epoch, rank, 1])
     if cfg.recipe == "dense_all_action":
         return dense_batches(train, batch_size=cfg.batch_size, max_history=max_history, target_len=cfg.target_len,
                              n_history=cfg.n_history, n_targets=cfg.n_targets, recency=cfg.recency_weighting,
-                             rng=rng, rank=rank, world_size=world_size)
+                             rng=rng, order_rng=order_rng, rank=rank, world_size=world_size)
     low = "one" if cfg.recipe == "full_softmax" else "half"
     return pair_batches(train, batch_size=cfg.batch_size, max_history=max_history, low=low,
-                        all_positions=cfg.all_positions, rng=rng, rank=rank, world_size=world_size)
+                        all_positions=cfg.all_positions, rng=rng, order_rng=order_rng, rank=rank,
+                        world_size=world_size)
 
 
 def compute_loss(model: TwinTowers, batch, cfg: TrainConfig) -> torch.Tensor:
@@ -68,18 +73,19 @@ def compute_loss(model: TwinTowers, batch, cfg: TrainConfig) -> torch.Tensor:
     if isinstance(batch, DenseBatch):
         out = model(batch.hist_tokens)
         B = out.shape[0]
-        hist = out[torch.arange(B).unsqueeze(1), batch.hist_pos]
+        rows = torch.arange(B, device=out.device).unsqueeze(1)
+        hist = out[rows, batch.hist_pos]
         tgt_all = core.target_sequence_embedding(batch.tgt_tokens)
-        tgt = tgt_all[torch.arange(B).unsqueeze(1), batch.tgt_pos]
+        tgt = tgt_all[rows, batch.tgt_pos]
         return dense_all_action_loss(hist, batch.hist_valid, tgt, batch.tgt_valid, batch.tgt_items, cfg.score_scale)
     assert isinstance(batch, PairBatch)
     out = model(batch.tokens)
     user = out[batch.rows, batch.positions]
     if cfg.recipe == "full_softmax":
-        items = core.item_embedding(torch.arange(core.num_items))
+        items = core.item_embedding(torch.arange(core.num_items, device=out.device))
         return full_softmax_loss(user, items, batch.targets, cfg.score_scale)
     target_vecs = core.item_embedding(batch.targets)
-    return in_batch_softmax_loss(user, target_vecs, batch.targets, cfg.score_scale)
+    return in_batch_softmax_loss(user, target_vecs, batch.targets, cfg.score_scale, owners=batch.rows)
 
 
 def train_step(model, batch, opt, sched, cfg: TrainConfig) -> float:
@@ -99,11 +105,11 @@ def train_step(model, batch, opt, sched, cfg: TrainConfig) -> float:
 
 
 def run_epoch(model, train: list[np.ndarray], cfg: TrainConfig, max_history: int, opt, sched,
-              rng: np.random.Generator, rank: int = 0, world_size: int = 1, progress: bool = True,
+              seed: int, epoch: int, rank: int = 0, world_size: int = 1, progress: bool = True,
               desc: str = "train") -> float:
     total, n = 0.0, 0
     steps = steps_per_epoch(train, cfg.batch_size, world_size)
-    bar = tqdm(epoch_batches(train, cfg, max_history, rng, rank, world_size), total=steps, desc=desc,
+    bar = tqdm(epoch_batches(train, cfg, max_history, seed, epoch, rank, world_size), total=steps, desc=desc,
                disable=not progress, leave=False)
     for batch in bar:
         loss = train_step(model, batch, opt, sched, cfg)
@@ -157,7 +163,6 @@ def fit(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, eval_cfg: Eva
         progress: bool = True) -> FitResult:
     """Train with early stopping on valid NDCG@10; the best weights are loaded back at the end."""
     start = time.perf_counter()
-    rng = np.random.default_rng(seed)
     opt = make_optimizer(model, train_cfg)
     sched = make_scheduler(opt, train_cfg, steps_per_epoch(splits.train, train_cfg.batch_size))
     key = "ndcg_at_10" if 10 in eval_cfg.ks else f"ndcg_at_{min(eval_cfg.ks)}"
@@ -167,7 +172,7 @@ def fit(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, eval_cfg: Eva
     stopped = False
     bar = tqdm(range(1, train_cfg.epochs + 1), desc="epochs", disable=not progress)
     for epoch in bar:
-        loss = run_epoch(model, splits.train, train_cfg, max_history, opt, sched, rng, progress=progress,
+        loss = run_epoch(model, splits.train, train_cfg, max_history, opt, sched, seed, epoch, progress=progress,
                          desc=f"epoch {epoch}")
         row = {"epoch": epoch, "train_loss": loss, "lr": sched.get_last_lr()[0]}
         if epoch % train_cfg.eval_every == 0 or epoch == train_cfg.epochs:

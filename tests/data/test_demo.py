@@ -20,7 +20,7 @@ CFG = DemoConfig()
 def demo():
     ds = generate_demo(CFG)
     data = build_sequences(ds, render_texts(ds.items, ds.default_template))
-    return ds, data, leave_one_out(data, max_history=40)
+    return ds, data, leave_one_out(data)
 
 
 def _hit_rate_at_10(scores_for, split, rows=None) -> float:
@@ -142,7 +142,7 @@ def test_small_and_large_configs():
     assert ds.items["category"].nunique() == 25 and len(ds.items) == 60
     assert ds.interactions.groupby("user_id").size().min() >= 5
     data = build_sequences(ds, render_texts(ds.items, ds.default_template))
-    splits = leave_one_out(data, max_history=40)
+    splits = leave_one_out(data)
     targets = np.concatenate([splits.valid.targets, splits.test.targets])
     assert (splits.train_popularity(data.num_items)[targets] > 0).all()  # no cold items asked for
 

@@ -129,3 +129,19 @@ def test_corrupt_body_is_rejected_and_not_kept(server, tmp_path):
 def test_unreachable_host(tmp_path):
     with pytest.raises(DownloadError, match=r"cannot reach http://127\.0\.0\.1:9/x/metaFiles2"):
         download_amazon2018(CAT, tmp_path, base_url="http://127.0.0.1:9/x", progress=False)
+
+
+def test_cli_download_then_detect_format(server, tmp_path, capsys):
+    from learn.cli import main
+    from learn.config import DataConfig
+    from learn.data.load import detect_format, load_dataset
+
+    _, root, base = server
+    publish(root)
+    dest = tmp_path / "cli"
+    assert main(["data", "download", "--category", CAT, "--dest", str(dest), "--base-url", base]) == 0
+    assert f"data.path={dest}" in capsys.readouterr().out
+    cfg = DataConfig(path=str(dest), min_core=3)
+    assert detect_format(cfg) == "amazon2018"
+    ds = load_dataset(cfg)
+    assert len(ds.interactions) == 9 and ds.has_clock

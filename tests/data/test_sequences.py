@@ -20,12 +20,12 @@ def test_sequences_are_time_ordered_with_stable_ties():
     assert data.texts[3] == "t3" and data.num_items == 6
 
 
-def test_leave_one_out_holds_out_last_two_and_caps_history():
+def test_leave_one_out_holds_out_last_two_with_whole_history():
     rows = [("u", f"i{k}", k) for k in range(6)] + [("short", "i0", 0), ("short", "i1", 1)]
     ds = dataset(rows)
-    sp = build_sequences(ds, render_texts(ds.items, "{title}")).split("leave_one_out", max_history=3)
+    sp = build_sequences(ds, render_texts(ds.items, "{title}")).split("leave_one_out")
     assert sp.test.targets.tolist() == [5] and sp.valid.targets.tolist() == [4]
-    assert sp.test.histories[0].tolist() == [2, 3, 4] and sp.valid.histories[0].tolist() == [1, 2, 3]
+    assert sp.test.histories[0].tolist() == [0, 1, 2, 3, 4] and sp.valid.histories[0].tolist() == [0, 1, 2, 3]
     u = int(sp.test.users[0])
     assert sp.train[u].tolist() == [0, 1, 2, 3]
     assert sp.info["users_not_evaluated_short"] == 1
@@ -37,7 +37,7 @@ def test_time_cut_never_trains_on_the_future():
     rows = [(f"u{u}", f"i{(u + k) % 6}", 10 * k + u) for u in range(8) for k in range(5)]
     ds = dataset(rows)
     data = build_sequences(ds, render_texts(ds.items, "{title}"))
-    sp = data.split("time_cut", max_history=10, time_cut=25.0, seed=0)
+    sp = data.split("time_cut", time_cut=25.0, seed=0)
     cut = sp.info["time_cut"]
     for u, seq in enumerate(sp.train):
         assert (data.times[u][: len(seq)] < cut).all()
@@ -78,3 +78,13 @@ def test_backwards_timestamps_fail_when_the_log_must_be_ordered():
     assert build_sequences(ds, texts).seqs[0].tolist() == [0, 3, 2]  # "sort" orders by time
     with pytest.raises(DataError, match=r"row 3 \(user 'u'\) has timestamp 4"):
         build_sequences(ds, texts, unsorted="fail")
+
+
+def test_splits_that_leave_nothing_to_evaluate_or_train_are_errors():
+    ds = dataset([("u", "i0", 1), ("u", "i1", 2)])  # one user, two items: no valid/test
+    data = build_sequences(ds, render_texts(ds.items, "{title}"))
+    with pytest.raises(DataError, match="leaves 0 valid and 0 test users"):
+        data.split("leave_one_out")
+    ds = dataset([(f"u{k}", f"i{j}", j) for k in range(3) for j in range(3)])  # 3 items each: train of 1
+    with pytest.raises(DataError, match="nothing to train on"):
+        build_sequences(ds, render_texts(ds.items, "{title}")).split("leave_one_out")

@@ -190,7 +190,7 @@ def test_scientific_leave_one_out_reproduces_the_files():
 
     texts = item_texts(ds, None)
     data = build_sequences(ds, texts)
-    splits = data.split("leave_one_out", max_history=50)
+    splits = data.split("leave_one_out")
     pos = {u: k for k, u in enumerate(data.user_ids)}
     # catalog position == item2index index, so file indices compare directly
     for split_name, split in (("valid", splits.valid), ("test", splits.test)):
@@ -200,7 +200,7 @@ def test_scientific_leave_one_out_reproduces_the_files():
         for user, hist, target in rows:
             got_hist, got_target = by_user[pos[user]]
             assert got_target == target, (split_name, user)
-            assert got_hist == hist[-50:] and len(hist) == min(len(got_hist), 50), (split_name, user)
+            assert got_hist[-50:] == hist and len(hist) == min(len(got_hist), 50), (split_name, user)
 
     # and every train row is a (last <= 50 items -> next item) window of the rebuilt sequence
     expected = Counter()

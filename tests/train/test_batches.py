@@ -15,12 +15,35 @@ def test_recency_weights_formula():
     assert np.allclose(w, raw / raw.max()) and w[-1] == 1.0 and np.all(np.diff(w) > 0)
 
 
+def positions(n, k, recency, rng, cap):
+    pool, picks = sample_targets(n, k, recency, rng, cap=cap)
+    return pool[picks]
+
+
 def test_recency_sampling_prefers_recent_items():
     rng = np.random.default_rng(0)
-    picks = np.concatenate([sample_targets(40, 5, True, rng, cap=40) for _ in range(2000)])
-    uniform = np.concatenate([sample_targets(40, 5, False, rng, cap=40) for _ in range(2000)])
+    picks = np.concatenate([positions(40, 5, True, rng, cap=40) for _ in range(2000)])
+    uniform = np.concatenate([positions(40, 5, False, rng, cap=40) for _ in range(2000)])
     assert picks.mean() > uniform.mean() + 1.0
-    assert all(len(set(sample_targets(40, 10, True, rng, cap=40))) == 10 for _ in range(20))
+    assert all(len(set(positions(40, 10, True, rng, cap=40))) == 10 for _ in range(20))
+
+
+def test_two_stage_sampling_reaches_the_whole_target_part():
+    rng = np.random.default_rng(0)
+    seen = np.concatenate([positions(100, 5, True, rng, cap=20) for _ in range(500)])
+    assert seen.max() >= 95 and seen.min() <= 5  # the uniform stage draws from all 100, not the first 20
+    pool, picks = sample_targets(100, 5, True, rng, cap=20)
+    assert len(pool) == 20 and np.all(np.diff(pool) > 0) and len(picks) == 5
+
+
+def test_all_positions_windows_cover_early_transitions():
+    train = [np.arange(30)]
+    targets = set()
+    for seed in range(300):
+        for b in pair_batches(train, batch_size=4, max_history=5, low="one", all_positions=True,
+                              rng=np.random.default_rng(seed)):
+            targets |= set(b.targets.tolist())
+    assert min(targets) == 1 and max(targets) == 29
 
 
 def test_shards_are_disjoint_equal_and_cover():

@@ -1,0 +1,98 @@
+"""Regenerate the README's Scientific results table: runs each row's command, one after another,
+and writes the metrics as JSON plus a Markdown table.
+
+    python bench/quality.py --data ../shared/data/amazon-unisrec/Scientific --json bench/results/quality.json
+    python bench/quality.py --data <dir> --only floor_mean_minilm,learn_fs_minilm   # some rows
+
+Each row is `python flows/full_pipeline.py --config conf/scientific.yaml data.path=<dir> <overrides>`
+run as its own process (the command printed in the table is exactly what ran). Wall time is the
+whole command, embedding included unless the content store already held the vectors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROWS: list[tuple[str, str, list[str]]] = [
+    ("floor_last_minilm", "no training: user = last item, MiniLM", ["train.recipe=content_last"]),
+    ("floor_mean_minilm", "no training: history mean vs raw content, MiniLM", ["train.recipe=content_mean"]),
+    ("learn_fs_minilm", "LEARN full softmax, MiniLM", []),
+    ("learn_ib_minilm", "LEARN in-batch, MiniLM", ["train.recipe=in_batch", "train.batch_size=256"]),
+    ("floor_last_smollm2", "no training: user = last item, SmolLM2", ["embed.model=smollm2", "train.recipe=content_last"]),
+    ("floor_mean_smollm2", "no training: history mean vs raw content, SmolLM2",
+     ["embed.model=smollm2", "train.recipe=content_mean"]),
+    ("learn_fs_smollm2", "LEARN full softmax, SmolLM2", ["embed.model=smollm2"]),
+    ("learn_ib_smollm2", "LEARN in-batch, SmolLM2", ["embed.model=smollm2", "train.recipe=in_batch",
+                                                    "train.batch_size=256"]),
+]
+
+KEYS = ["test_ndcg_at_10", "test_recall_at_10", "test_ndcg_at_10_excl_hist", "test_recall_at_10_excl_hist",
+        "valid_ndcg_at_10", "valid_recall_at_10"]
+
+
+def run_row(name: str, overrides: list[str], data: str, config: str) -> dict:
+    out_dir = ROOT / "runs" / "bench-quality" / name
+    cmd = [sys.executable, "flows/full_pipeline.py", "--config", config, "--no-progress", f"data.path={data}",
+           *overrides]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd + [f"output_dir={out_dir}"], cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"row {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    found = re.search(r"outputs in (\S+)", proc.stdout)
+    summary = json.loads((ROOT / found.group(1) / "metrics.json").read_text())
+    shown = ["python", "flows/full_pipeline.py", "--config", config, f"data.path={data}", *overrides]
+    return {"name": name, "command": " ".join(shown), "wall_s": round(wall, 1),
+            "run_id": summary["run_id"], "encoder_id": summary["encoder_id"],
+            "metrics": {k: summary["metrics"].get(k) for k in KEYS + ["best_epoch", "epochs_run"]}}
+
+
+def markdown(rows: list[dict], labels: dict[str, str]) -> str:
+    head = ("| row | test NDCG@10 | test R@10 | test NDCG@10 excl. hist | test R@10 excl. hist "
+            "| valid NDCG@10 | valid R@10 | wall |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        m = r["metrics"]
+        cells = " | ".join(f"{m[k]:.4f}" if m.get(k) is not None else "-" for k in KEYS)
+        lines.append(f"| {labels[r['name']]} (`{r['name']}`) | {cells} | {r['wall_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="UniSRec-format dataset directory")
+    p.add_argument("--config", default="conf/scientific.yaml")
+    p.add_argument("--json", default="bench/results/quality.json")
+    p.add_argument("--only", default="", help="comma-separated row names")
+    args = p.parse_args()
+    wanted = set(filter(None, args.only.split(",")))
+    labels = {n: label for n, label, _ in ROWS}
+    results = []
+    for name, label, overrides in ROWS:
+        if wanted and name not in wanted:
+            continue
+        print(f"== {name}: {label}", flush=True)
+        results.append(run_row(name, overrides, args.data, args.config))
+        print(json.dumps(results[-1]["metrics"]), f"wall {results[-1]['wall_s']} s", flush=True)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                               "rows": results}, indent=2))
+    print(markdown(results, labels))
+    print("\ncommands:")
+    for r in results:
+        print(f"- `{r['name']}`: `{r['command']}`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
