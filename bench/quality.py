@@ -36,7 +36,7 @@ ROWS: list[tuple[str, str, list[str]]] = [
 ]
 
 KEYS = ["test_ndcg_at_10", "test_recall_at_10", "test_ndcg_at_10_excl_hist", "test_recall_at_10_excl_hist",
-        "valid_ndcg_at_10", "valid_recall_at_10"]
+        "best_valid_ndcg_at_10", "best_valid_recall_at_10"]
 
 
 def run_row(name: str, overrides: list[str], data: str, config: str) -> dict:
@@ -49,11 +49,28 @@ def run_row(name: str, overrides: list[str], data: str, config: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"row {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     found = re.search(r"outputs in (\S+)", proc.stdout)
-    summary = json.loads((ROOT / found.group(1) / "metrics.json").read_text())
+    return row_from_summary(name, ROOT / found.group(1) / "metrics.json", overrides, data, config, wall)
+
+
+def row_from_summary(name: str, path: Path, overrides: list[str], data: str, config: str, wall: float) -> dict:
+    summary = json.loads(path.read_text())
     shown = ["python", "flows/full_pipeline.py", "--config", config, f"data.path={data}", *overrides]
     return {"name": name, "command": " ".join(shown), "wall_s": round(wall, 1),
             "run_id": summary["run_id"], "encoder_id": summary["encoder_id"],
             "metrics": {k: summary["metrics"].get(k) for k in KEYS + ["best_epoch", "epochs_run"]}}
+
+
+def rows_from_runs(previous: Path, data: str, config: str, wanted: set[str]) -> list[dict]:
+    """Rebuild rows from the newest output of each row (wall times from an earlier JSON)."""
+    walls = {}
+    if previous.is_file():
+        walls = {r["name"]: r["wall_s"] for r in json.loads(previous.read_text())["rows"]}
+    rows = []
+    for name, _, overrides in ROWS:
+        outputs = sorted((ROOT / "runs" / "bench-quality" / name).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
+        if outputs and (not wanted or name in wanted):
+            rows.append(row_from_summary(name, outputs[-1], overrides, data, config, walls.get(name, float("nan"))))
+    return rows
 
 
 def markdown(rows: list[dict], labels: dict[str, str]) -> str:
@@ -73,11 +90,13 @@ def main() -> int:
     p.add_argument("--config", default="conf/scientific.yaml")
     p.add_argument("--json", default="bench/results/quality.json")
     p.add_argument("--only", default="", help="comma-separated row names")
+    p.add_argument("--from-runs", action="store_true",
+                   help="run nothing: rebuild the table from the rows' newest outputs under runs/bench-quality/")
     args = p.parse_args()
     wanted = set(filter(None, args.only.split(",")))
     labels = {n: label for n, label, _ in ROWS}
-    results = []
-    for name, label, overrides in ROWS:
+    results = rows_from_runs(Path(args.json), args.data, args.config, wanted) if args.from_runs else []
+    for name, label, overrides in ([] if args.from_runs else ROWS):
         if wanted and name not in wanted:
             continue
         print(f"== {name}: {label}", flush=True)

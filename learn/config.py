@@ -82,6 +82,9 @@ class ModelConfig:
     item_tower: str = "a"  # a: shared stack, causal over targets | b: shared, self only | c: raw content
     center_inputs: bool = True  # subtract the catalog mean of content vectors, rescale
     max_len: int = 64
+    # shared (LEARN: one stack and head for both towers) | separate (the user side gets its own
+    # output Linear, so a one-item history no longer maps onto that item's own vector)
+    user_head: str = "shared"
 
 
 @dataclass
@@ -147,6 +150,7 @@ _CHOICES = {
     "data.unsorted_timestamps": {"sort", "fail"},
     "model.positions": {"none", "learned"},
     "model.item_tower": {"a", "b", "c"},
+    "model.user_head": {"shared", "separate"},
     "train.recipe": {"full_softmax", "in_batch", "dense_all_action", "content_mean", "content_last"},
     "embed.dtype": {"float32", "bfloat16", "float16"},
 }

@@ -63,7 +63,7 @@ def build_model(cfg: Config, content: np.ndarray):
     tcfg = TowerConfig(
         d_llm=content.shape[1], d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff,
         dropout=m.dropout, d_out=content.shape[1] if m.item_tower == "c" else m.d_out, positions=m.positions,
-        item_tower=m.item_tower, center_inputs=m.center_inputs, max_len=m.max_len,
+        item_tower=m.item_tower, center_inputs=m.center_inputs, max_len=m.max_len, user_head=m.user_head,
     )
     return TwinTowers(tcfg, torch.as_tensor(content))
 

@@ -33,6 +33,7 @@ class TowerConfig:
     item_tower: str = "a"  # a | b | c
     center_inputs: bool = True
     max_len: int = 64
+    user_head: str = "shared"  # shared | separate: the user side gets its own output Linear
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +77,7 @@ class TwinTowers(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.head = nn.Linear(cfg.d_model, cfg.d_out)
+        self.user_head = nn.Linear(cfg.d_model, cfg.d_out) if cfg.user_head == "separate" else None
 
     @property
     def num_items(self) -> int:
@@ -92,10 +94,11 @@ class TwinTowers(nn.Module):
         x = x * (tokens > 0).unsqueeze(-1)  # padding stays exactly zero
         return x
 
-    def encode_sequence(self, tokens: torch.Tensor, self_only: bool = False) -> torch.Tensor:
+    def encode_sequence(self, tokens: torch.Tensor, self_only: bool = False, user: bool = False) -> torch.Tensor:
         """[B, L] tokens (0 = pad, right-padded) -> [B, L, d_out] normalised outputs per position.
 
-        Causal attention; ``self_only`` makes each position attend to itself only (variant b).
+        Causal attention; ``self_only`` makes each position attend to itself only (variant b);
+        ``user`` applies the user head (the item head unless ``user_head=separate``).
         """
         B, L = tokens.shape
         h = self.adaptor(self._inputs(tokens))
@@ -111,15 +114,16 @@ class TwinTowers(nn.Module):
         # Sequences are right-padded, so under the causal (or self-only) mask a real position never
         # sees padding and no key-padding mask is needed; outputs at padded positions are unused.
         h = self.encoder(h, mask=mask)
-        return F.normalize(self.head(h), dim=-1)
+        head = self.user_head if (user and self.user_head is not None) else self.head
+        return F.normalize(head(h), dim=-1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The shared stack over [B, L] tokens (what DDP wraps); see ``encode_sequence``."""
-        return self.encode_sequence(tokens)
+        """User-side outputs at every position of [B, L] histories (what DDP wraps)."""
+        return self.encode_sequence(tokens, user=True)
 
     def user_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, L] right-padded histories -> [B, d_out] output at each row's last real position."""
-        out = self.encode_sequence(tokens)
+        out = self.encode_sequence(tokens, user=True)
         lengths = (tokens > 0).sum(1)
         if (lengths == 0).any():
             raise ValueError("a history is empty: every user needs at least one item")

@@ -71,3 +71,15 @@ def test_centring_removes_shared_component():
 def test_variant_c_requires_matching_dims():
     with pytest.raises(ValueError, match="d_out must equal"):
         TwinTowers(TowerConfig(d_llm=16, d_out=8, item_tower="c", d_model=32, n_heads=4), torch.randn(5, 16))
+
+
+def test_shared_head_maps_one_item_history_onto_its_item_vector_separate_does_not():
+    shared = make()
+    one = torch.tensor([[4]])  # catalog item 3
+    assert torch.allclose(shared.user_embedding(one)[0], shared.item_embedding(torch.tensor([3]))[0], atol=1e-6)
+    torch.manual_seed(0)
+    cfg = TowerConfig(d_llm=16, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0, d_out=8,
+                      user_head="separate")
+    sep = TwinTowers(cfg, torch.randn(30, 16)).eval()
+    assert not torch.allclose(sep.user_embedding(one)[0], sep.item_embedding(torch.tensor([3]))[0], atol=1e-3)
+    assert torch.allclose(sep(one)[0, 0], sep.user_embedding(one)[0])  # forward is the user side
