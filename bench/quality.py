@@ -1,12 +1,14 @@
-"""Regenerate the README's Scientific results table: runs each row's command, one after another,
-and writes the metrics as JSON plus a Markdown table.
+"""Regenerate the README's Scientific results table: runs each row's command and writes the
+metrics as JSON plus a Markdown table.
 
     python bench/quality.py --data ../shared/data/amazon-unisrec/Scientific --json bench/results/quality.json
     python bench/quality.py --data <dir> --only floor_mean_minilm,learn_fs_minilm   # some rows
+    python bench/quality.py --data <dir> --parallel 2     # two rows at a time, one torch thread each
 
 Each row is `python flows/full_pipeline.py --config conf/scientific.yaml data.path=<dir> <overrides>`
-run as its own process (the command printed in the table is exactly what ran). Wall time is the
-whole command, embedding included unless the content store already held the vectors.
+run as its own process (the command printed in the table is exactly what ran, including
+`train.num_threads=1` when rows share the machine). Wall time is the whole command, embedding
+included unless the content store already held the vectors.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +36,12 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("learn_fs_smollm2", "LEARN full softmax, SmolLM2", ["embed.model=smollm2"]),
     ("learn_ib_smollm2", "LEARN in-batch, SmolLM2", ["embed.model=smollm2", "train.recipe=in_batch",
                                                     "train.batch_size=256"]),
+    ("learn_fs_minilm_seed1", "LEARN full softmax, MiniLM, seed 1", ["seed=1"]),
+    # levers, each against learn_fs_minilm (the frozen config), read on valid NDCG@10
+    ("lever_shared_head", "lever: shared output head (as in the paper)", ["model.user_head=shared"]),
+    ("lever_ib_shared_head", "lever: in-batch with the shared head",
+     ["train.recipe=in_batch", "train.batch_size=256", "model.user_head=shared"]),
+    ("lever_shared_head_dropout0", "lever: shared head, dropout 0", ["model.user_head=shared", "model.dropout=0.0"]),
 ]
 
 KEYS = ["test_ndcg_at_10", "test_recall_at_10", "test_ndcg_at_10_excl_hist", "test_recall_at_10_excl_hist",
@@ -40,6 +49,7 @@ KEYS = ["test_ndcg_at_10", "test_recall_at_10", "test_ndcg_at_10_excl_hist", "te
 
 
 def run_row(name: str, overrides: list[str], data: str, config: str) -> dict:
+    print(f"== {name}: {' '.join(overrides)}", flush=True)
     out_dir = ROOT / "runs" / "bench-quality" / name
     cmd = [sys.executable, "flows/full_pipeline.py", "--config", config, "--no-progress", f"data.path={data}",
            *overrides]
@@ -49,11 +59,16 @@ def run_row(name: str, overrides: list[str], data: str, config: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"row {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     found = re.search(r"outputs in (\S+)", proc.stdout)
-    return row_from_summary(name, ROOT / found.group(1) / "metrics.json", overrides, data, config, wall)
+    row = row_from_summary(name, ROOT / found.group(1) / "metrics.json", overrides, data, config, wall)
+    print(f"== {name} done: {json.dumps(row['metrics'])} wall {row['wall_s']} s", flush=True)
+    return row
 
 
 def row_from_summary(name: str, path: Path, overrides: list[str], data: str, config: str, wall: float) -> dict:
     summary = json.loads(path.read_text())
+    threads = summary["config"]["train"].get("num_threads", 0)
+    if threads and not any(o.startswith("train.num_threads=") for o in overrides):
+        overrides = [*overrides, f"train.num_threads={threads}"]  # as it ran
     shown = ["python", "flows/full_pipeline.py", "--config", config, f"data.path={data}", *overrides]
     return {"name": name, "command": " ".join(shown), "wall_s": round(wall, 1),
             "run_id": summary["run_id"], "encoder_id": summary["encoder_id"],
@@ -61,15 +76,19 @@ def row_from_summary(name: str, path: Path, overrides: list[str], data: str, con
 
 
 def rows_from_runs(previous: Path, data: str, config: str, wanted: set[str]) -> list[dict]:
-    """Rebuild rows from the newest output of each row (wall times from an earlier JSON)."""
-    walls = {}
-    if previous.is_file():
-        walls = {r["name"]: r["wall_s"] for r in json.loads(previous.read_text())["rows"]}
+    """Rebuild rows from the newest output of each row (wall times from earlier bench JSONs)."""
+    walls = {}  # run id -> measured wall time, from every earlier bench JSON beside this one
+    for path in sorted(previous.parent.glob("*.json")):
+        walls.update({r["run_id"]: r["wall_s"] for r in json.loads(path.read_text()).get("rows", [])})
     rows = []
     for name, _, overrides in ROWS:
         outputs = sorted((ROOT / "runs" / "bench-quality" / name).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
         if outputs and (not wanted or name in wanted):
-            rows.append(row_from_summary(name, outputs[-1], overrides, data, config, walls.get(name, float("nan"))))
+            summary = json.loads(outputs[-1].read_text())
+            # no bench JSON for this row: the run's own stage times (data + embed + train + test)
+            wall = walls.get(summary["run_id"], sum(v for k, v in summary["metrics"].items()
+                                       if k.startswith("time_") and k.endswith("_s")))
+            rows.append(row_from_summary(name, outputs[-1], overrides, data, config, wall))
     return rows
 
 
@@ -90,18 +109,25 @@ def main() -> int:
     p.add_argument("--config", default="conf/scientific.yaml")
     p.add_argument("--json", default="bench/results/quality.json")
     p.add_argument("--only", default="", help="comma-separated row names")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="rows run at a time; above 1 each row gets train.num_threads=1")
     p.add_argument("--from-runs", action="store_true",
                    help="run nothing: rebuild the table from the rows' newest outputs under runs/bench-quality/")
     args = p.parse_args()
     wanted = set(filter(None, args.only.split(",")))
     labels = {n: label for n, label, _ in ROWS}
     results = rows_from_runs(Path(args.json), args.data, args.config, wanted) if args.from_runs else []
-    for name, label, overrides in ([] if args.from_runs else ROWS):
-        if wanted and name not in wanted:
-            continue
-        print(f"== {name}: {label}", flush=True)
-        results.append(run_row(name, overrides, args.data, args.config))
-        print(json.dumps(results[-1]["metrics"]), f"wall {results[-1]['wall_s']} s", flush=True)
+    todo = [(n, o + (["train.num_threads=1"] if args.parallel > 1 else []))
+            for n, _, o in ([] if args.from_runs else ROWS) if not wanted or n in wanted]
+    # the floors run first, one at a time: they fill each encoder's content store, so rows running
+    # side by side afterwards only read it (never embed the same items twice at once)
+    floors = [t for t in todo if t[0].startswith("floor_")]
+    results += [run_row(n, o, args.data, args.config) for n, o in floors]
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        rest = [t for t in todo if t not in floors]
+        results += list(pool.map(lambda t: run_row(t[0], t[1], args.data, args.config), rest))
+    order = [n for n, _, _ in ROWS]
+    results.sort(key=lambda r: order.index(r["name"]))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
