@@ -6,8 +6,10 @@ STAMP  := $(VENV)/.setup-done
 CONFIG ?= conf/default.yaml
 ARGS   ?=
 PYTEST_ARGS ?=
+UI_PORT ?= 5000
+MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: setup run test clean-venv
+.PHONY: setup run test ui clean-venv
 
 # Idempotent: rebuilds only when pyproject.toml or requirements.lock changed.
 setup: $(STAMP)
@@ -28,6 +30,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the MLflow UI over this checkout's runs, on http://127.0.0.1:$(UI_PORT)
+ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(UI_PORT)
 
 clean-venv:
 	rm -rf $(VENV)

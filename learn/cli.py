@@ -39,6 +39,35 @@ def pipeline_main(argv: list[str], prog: str = "full_pipeline.py") -> int:
     return 0
 
 
+def compare_main(argv: list[str], prog: str = "compare.py") -> int:
+    p = argparse.ArgumentParser(
+        prog=prog, description="A/B: score two logged retrievers on the same split and users, with paired "
+                               "bootstrap confidence intervals; optionally promote B to `champion`.")
+    p.add_argument("a", help="run id or models:/<name>@<alias> | models:/<name>/<version>")
+    p.add_argument("b", help="run id or model URI of the challenger")
+    p.add_argument("--split", choices=["test", "valid"], default="test")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples over users")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude-history", choices=["true", "false"], default=None,
+                   help="default: the mode A was trained with (eval.exclude_history)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument("--experiment", default="learn-compare")
+    p.add_argument("--promote", action="store_true",
+                   help="set alias champion on B when its NDCG@k gain has a 95%% CI above zero")
+    args = p.parse_args(argv)
+    from learn.tracking.ab import ComparisonError, compare_models
+
+    try:
+        compare_models(args.a, args.b, split=args.split, k=args.k, n_resamples=args.resamples, seed=args.seed,
+                       exclude_history=None if args.exclude_history is None else args.exclude_history == "true",
+                       tracking_uri=args.tracking_uri, experiment=args.experiment, promote=args.promote)
+    except (ComparisonError, DataError) as exc:
+        print(f"compare error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def download_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="learn data download",
                                 description="Fetch one Amazon Reviews 2018 category (meta + 5-core reviews).")

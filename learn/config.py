@@ -129,6 +129,23 @@ class TrackingConfig:
     experiment: str = "learn"
     tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     run_name: str | None = None
+    # where a NEW experiment stores artifacts (null: MLflow's default, ./mlruns for a sqlite store;
+    # a tracking server with --serve-artifacts decides on its own)
+    artifact_location: str | None = None
+    system_metrics: bool = True  # CPU / memory (and GPU where present) sampled while the run lives
+    # the pyfunc retriever logged with each trained run is registered under this name and gets
+    # the alias `challenger`; null or "" = log it in the run without registering
+    registered_model: str | None = "learn-retriever"
+
+
+@dataclass
+class ExportConfig:
+    # what a trained run exports (to runs/<run_id>/bundle and to the MLflow run's artifacts)
+    enabled: bool = True
+    index_kind: str = "auto"  # auto: exact Flat up to flat_max_items, IVF above; or flat | ivf | hnsw
+    flat_max_items: int = 100_000
+    recall_queries: int = 1000  # queries used to measure an approximate index's recall@10 against Flat
+    plots: bool = True
 
 
 @dataclass
@@ -141,9 +158,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 _CHOICES = {
+    "export.index_kind": {"auto", "flat", "ivf", "hnsw"},
     "data.format": {"auto", "demo", "unisrec", "amazon2018", "files"},
     "data.missing_text": {"drop", "fail"},
     "data.split": {"leave_one_out", "time_cut"},
@@ -254,7 +273,8 @@ def validate(cfg: Config) -> Config:
     positive = ["train.epochs", "train.batch_size", "data.max_history", "embed.batch_size", "embed.max_tokens",
                 "eval.chunk_size", "model.max_len", "model.n_heads", "model.n_layers", "model.d_model", "model.d_ff",
                 "model.d_out", "train.eval_every", "train.n_history", "train.n_targets", "train.target_len",
-                "eval.popularity_buckets", "train.score_scale", "data.demo.num_items", "data.demo.num_users"]
+                "eval.popularity_buckets", "train.score_scale", "data.demo.num_items", "data.demo.num_users",
+                "export.flat_max_items", "export.recall_queries"]
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"key '{key}' must be > 0, got {flat[key]}")
@@ -305,6 +325,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for text in overrides or []:
         key, value = _parse_override(text)
         _set_dotted(cfg, key, value, f"override '{text}'")
+    return validate(cfg)
+
+
+def config_from_dict(data: dict, where: str = "saved config") -> Config:
+    """The inverse of ``to_dict``: e.g. the config a run saved in its bundle manifest."""
+    cfg = Config()
+    _merge(cfg, data, "", where)
     return validate(cfg)
 
 

@@ -6,10 +6,14 @@ Stages (wall time of each is logged as ``time_<stage>_s``):
   embed   frozen-LLM content vectors, reusing every still-valid vector in the content store
   train   twin towers with early stopping on valid NDCG@10 (skipped by the content_* floors)
   test    full ranking on the test split, both history modes, segment breakdown
+  export  (trained recipes) the serving bundle -- towers, content and item-embedding tables, faiss
+          index, manifest -- plus plots, logged as artifacts with a pyfunc `retriever`, registered
+          under ``tracking.registered_model`` with the alias `challenger`
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -24,7 +28,7 @@ from learn.data.load import item_texts, load_dataset
 from learn.data.schema import DataError
 from learn.data.sequences import Splits, build_sequences
 from learn.tracking.mlflow_run import Tracker
-from learn.utils import StageTimer, atomic_path, atomic_write_text, seed_everything, text_hash
+from learn.utils import StageTimer, atomic_path, atomic_write_text, seed_everything
 
 NO_TRAINING = {"content_mean", "content_last"}
 
@@ -83,12 +87,57 @@ def evaluate_floor(cfg: Config, content: np.ndarray, splits: Splits, popularity:
     )
 
 
+def dataset_fingerprint(data) -> str:
+    """A digest of what the model saw: item ids and texts, and every user's item sequence."""
+    h = hashlib.sha256()
+    for item_id, text in zip(data.item_ids, data.texts):
+        h.update(f"{item_id}\t{text}\n".encode())
+    for seq in data.seqs:
+        h.update(np.asarray(seq, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()[:16]
+
+
+def export_run(cfg: Config, model, item_ids, content: np.ndarray, info: dict, history: list[dict],
+               metrics: dict[str, float], out_dir: Path, tracker: Tracker) -> dict[str, float]:
+    """Write the serving bundle and plots under ``out_dir`` and log them (and the retriever) to MLflow."""
+    from learn.export.bundle import write_bundle
+
+    bundle_dir = out_dir / "bundle"
+    summary = write_bundle(model, [str(i) for i in item_ids], content, bundle_dir, info=info,
+                           index_kind=cfg.export.index_kind, flat_max_items=cfg.export.flat_max_items,
+                           recall_queries=cfg.export.recall_queries, seed=cfg.seed)
+    out = {"index_items": float(len(item_ids)), "index_recall_at_10_vs_flat": float(summary.index_recall_at_10)}
+    print(f"[export] bundle in {bundle_dir}: {summary.index_kind} index over {len(item_ids)} items, "
+          f"recall@10 vs Flat {summary.index_recall_at_10:.4f}", flush=True)
+    tracker.log_artifacts(bundle_dir, "bundle")
+    if cfg.export.plots:
+        from learn.tracking.plots import plot_segments, plot_training_curves
+
+        plot_training_curves(history, out_dir / "plots" / "training_curves.png")
+        plot_segments(metrics, out_dir / "plots" / "segments_ndcg_at_10.png", metric="test_ndcg_at_10")
+        tracker.log_artifacts(out_dir / "plots", "plots")
+    if tracker.run_id is not None:
+        from learn.serve.retriever import log_retriever
+        from learn.tracking.mlflow_run import set_model_alias
+
+        name = cfg.tracking.registered_model or None
+        model_info = log_retriever(bundle_dir, name="retriever", registered_model_name=name,
+                                   max_history=cfg.data.max_history)
+        if name:
+            version = model_info.registered_model_version
+            set_model_alias(tracker.uri, name, "challenger", version)
+            tracker.set_tags({"registered_model": name, "registered_model_version": version})
+            print(f"[export] registered {name} version {version} (alias challenger)", flush=True)
+    return out
+
+
 def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
     seed_everything(cfg.seed)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     timer = StageTimer()
-    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name)
+    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name,
+                      system_metrics=cfg.tracking.system_metrics, artifact_location=cfg.tracking.artifact_location)
     with tracker:
         params = flatten(cfg)
         tracker.log_params(params)
@@ -114,8 +163,12 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
             **{f"split_{k}": v for k, v in splits.info.items()},
         }
         tracker.log_metrics(data_info)
+        fingerprint = dataset_fingerprint(data)
         tracker.set_tags({"dataset": data.name, "dataset_source": raw.source or cfg.data.path,
-                          "dataset_text_fingerprint": text_hash("\n".join(data.texts))})
+                          "dataset_fingerprint": fingerprint})
+        tracker.log_dataset(data.name, str(raw.source or cfg.data.path), fingerprint, "training",
+                            {"items": data.num_items, "users": len(data.seqs), "interactions": n_inter,
+                             "dropped_rows": raw.drops.total})
 
         with timer("embed"):
             content, embed_stats, encoder_id = embed_items(cfg, data.name, data.item_ids, data.texts, progress)
@@ -154,6 +207,13 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
             with atomic_path(out_dir / "towers.pt") as tmp:
                 torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict(),
                             "encoder_id": encoder_id}, tmp)
+            if cfg.export.enabled:
+                with timer("export"):
+                    info = {"encoder_id": encoder_id, "dataset": data.name, "dataset_fingerprint": fingerprint,
+                            "run_id": tracker.run_id, "max_history": cfg.data.max_history,
+                            "config": to_dict(cfg)}
+                    metrics.update(export_run(cfg, model, data.item_ids, content, info, result.history, metrics,
+                                              out_dir, tracker))
         metrics.update({f"time_{k}_s": v for k, v in timer.seconds.items()})
         tracker.log_metrics(metrics)
         summary = {"run_id": tracker.run_id, "dataset": data.name, "encoder_id": encoder_id,

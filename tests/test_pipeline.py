@@ -17,16 +17,6 @@ SCIENTIFIC = ROOT.parent / "shared/data/amazon-unisrec/Scientific"
 REQUIRED = ["test_recall_at_10", "test_ndcg_at_10", "test_recall_at_50", "test_ndcg_at_50", "test_mrr"]
 
 
-@pytest.fixture
-def tiny_cfg(tmp_path, model_cache):
-    def make(*overrides):
-        return load_config(ROOT / "conf/tiny.yaml", [
-            f"output_dir={tmp_path / 'runs'}", f"embed.cache_dir={model_cache}",
-            f"embed.store={tmp_path / 'content.parquet'}",
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
-    return make
-
-
 @pytest.mark.slow
 def test_pipeline_logs_run_and_metrics(tiny_cfg, tmp_path):
     cfg = tiny_cfg()

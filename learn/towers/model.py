@@ -88,34 +88,47 @@ class TwinTowers(nn.Module):
         padded = torch.cat([torch.zeros(1, content.shape[1], device=content.device), content.float()], 0)
         self.content = padded.to(self.content_mean.device)
 
-    def _inputs(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.content[tokens]
-        x = (x - self.content_mean) / self.content_scale
-        x = x * (tokens > 0).unsqueeze(-1)  # padding stays exactly zero
+    def center_vectors(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw content vectors [..., d_llm] -> centred, rescaled inputs; ``valid`` ([...] bool,
+        True = real item) zeroes padding positions exactly."""
+        x = (x.float() - self.content_mean) / self.content_scale
+        if valid is not None:
+            x = x * valid.unsqueeze(-1).to(x.dtype)  # padding stays exactly zero
         return x
 
-    def encode_sequence(self, tokens: torch.Tensor, self_only: bool = False, user: bool = False) -> torch.Tensor:
-        """[B, L] tokens (0 = pad, right-padded) -> [B, L, d_out] normalised outputs per position.
+    def _inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.center_vectors(self.content[tokens], tokens > 0)
 
-        Causal attention; ``self_only`` makes each position attend to itself only (variant b);
+    def encode_vectors(
+        self, x: torch.Tensor, valid: torch.Tensor | None = None, self_only: bool = False, user: bool = False
+    ) -> torch.Tensor:
+        """[B, L, d_llm] raw content vectors (right-padded) -> [B, L, d_out] normalised outputs.
+
+        ``valid`` [B, L] bool marks real positions (None: all real); padding enters the stack as
+        zeros. Causal attention; ``self_only`` makes each position attend to itself only (variant b);
         ``user`` applies the user head (the item head unless ``user_head=separate``).
         """
-        B, L = tokens.shape
-        h = self.adaptor(self._inputs(tokens))
+        L = x.shape[1]
+        h = self.adaptor(self.center_vectors(x, valid))
         if self.positions is not None:
             if L > self.cfg.max_len:
                 raise ValueError(f"sequence length {L} exceeds model.max_len={self.cfg.max_len}")
-            h = h + self.positions(torch.arange(L, device=tokens.device))
+            h = h + self.positions(torch.arange(L, device=x.device))
         h = self.in_drop(self.in_norm(h))
         if self_only:
-            mask = ~torch.eye(L, dtype=torch.bool, device=tokens.device)
+            mask = ~torch.eye(L, dtype=torch.bool, device=x.device)
         else:
-            mask = torch.triu(torch.ones(L, L, dtype=torch.bool, device=tokens.device), diagonal=1)
+            mask = torch.triu(torch.ones(L, L, dtype=torch.bool, device=x.device), diagonal=1)
         # Sequences are right-padded, so under the causal (or self-only) mask a real position never
         # sees padding and no key-padding mask is needed; outputs at padded positions are unused.
-        h = self.encoder(h, mask=mask)
+        # The explicit causality hint avoids a data-dependent mask comparison (matters for export).
+        h = self.encoder(h, mask=mask, is_causal=not self_only)
         head = self.user_head if (user and self.user_head is not None) else self.head
         return F.normalize(head(h), dim=-1)
+
+    def encode_sequence(self, tokens: torch.Tensor, self_only: bool = False, user: bool = False) -> torch.Tensor:
+        """[B, L] tokens (0 = pad, right-padded) -> [B, L, d_out]: ``encode_vectors`` on their content."""
+        return self.encode_vectors(self.content[tokens], tokens > 0, self_only=self_only, user=user)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """User-side outputs at every position of [B, L] histories (what DDP wraps)."""

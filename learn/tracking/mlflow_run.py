@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -30,11 +31,14 @@ def _param_value(key: str, value: Any) -> str:
 class Tracker:
     """A thin wrapper so the pipeline code reads the same with tracking on or off."""
 
-    def __init__(self, enabled: bool, uri: str | None, experiment: str, run_name: str | None = None):
+    def __init__(self, enabled: bool, uri: str | None, experiment: str, run_name: str | None = None,
+                 system_metrics: bool = False, artifact_location: str | None = None):
+        self.artifact_location = artifact_location
         self.enabled = enabled
         self.uri = resolve_uri(uri)
         self.experiment = experiment
         self.run_name = run_name
+        self.system_metrics = system_metrics
         self.run_id: str | None = None
         self._mlflow = None
 
@@ -43,8 +47,10 @@ class Tracker:
             import mlflow
 
             mlflow.set_tracking_uri(self.uri)
+            if self.artifact_location and mlflow.get_experiment_by_name(self.experiment) is None:
+                mlflow.create_experiment(self.experiment, artifact_location=self.artifact_location)
             mlflow.set_experiment(self.experiment)
-            run = mlflow.start_run(run_name=self.run_name)
+            run = mlflow.start_run(run_name=self.run_name, log_system_metrics=self.system_metrics)
             self.run_id = run.info.run_id
             self._mlflow = mlflow
         return self
@@ -73,3 +79,30 @@ class Tracker:
     def log_dict(self, data: dict, name: str) -> None:
         if self._mlflow is not None:
             self._mlflow.log_dict(data, name)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        if self._mlflow is not None:
+            self._mlflow.log_artifacts(str(local_dir), artifact_path)
+
+    def log_dataset(self, name: str, source: str, digest: str, context: str, tags: dict[str, Any]) -> None:
+        """Record the dataset as a run input: where it came from, its fingerprint and row counts."""
+        if self._mlflow is None:
+            return
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        path = Path(source)
+        if path.exists():
+            src = resolve_dataset_source(str(path.resolve()))
+        else:  # generated (the demo catalog): name the generator instead of a location
+            src = CodeDatasetSource(tags={"generator": source})
+        dataset = MetaDataset(src, name=name, digest=digest)
+        self._mlflow.log_input(dataset, context=context, tags={k: str(v) for k, v in tags.items()})
+
+
+def set_model_alias(uri: str | None, name: str, alias: str, version: str | int) -> None:
+    """Point ``models:/<name>@<alias>`` at ``version`` of a registered model."""
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri=resolve_uri(uri)).set_registered_model_alias(name, alias, str(version))

@@ -1,0 +1,445 @@
+"""Serving bundle: one directory with everything a retriever needs, checksummed as a whole.
+
+    summary = write_bundle(model, item_ids, content, "runs/x/bundle", info={"run_id": ...})
+    bundle = load_bundle("runs/x/bundle")          # verifies every checksum first
+    vectors, unknown = bundle.user_vectors([["i1", "i7"]], max_history=40)
+    ids, scores = bundle.index.search(vectors, k=10)
+
+Layout (all listed in ``manifest.json``, which is written last)::
+
+    user_tower.pt2  item_tower.pt2  towers_state.pt  tower_config.json   (export_towers)
+    content.parquet          item_id: string, vector: fixed_size_list<float32>[d_llm]
+    item_embeddings.parquet  item_id: string, vector: fixed_size_list<float32>[d_out]
+    index/                   FAISS index of the item embeddings (ItemIndex.save)
+    index/provenance.json    {"tower_id", "item_embeddings_sha256"}: what the index was built from
+
+``tower_id`` is the sha256 of ``towers_state.pt``. Rows of the content table, the item embeddings
+and the index are in the same (catalog) order. The bundle is assembled in a hidden temp directory
+beside ``out_dir`` and renamed into place, so a half-written bundle is never visible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from learn.export.manifest import MANIFEST, ArtifactError, verify_manifest, write_manifest
+from learn.export.towers import (
+    ITEM_TOWER,
+    TOWER_CONFIG,
+    TOWERS_STATE,
+    USER_TOWER,
+    export_towers,
+    load_item_tower,
+    load_user_tower,
+)
+from learn.index.faiss_index import ItemIndex, ItemIndexError, build_index, load_index, recall_vs_exact
+from learn.towers.model import TowerConfig, TwinTowers
+from learn.utils import file_sha256
+
+log = logging.getLogger(__name__)
+
+CONTENT = "content.parquet"
+ITEM_EMBEDDINGS = "item_embeddings.parquet"
+INDEX_DIR = "index"
+PROVENANCE = f"{INDEX_DIR}/provenance.json"
+BUNDLE_FORMAT = "learn.bundle/1"
+REQUIRED_FILES = (USER_TOWER, ITEM_TOWER, TOWERS_STATE, TOWER_CONFIG, CONTENT, ITEM_EMBEDDINGS, PROVENANCE)
+RESERVED_INFO = ("bundle_format", "tower_id", "d_llm", "d_out", "n_items", "index_kind", "index_params",
+                 "index_recall_at_10_vs_flat")
+INDEX_PARAM_KEYS = ("nlist", "nprobe", "hnsw_m", "ef_search", "num_threads")
+BATCH = 4096
+SPOT_CHECK_ROWS = 64
+SPOT_CHECK_ATOL = 1e-4
+
+
+@dataclass
+class BundleSummary:
+    """What :func:`write_bundle` wrote."""
+
+    directory: Path
+    files: list[str]
+    tower_id: str
+    index_kind: str
+    index_recall_at_10: float
+    n_items: int
+    d_llm: int
+    d_out: int
+    manifest: dict[str, Any] = field(repr=False)
+
+
+# -- tables -------------------------------------------------------------------------------------
+def _vector_table(item_ids: Sequence[str], vectors: np.ndarray) -> pa.Table:
+    n, d = vectors.shape
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
+    return pa.table({
+        "item_id": pa.array(list(item_ids), type=pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(flat, d),
+    })
+
+
+def _read_vector_table(directory: Path, name: str) -> tuple[list[str], np.ndarray]:
+    """(ids, float32 [n, d]) from a table written by :func:`_vector_table`; ArtifactError if malformed."""
+    try:
+        table = pq.read_table(directory / name)
+    except (pa.ArrowException, OSError) as exc:
+        raise ArtifactError(f"{name}: not readable Parquet: {exc}") from exc
+    if table.column_names != ["item_id", "vector"]:
+        raise ArtifactError(f"{name}: columns are {table.column_names}, expected ['item_id', 'vector']")
+    id_type, vec_type = table.schema.field("item_id").type, table.schema.field("vector").type
+    if not pa.types.is_string(id_type):
+        raise ArtifactError(f"{name}: column 'item_id' has type {id_type}, expected string")
+    if not (pa.types.is_fixed_size_list(vec_type) and pa.types.is_float32(vec_type.value_type)):
+        raise ArtifactError(f"{name}: column 'vector' has type {vec_type}, expected fixed_size_list<float32>")
+    if table.column("item_id").null_count or table.column("vector").null_count:
+        raise ArtifactError(f"{name}: holds null ids or vectors")
+    vec = table.column("vector").combine_chunks()
+    values = vec.flatten()
+    if values.null_count:
+        raise ArtifactError(f"{name}: vectors hold null components")
+    # a writable copy: Arrow's buffers are read-only and torch.from_numpy warns about those
+    matrix = np.array(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(vec), vec_type.list_size)
+    return table.column("item_id").to_pylist(), matrix
+
+
+# -- validation ---------------------------------------------------------------------------------
+def _check_catalog(item_ids: Sequence[str], content: np.ndarray, d_llm: int) -> tuple[list[str], np.ndarray]:
+    ids = list(item_ids)
+    bad = next((i for i, x in enumerate(ids) if not isinstance(x, str) or not x), None)
+    if bad is not None:
+        raise ValueError(f"item ids must be non-empty strings; item_ids[{bad}] is {ids[bad]!r}")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        for x in ids:
+            if x in seen:
+                raise ValueError(f"item ids must be unique; {x!r} appears more than once")
+            seen.add(x)
+    arr = np.asarray(content)
+    if arr.ndim != 2 or arr.shape[1] != d_llm:
+        raise ValueError(f"content must be [n_items, d_llm={d_llm}], got shape {arr.shape}")
+    if arr.shape[0] != len(ids):
+        raise ValueError(f"content has {arr.shape[0]} rows but there are {len(ids)} item ids")
+    if not ids:
+        raise ValueError("the catalog is empty; a bundle needs at least one item")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"content holds NaN or inf (first bad row {int(np.flatnonzero(~np.isfinite(arr).all(1))[0])})")
+    return ids, arr
+
+
+@torch.no_grad()
+def _run_item_tower(tower: nn.Module, content: np.ndarray) -> np.ndarray:
+    out = [tower(torch.from_numpy(content[s:s + BATCH])).numpy() for s in range(0, len(content), BATCH)]
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def _recall_queries(embeddings: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """User-like queries: random items' embeddings plus isotropic noise of about their own norm."""
+    rng = np.random.default_rng(seed)
+    d = embeddings.shape[1]
+    q = embeddings[rng.integers(0, len(embeddings), n)] + rng.standard_normal((n, d)) / np.sqrt(d)
+    return (q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp`` onto ``out_dir``; an existing bundle is moved aside first and
+    deleted only once the new one is in place (restored if the swap fails)."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        os.rename(tmp, out_dir)
+        return
+    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        log.warning("replaced bundle %s but could not delete the previous one at %s", out_dir, old)
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ValueError(f"cannot write a bundle to {out_dir}: it exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise ValueError(f"refusing to replace {out_dir}: it is a non-empty directory without {MANIFEST} "
+                         f"(not a bundle); remove it or choose another path")
+
+
+# -- writing ------------------------------------------------------------------------------------
+def write_bundle(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray, out_dir: str | Path,
+                 info: dict[str, Any], index_kind: str = "auto", flat_max_items: int = 100_000,
+                 index_params: dict[str, Any] | None = None, recall_queries: int = 1000,
+                 seed: int = 0) -> BundleSummary:
+    """Export ``model``'s towers, embed the catalog (``item_ids`` with raw ``content`` [N, d_llm],
+    catalog order) with the exported item tower, index it, and publish all of it at ``out_dir``.
+
+    ``info`` (JSON-serialisable, e.g. run id and data version) goes into the manifest with the
+    bundle's own facts. ``index_params`` are passed to :func:`build_index` (nlist, nprobe, hnsw_m,
+    ef_search, num_threads). Recall@10 of the index against exact search is measured on
+    ``recall_queries`` noisy item vectors (1.0 for a flat index, which is exact). An existing
+    bundle at ``out_dir`` is replaced; any other non-empty directory there is refused.
+    """
+    cfg = model.cfg
+    ids, content = _check_catalog(item_ids, content, cfg.d_llm)
+    clash = sorted(set(info) & set(RESERVED_INFO))
+    if clash:
+        raise ValueError(f"info keys {clash} are reserved: write_bundle records them itself")
+    json.dumps(info)  # fail before any work if info is not JSON-serialisable
+    params = dict(index_params or {})
+    unknown = sorted(set(params) - set(INDEX_PARAM_KEYS))
+    if unknown:
+        raise ValueError(f"unknown index_params {unknown}; allowed: {list(INDEX_PARAM_KEYS)}")
+    if isinstance(recall_queries, bool) or not isinstance(recall_queries, int) or recall_queries < 1:
+        raise ValueError(f"recall_queries must be an int >= 1, got {recall_queries!r}")
+    out_dir = Path(out_dir).absolute()
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the bundle should read like any directory
+        paths = export_towers(model, tmp)
+        tower_id = file_sha256(paths["state"])
+        embeddings = _run_item_tower(load_item_tower(paths["item_tower"]), content)
+        pq.write_table(_vector_table(ids, content), tmp / CONTENT)
+        pq.write_table(_vector_table(ids, embeddings), tmp / ITEM_EMBEDDINGS)
+
+        index = build_index(embeddings, ids, kind=index_kind, flat_max_items=flat_max_items, seed=seed, **params)
+        index.save(tmp / INDEX_DIR)
+        if index.kind == "flat":
+            recall = 1.0
+        else:
+            recall = recall_vs_exact(index, embeddings, _recall_queries(embeddings, recall_queries, seed), k=10)
+        provenance = {"tower_id": tower_id, "item_embeddings_sha256": file_sha256(tmp / ITEM_EMBEDDINGS)}
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        full_info = {
+            **info,
+            "bundle_format": BUNDLE_FORMAT,
+            "tower_id": tower_id,
+            "d_llm": cfg.d_llm,
+            "d_out": cfg.d_out,
+            "n_items": len(ids),
+            "index_kind": index.kind,
+            "index_params": index.params,
+            "index_recall_at_10_vs_flat": recall,
+        }
+        manifest = write_manifest(tmp, files, full_info)
+        _publish(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote bundle %s: %d items, %s index (recall@10 %.4f), tower %s",
+             out_dir, len(ids), index.kind, recall, tower_id[:12])
+    return BundleSummary(directory=out_dir, files=files, tower_id=tower_id, index_kind=index.kind,
+                         index_recall_at_10=recall, n_items=len(ids), d_llm=cfg.d_llm, d_out=cfg.d_out,
+                         manifest=manifest)
+
+
+# -- loading ------------------------------------------------------------------------------------
+@dataclass
+class Bundle:
+    """A loaded, verified bundle. Row i of ``content``, ``item_embeddings`` and the index is
+    ``item_ids[i]``."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    config: TowerConfig
+    item_ids: list[str]
+    id_to_row: dict[str, int]
+    content: np.ndarray
+    item_embeddings: np.ndarray
+    index: ItemIndex
+    user_tower: nn.Module
+    item_tower: nn.Module
+
+    @property
+    def tower_id(self) -> str:
+        return self.manifest["info"]["tower_id"]
+
+    @property
+    def d_out(self) -> int:
+        return self.item_embeddings.shape[1]
+
+    def check_max_history(self, max_history: int) -> int:
+        """``max_history`` validated against the towers (learned positions cap it at max_len)."""
+        if isinstance(max_history, bool) or not isinstance(max_history, (int, np.integer)) or max_history < 1:
+            raise ValueError(f"max_history must be an int >= 1, got {max_history!r}")
+        if self.config.positions == "learned" and max_history > self.config.max_len:
+            raise ValueError(f"max_history={max_history} exceeds the towers' max_len={self.config.max_len} "
+                             f"(learned positions)")
+        return int(max_history)
+
+    @torch.no_grad()
+    def user_vectors(self, histories: Sequence[Sequence[str]], max_history: int) -> tuple[np.ndarray, list[list[str]]]:
+        """User vectors [B, d_out] for histories of item ids (oldest first), and per history the ids
+        not in the catalog (skipped). Only the last ``max_history`` known items count. A history
+        with no known item gets a row of NaN (``np.isnan(v).any(1)`` finds them): it has no vector.
+        """
+        max_history = self.check_max_history(max_history)
+        rows: list[list[int]] = []
+        unknown: list[list[str]] = []
+        for h in histories:
+            if isinstance(h, (str, bytes)):
+                raise ValueError(f"each history must be a list of item ids, got the string {h!r}")
+            known: list[int] = []
+            missing: list[str] = []
+            for x in [] if h is None else h:
+                item = x if isinstance(x, str) else str(x)
+                row = self.id_to_row.get(item)
+                if row is None:
+                    missing.append(item)
+                else:
+                    known.append(row)
+            rows.append(known[-max_history:])
+            unknown.append(missing)
+        out = np.full((len(rows), self.d_out), np.nan, dtype=np.float32)
+        valid = [i for i, r in enumerate(rows) if r]
+        for s in range(0, len(valid), BATCH):
+            batch = valid[s:s + BATCH]
+            lengths = [len(rows[i]) for i in batch]
+            x = np.zeros((len(batch), max(lengths), self.content.shape[1]), dtype=np.float32)
+            for j, i in enumerate(batch):
+                x[j, : lengths[j]] = self.content[rows[i]]
+            vecs = self.user_tower(torch.from_numpy(x), torch.tensor(lengths, dtype=torch.int64))
+            out[batch] = vecs.numpy()
+        return out, unknown
+
+    def embed_items(self, content_vectors: np.ndarray) -> np.ndarray:
+        """Item vectors [M, d_out] for raw content vectors [M, d_llm] (e.g. new or re-embedded items)."""
+        arr = np.asarray(content_vectors)
+        if arr.ndim != 2 or arr.shape[1] != self.content.shape[1]:
+            raise ValueError(f"content vectors must be [M, {self.content.shape[1]}], got shape {arr.shape}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError("content vectors hold NaN or inf")
+        if len(arr) == 0:
+            return np.zeros((0, self.d_out), dtype=np.float32)
+        return _run_item_tower(self.item_tower, arr)
+
+
+def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
+    if len(a) != len(b):
+        return f"{len(a)} vs {len(b)} ids"
+    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    same_set = "the same ids in a different order" if set(a) == set(b) else "different ids"
+    return f"{same_set}; first difference at row {i}: {a[i]!r} vs {b[i]!r}"
+
+
+def _read_json(directory: Path, name: str) -> dict[str, Any]:
+    try:
+        data = json.loads((directory / name).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{name}: unreadable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{name}: expected a JSON object")
+    return data
+
+
+def _load_tower(directory: Path, name: str) -> nn.Module:
+    loader = load_user_tower if name == USER_TOWER else load_item_tower
+    try:
+        return loader(directory / name)
+    except Exception as exc:  # a verified file that torch cannot load: wrong torch version, bad export
+        raise ArtifactError(f"{name}: cannot load the exported tower: {exc}") from exc
+
+
+def load_bundle(directory: str | Path) -> Bundle:
+    """Verify ``directory/manifest.json`` (every file's sha256), load all parts and check they
+    belong together; raises :class:`ArtifactError` naming what is wrong."""
+    directory = Path(directory)
+    manifest = verify_manifest(directory)
+    files, info = manifest["files"], manifest.get("info")
+    missing = [f for f in REQUIRED_FILES if f not in files]
+    if missing:
+        raise ArtifactError(f"{directory} is not a complete bundle: {MANIFEST} does not list {missing}")
+    if not isinstance(info, dict) or any(k not in info for k in RESERVED_INFO):
+        raise ArtifactError(f"{MANIFEST}: info lacks bundle keys {[k for k in RESERVED_INFO if k not in (info or {})]}")
+    if info["bundle_format"] != BUNDLE_FORMAT:
+        raise ArtifactError(f"{MANIFEST}: bundle format {info['bundle_format']!r}, expected {BUNDLE_FORMAT!r}")
+
+    # provenance: the towers, the item embeddings and the index were made together
+    tower_id = info["tower_id"]
+    if files[TOWERS_STATE]["sha256"] != tower_id:
+        raise ArtifactError(f"{TOWERS_STATE} (sha256 {files[TOWERS_STATE]['sha256']}) is not the tower "
+                            f"{tower_id} recorded in {MANIFEST}")
+    provenance = _read_json(directory, PROVENANCE)
+    if provenance.get("tower_id") != tower_id:
+        raise ArtifactError(
+            f"index/tower mismatch: {INDEX_DIR}/ was built from the item tower {provenance.get('tower_id')} "
+            f"but the bundle's towers are {tower_id}; the index does not belong to this user tower"
+        )
+    if provenance.get("item_embeddings_sha256") != files[ITEM_EMBEDDINGS]["sha256"]:
+        raise ArtifactError(f"index/embeddings mismatch: {INDEX_DIR}/ was built from item embeddings "
+                            f"{provenance.get('item_embeddings_sha256')} but {ITEM_EMBEDDINGS} is "
+                            f"{files[ITEM_EMBEDDINGS]['sha256']}")
+
+    cfg_dict = _read_json(directory, TOWER_CONFIG)
+    try:
+        config = TowerConfig(**cfg_dict)
+    except TypeError as exc:
+        raise ArtifactError(f"{TOWER_CONFIG}: not a tower config: {exc}") from exc
+    content_ids, content = _read_vector_table(directory, CONTENT)
+    emb_ids, embeddings = _read_vector_table(directory, ITEM_EMBEDDINGS)
+    try:
+        index = load_index(directory / INDEX_DIR)
+    except ItemIndexError as exc:
+        raise ArtifactError(f"{INDEX_DIR}/: {exc}") from exc
+
+    # dimensions and sizes
+    dims = {
+        f"{TOWER_CONFIG} d_llm": config.d_llm, f"{CONTENT} width": content.shape[1],
+        f"{MANIFEST} d_llm": info["d_llm"],
+    }
+    outs = {
+        f"{TOWER_CONFIG} d_out": config.d_out, f"{ITEM_EMBEDDINGS} width": embeddings.shape[1],
+        f"{INDEX_DIR}/ dim": index.dim, f"{MANIFEST} d_out": info["d_out"],
+    }
+    sizes = {f"{CONTENT} rows": len(content_ids), f"{ITEM_EMBEDDINGS} rows": len(emb_ids),
+             f"{INDEX_DIR}/ size": index.size, f"{MANIFEST} n_items": info["n_items"]}
+    for what, values in (("d_llm", dims), ("d_out", outs), ("item count", sizes)):
+        if len(set(values.values())) != 1:
+            raise ArtifactError(f"bundle {what} disagrees: {values}")
+
+    # the same items in the same order everywhere
+    if emb_ids != content_ids:
+        raise ArtifactError(f"item id mismatch: {ITEM_EMBEDDINGS} and {CONTENT} list "
+                            f"{_first_difference(emb_ids, content_ids)}")
+    index_ids = index.item_ids.tolist()
+    if index_ids != content_ids:
+        raise ArtifactError(f"item id mismatch: {INDEX_DIR}/item_ids.parquet and {CONTENT} list "
+                            f"{_first_difference(index_ids, content_ids)}")
+    id_to_row = {x: i for i, x in enumerate(content_ids)}
+    if len(id_to_row) != len(content_ids):
+        raise ArtifactError(f"{CONTENT}: item ids are not unique")
+
+    user_tower, item_tower = _load_tower(directory, USER_TOWER), _load_tower(directory, ITEM_TOWER)
+    bundle = Bundle(directory=directory, manifest=manifest, config=config, item_ids=content_ids,
+                    id_to_row=id_to_row, content=content, item_embeddings=embeddings, index=index,
+                    user_tower=user_tower, item_tower=item_tower)
+    # spot check: the stored embeddings are what this item tower computes for this content
+    rows = np.unique(np.linspace(0, len(content_ids) - 1, min(SPOT_CHECK_ROWS, len(content_ids))).astype(int))
+    fresh = bundle.embed_items(content[rows])
+    err = float(np.abs(fresh - embeddings[rows]).max())
+    if err > SPOT_CHECK_ATOL:
+        raise ArtifactError(f"{ITEM_EMBEDDINGS} does not match {ITEM_TOWER} applied to {CONTENT} "
+                            f"(max abs difference {err:.3g} on {len(rows)} sampled items)")
+    return bundle

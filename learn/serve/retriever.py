@@ -1,0 +1,202 @@
+"""The retriever as an MLflow pyfunc model: item-id histories in, top-k catalog items out.
+
+    with mlflow.start_run():
+        info = log_retriever("runs/x/bundle", registered_model_name="learn-retriever")
+    model = load_retriever(info.model_uri)
+    model.predict(pd.DataFrame({"history": [["i1", "i7"], ["i3"]]}), params={"k": 20})
+
+Input column ``history``: catalog item ids, oldest first. Params ``k`` (default 10) and
+``exclude_history`` (default False). Output columns ``item_ids`` and ``scores`` (best first) and
+``unknown_item_ids`` (history ids not in the catalog: skipped and reported, never an error; a
+history with no known item gets empty results).
+
+The bundle directory is the model's one artifact and is verified (every sha256) on each load.
+The ``learn`` package travels with the model (``code_paths``); torch, faiss, pyarrow and pandas
+must be installed where it is loaded (they are the model's pip requirements).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.pyfunc import PyFuncModel, PythonModel, PythonModelContext
+from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+import learn
+from learn.export.bundle import Bundle, load_bundle
+from learn.index.faiss_index import MISSING_ID
+
+log = logging.getLogger(__name__)
+
+HISTORY = "history"
+BUNDLE_ARTIFACT = "bundle"
+DEFAULT_K = 10
+DEFAULT_MAX_HISTORY = 40
+OUTPUT_COLUMNS = ("item_ids", "scores", "unknown_item_ids")
+REQUIREMENTS = ("mlflow", "cloudpickle", "torch", "numpy", "pandas", "pyarrow", "faiss-cpu")
+
+
+def retriever_signature() -> ModelSignature:
+    """history: array<string> -> item_ids: array<string>, scores: array<double>,
+    unknown_item_ids: array<string>; params k (long, 10) and exclude_history (bool, False)."""
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array(DataType.string), HISTORY)]),
+        outputs=Schema([
+            ColSpec(Array(DataType.string), "item_ids"),
+            ColSpec(Array(DataType.double), "scores"),
+            ColSpec(Array(DataType.string), "unknown_item_ids"),
+        ]),
+        params=ParamSchema([
+            ParamSpec("k", DataType.long, DEFAULT_K),
+            ParamSpec("exclude_history", DataType.boolean, False),
+        ]),
+    )
+
+
+def _check_params(params: dict[str, Any] | None) -> tuple[int, bool]:
+    params = dict(params or {})
+    unknown = sorted(set(params) - {"k", "exclude_history"})
+    if unknown:
+        raise ValueError(f"unknown params {unknown}; the retriever takes 'k' and 'exclude_history'")
+    k = params.get("k", DEFAULT_K)
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"param 'k' must be an int >= 1, got {k!r}")
+    exclude = params.get("exclude_history", False)
+    if not isinstance(exclude, (bool, np.bool_)):
+        raise ValueError(f"param 'exclude_history' must be a bool, got {exclude!r}")
+    return int(k), bool(exclude)
+
+
+def _histories(model_input: Any) -> list[list[str]]:
+    """The ``history`` column as lists of id strings (None/NaN rows become empty histories)."""
+    frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+    if HISTORY not in frame.columns:
+        raise ValueError(f"model input needs a {HISTORY!r} column (list of catalog item ids, oldest first); "
+                         f"got columns {[str(c) for c in frame.columns]}")
+    out: list[list[str]] = []
+    for i, h in enumerate(frame[HISTORY].tolist()):
+        if h is None or (isinstance(h, float) and np.isnan(h)):
+            out.append([])
+        elif isinstance(h, (str, bytes)) or not isinstance(h, (Sequence, np.ndarray)):
+            raise ValueError(f"{HISTORY!r} row {i} must be a list of item ids, got {type(h).__name__} {h!r}")
+        else:
+            out.append([x if isinstance(x, str) else str(x) for x in h])
+    return out
+
+
+class Retriever(PythonModel):
+    """Top-k retrieval over a bundle: user tower on the history's content vectors, then the index."""
+
+    def __init__(self, max_history: int = DEFAULT_MAX_HISTORY) -> None:
+        self.max_history = max_history
+        self.bundle: Bundle | None = None
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle | str | Path, max_history: int = DEFAULT_MAX_HISTORY) -> "Retriever":
+        """A ready retriever without MLflow (a loaded ``Bundle`` or a bundle directory)."""
+        retriever = cls(max_history)
+        retriever._attach(bundle if isinstance(bundle, Bundle) else load_bundle(bundle))
+        return retriever
+
+    def _attach(self, bundle: Bundle) -> None:
+        self.max_history = bundle.check_max_history(self.max_history)
+        self.bundle = bundle
+
+    def __getstate__(self) -> dict[str, Any]:
+        # only the settings are pickled with the model; the bundle is an artifact loaded on load
+        return {"max_history": self.max_history}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.max_history = state["max_history"]
+        self.bundle = None
+
+    def load_context(self, context: PythonModelContext) -> None:
+        """Load (and verify) the bundle artifact; ``model_config['max_history']`` overrides the default."""
+        config = context.model_config or {}
+        self.max_history = config.get("max_history", self.max_history)
+        self._attach(load_bundle(context.artifacts[BUNDLE_ARTIFACT]))
+
+    def retrieve(self, histories: list[list[str]], k: int = DEFAULT_K,
+                 exclude_history: bool = False) -> tuple[list[list[str]], list[list[float]], list[list[str]]]:
+        """(item ids, scores, unknown ids) per history; see the module docstring."""
+        if self.bundle is None:
+            raise RuntimeError("the retriever has no bundle: use Retriever.from_bundle or load it with MLflow")
+        vectors, unknown = self.bundle.user_vectors(histories, self.max_history)
+        valid = np.flatnonzero(~np.isnan(vectors).any(axis=1))
+        item_ids: list[list[str]] = [[] for _ in histories]
+        scores: list[list[float]] = [[] for _ in histories]
+        if len(valid):
+            exclude = [histories[i] for i in valid] if exclude_history else None
+            ids, sc = self.bundle.index.search(vectors[valid], k, exclude=exclude)
+            for row, i in enumerate(valid):
+                keep = ids[row] != MISSING_ID
+                item_ids[i] = ids[row][keep].tolist()
+                scores[i] = sc[row][keep].astype(float).tolist()
+        n_unknown = sum(len(u) for u in unknown)
+        if n_unknown:
+            log.warning(
+                "%d history item id(s) (%d distinct) are not in the catalog and were skipped, in %d of %d "
+                "histories; %d histories have no known item and get no results",
+                n_unknown, len({x for u in unknown for x in u}), sum(1 for u in unknown if u), len(histories),
+                len(histories) - len(valid),
+            )
+        return item_ids, scores, unknown
+
+    def predict(self, context: PythonModelContext | None, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """One output row per input row: ``item_ids``, ``scores`` (best first), ``unknown_item_ids``."""
+        k, exclude_history = _check_params(params)
+        histories = _histories(model_input)
+        item_ids, scores, unknown = self.retrieve(histories, k, exclude_history)
+        return pd.DataFrame({"item_ids": item_ids, "scores": scores, "unknown_item_ids": unknown},
+                            columns=list(OUTPUT_COLUMNS))
+
+
+def _requirements() -> list[str]:
+    reqs = []
+    for dist in REQUIREMENTS:
+        try:
+            reqs.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def log_retriever(bundle_dir: str | Path, name: str = "retriever", registered_model_name: str | None = None,
+                  max_history: int = DEFAULT_MAX_HISTORY) -> ModelInfo:
+    """Log a :class:`Retriever` over ``bundle_dir`` into the active MLflow run (and register it
+    as a new version of ``registered_model_name`` when given). The bundle is verified first; the
+    ``learn`` package is shipped with the model so loading needs only the pip requirements."""
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_retriever logs into the active MLflow run; call it inside mlflow.start_run()")
+    bundle = load_bundle(bundle_dir)  # refuse to log a broken bundle
+    max_history = bundle.check_max_history(max_history)
+    info = bundle.manifest["info"]
+    metadata = {key: info[key] for key in ("tower_id", "n_items", "d_out", "index_kind", "index_recall_at_10_vs_flat")}
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=Retriever(max_history),
+        artifacts={BUNDLE_ARTIFACT: str(Path(bundle_dir).absolute())},
+        signature=retriever_signature(),
+        input_example=pd.DataFrame({HISTORY: [bundle.item_ids[:2]]}),  # also a load-and-predict check
+        code_paths=[str(Path(learn.__file__).parent)],
+        pip_requirements=_requirements(),
+        model_config={"max_history": max_history},
+        metadata=metadata,
+        registered_model_name=registered_model_name,
+    )
+
+
+def load_retriever(model_uri: str, max_history: int | None = None) -> PyFuncModel:
+    """``mlflow.pyfunc.load_model`` on a logged retriever (``runs:/...``, ``models:/name/version``,
+    a path); ``max_history`` overrides the logged value."""
+    config = None if max_history is None else {"max_history": max_history}
+    return mlflow.pyfunc.load_model(model_uri, model_config=config)
