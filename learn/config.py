@@ -68,6 +68,13 @@ class EmbedConfig:
     dtype: str = "float32"
     cache_dir: str = ".cache/learn"  # converted models and content stores
     store: str | None = None  # content store path; null = <cache_dir>/content/<dataset>.parquet
+    # where the encoder runs: "local" (this process) or "ray_data" (map_batches over an actor pool,
+    # one encoder per actor; on GPU nodes one GPU per actor)
+    executor: str = "local"
+    num_actors: int = 0  # ray_data pool size; 0 = the cluster's GPUs when gpus_per_actor > 0, else 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    rows_per_flush: int = 2048  # ray_data: embedded rows appended to the content store per write
 
 
 @dataclass
@@ -107,6 +114,12 @@ class TrainConfig:
     all_positions: bool = False
     eval_every: int = 1
     num_threads: int = 0  # torch threads; 0 = leave torch's default
+    # "local": this process (the reference); "ray": Ray Train TorchTrainer, DDP over num_workers
+    backend: str = "local"
+    num_workers: int = 2
+    use_gpu: bool = False
+    max_failures: int = 1  # Ray Train restarts from the latest checkpoint this many times
+    storage_path: str | None = None  # Ray Train checkpoints; null = <output_dir>/ray
     # dense_all_action recipe
     n_history: int = 10
     n_targets: int = 10
@@ -162,6 +175,8 @@ class Config:
 
 
 _CHOICES = {
+    "embed.executor": {"local", "ray_data"},
+    "train.backend": {"local", "ray"},
     "export.index_kind": {"auto", "flat", "ivf", "hnsw"},
     "data.format": {"auto", "demo", "unisrec", "amazon2018", "files"},
     "data.missing_text": {"drop", "fail"},
@@ -274,7 +289,7 @@ def validate(cfg: Config) -> Config:
                 "eval.chunk_size", "model.max_len", "model.n_heads", "model.n_layers", "model.d_model", "model.d_ff",
                 "model.d_out", "train.eval_every", "train.n_history", "train.n_targets", "train.target_len",
                 "eval.popularity_buckets", "train.score_scale", "data.demo.num_items", "data.demo.num_users",
-                "export.flat_max_items", "export.recall_queries"]
+                "export.flat_max_items", "export.recall_queries", "train.num_workers", "embed.rows_per_flush"]
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"key '{key}' must be > 0, got {flat[key]}")

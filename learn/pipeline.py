@@ -193,10 +193,20 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
                   flush=True)
             tracker.log_params({"model_parameters": n_params})
             with timer("train"):
-                result = fit(model, splits, cfg.train, cfg.eval, cfg.data.max_history, seed=cfg.seed,
-                             on_epoch=lambda epoch, row: tracker.log_metrics(
-                                 {k: v for k, v in row.items() if k != "epoch"}, step=epoch),
-                             progress=progress)
+                if cfg.train.backend == "ray":
+                    from learn.train.distributed import MlflowTarget, fit_distributed
+
+                    # rank 0 logs each epoch to this run itself (also epochs replayed after a restart)
+                    result = fit_distributed(
+                        model, splits, cfg.train, cfg.eval, cfg.data.max_history, seed=cfg.seed,
+                        storage_path=cfg.train.storage_path or Path(cfg.output_dir).resolve() / "ray",
+                        run_name=tracker.run_id,
+                        tracking=MlflowTarget(tracker.uri, tracker.run_id) if tracker.run_id else None)
+                else:
+                    result = fit(model, splits, cfg.train, cfg.eval, cfg.data.max_history, seed=cfg.seed,
+                                 on_epoch=lambda epoch, row: tracker.log_metrics(
+                                     {k: v for k, v in row.items() if k != "epoch"}, step=epoch),
+                                 progress=progress)
             metrics.update({"best_epoch": result.best_epoch, "epochs_run": len(result.history),
                             "stopped_early": float(result.stopped_early)})
             # the restored (best) epoch's valid metrics; per-epoch valid_* values are in the history

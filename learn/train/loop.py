@@ -4,12 +4,14 @@
 
 ``train_step`` is one optimisation step on one batch; ``run_epoch`` draws the epoch's batches and
 steps through them; ``fit`` adds evaluation on the valid split, early stopping on valid NDCG@10 and
-restores the best weights.
+restores the best weights. ``learn.train.distributed`` runs the same steps under DDP: every worker
+draws the whole batch and computes the towers for its share of the rows (see ``RowMap``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,6 +26,20 @@ from learn.data.sequences import EvalSplit, Splits
 from learn.towers.losses import dense_all_action_loss, full_softmax_loss, in_batch_softmax_loss
 from learn.towers.model import TwinTowers, pad_histories
 from learn.train.batches import DenseBatch, PairBatch, dense_batches, pair_batches
+
+RowMap = Callable[..., torch.Tensor]
+"""``rows(fn, *tensors)``: ``fn`` over the rows of ``tensors`` (all cut alike on dim 0), the outputs
+concatenated on dim 0 in row order. ``whole_rows`` calls ``fn`` once; the DDP version computes only
+this worker's rows and gathers the rest, so every worker ends with the whole result."""
+
+
+def whole_rows(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    return fn(*tensors)
+
+
+def selection_key(eval_cfg: EvalConfig) -> str:
+    """The valid metric early stopping and best-epoch selection use."""
+    return "ndcg_at_10" if 10 in eval_cfg.ks else f"ndcg_at_{min(eval_cfg.ks)}"
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -68,31 +84,37 @@ def epoch_batches(train: list[np.ndarray], cfg: TrainConfig, max_history: int, s
                         world_size=world_size)
 
 
-def compute_loss(model: TwinTowers, batch, cfg: TrainConfig) -> torch.Tensor:
+def compute_loss(model: TwinTowers, batch, cfg: TrainConfig, rows: RowMap = whole_rows) -> torch.Tensor:
+    """The recipe's loss over the whole batch; the tower outputs it needs are computed through ``rows``."""
     core = model.module if hasattr(model, "module") else model
     if isinstance(batch, DenseBatch):
-        out = model(batch.hist_tokens)
-        B = out.shape[0]
-        rows = torch.arange(B, device=out.device).unsqueeze(1)
-        hist = out[rows, batch.hist_pos]
-        tgt_all = core.target_sequence_embedding(batch.tgt_tokens)
-        tgt = tgt_all[rows, batch.tgt_pos]
+        def at(out: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return out[torch.arange(out.shape[0], device=out.device).unsqueeze(1), pos]
+
+        hist = rows(lambda tokens, pos: at(model(tokens), pos), batch.hist_tokens, batch.hist_pos)
+        tgt = rows(lambda tokens, pos: at(core.target_sequence_embedding(tokens), pos), batch.tgt_tokens,
+                   batch.tgt_pos)
         return dense_all_action_loss(hist, batch.hist_valid, tgt, batch.tgt_valid, batch.tgt_items, cfg.score_scale)
     assert isinstance(batch, PairBatch)
-    out = model(batch.tokens)
-    user = out[batch.rows, batch.positions]
+
+    def user_vectors(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = model(tokens)  # ids: the (consecutive) batch rows these tokens are
+        keep = (batch.rows >= ids[0]) & (batch.rows <= ids[-1])
+        return out[batch.rows[keep] - ids[0], batch.positions[keep]]
+
+    user = rows(user_vectors, batch.tokens, torch.arange(batch.tokens.shape[0], device=batch.tokens.device))
     if cfg.recipe == "full_softmax":
-        items = core.item_embedding(torch.arange(core.num_items, device=out.device))
+        items = rows(core.item_embedding, torch.arange(core.num_items, device=user.device))
         return full_softmax_loss(user, items, batch.targets, cfg.score_scale)
-    target_vecs = core.item_embedding(batch.targets)
+    target_vecs = rows(core.item_embedding, batch.targets)
     return in_batch_softmax_loss(user, target_vecs, batch.targets, cfg.score_scale, owners=batch.rows)
 
 
-def train_step(model, batch, opt, sched, cfg: TrainConfig) -> float:
+def train_step(model, batch, opt, sched, cfg: TrainConfig, rows: RowMap = whole_rows) -> float:
     """One optimisation step; returns the loss. Used as is by the Ray Train worker loop."""
     model.train()
     opt.zero_grad(set_to_none=True)
-    loss = compute_loss(model, batch, cfg)
+    loss = compute_loss(model, batch, cfg, rows)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()}: lower train.lr or check the content vectors")
     loss.backward()
@@ -106,17 +128,27 @@ def train_step(model, batch, opt, sched, cfg: TrainConfig) -> float:
 
 def run_epoch(model, train: list[np.ndarray], cfg: TrainConfig, max_history: int, opt, sched,
               seed: int, epoch: int, rank: int = 0, world_size: int = 1, progress: bool = True,
-              desc: str = "train") -> float:
+              desc: str = "train", rows: RowMap = whole_rows, device: torch.device | None = None) -> float:
+    """Mean loss over the epoch's batches. ``rank``/``world_size`` shard the users (each worker its
+    own batches); ``rows`` instead shares each whole batch's rows out (see ``RowMap``)."""
     total, n = 0.0, 0
     steps = steps_per_epoch(train, cfg.batch_size, world_size)
     bar = tqdm(epoch_batches(train, cfg, max_history, seed, epoch, rank, world_size), total=steps, desc=desc,
                disable=not progress, leave=False)
     for batch in bar:
-        loss = train_step(model, batch, opt, sched, cfg)
+        if device is not None:
+            batch = batch_to(batch, device)
+        loss = train_step(model, batch, opt, sched, cfg, rows)
         total += loss
         n += 1
         bar.set_postfix(loss=f"{loss:.4f}")
     return total / max(1, n)
+
+
+def batch_to(batch, device: torch.device):
+    """The batch with every tensor on ``device``."""
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device)
+                                         for f in dataclasses.fields(batch)})
 
 
 @torch.no_grad()
@@ -128,11 +160,12 @@ def user_embeddings(model: TwinTowers, histories: list[np.ndarray], max_history:
     order = np.argsort([len(h) for h in histories], kind="stable")  # similar lengths, less padding
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        out.append(model.user_embedding(pad_histories([histories[i] for i in idx], max_history)))
+        tokens = pad_histories([histories[i] for i in idx], max_history).to(model.content.device)
+        out.append(model.user_embedding(tokens))
     model.train(was)
-    emb = torch.cat(out) if out else torch.zeros(0, model.cfg.d_out)
+    emb = torch.cat(out) if out else torch.zeros(0, model.cfg.d_out, device=model.content.device)
     result = torch.empty_like(emb)
-    result[torch.as_tensor(order)] = emb
+    result[torch.as_tensor(order, device=emb.device)] = emb
     return result
 
 
@@ -165,7 +198,7 @@ def fit(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, eval_cfg: Eva
     start = time.perf_counter()
     opt = make_optimizer(model, train_cfg)
     sched = make_scheduler(opt, train_cfg, steps_per_epoch(splits.train, train_cfg.batch_size))
-    key = "ndcg_at_10" if 10 in eval_cfg.ks else f"ndcg_at_{min(eval_cfg.ks)}"
+    key = selection_key(eval_cfg)
     best_score, best_epoch, best_state, best_valid = -1.0, -1, None, {}
     history: list[dict[str, float]] = []
     bad_epochs = 0

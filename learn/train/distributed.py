@@ -1,0 +1,321 @@
+"""Training over several workers: Ray Train ``TorchTrainer`` with DDP, checkpoints and resume.
+
+    result = fit_distributed(model, splits, cfg.train, cfg.eval, max_history, seed=cfg.seed,
+                             storage_path=..., run_name=..., tracking=MlflowTarget(uri, run_id))
+
+It trains the way ``learn.train.loop.fit`` does and is meant to give the same numbers:
+
+batches     every worker draws the epoch's *whole* batches exactly as one process does (batch_size is
+            the global batch) and computes the towers for its contiguous share of the rows (and of
+            the catalog for full_softmax); the tower outputs are all-gathered, so every worker
+            computes the very loss one process would (in-batch and dense negatives span the whole
+            batch). The gather's backward keeps this worker's slice of the gradient times the world
+            size, and DDP averages the parameter gradients over workers, which adds up to the
+            one-process gradient. With dropout 0 a run matches ``fit`` up to float rounding; with
+            dropout the masks differ (each worker draws its own, reseeded per (seed, epoch, rank)).
+            The cost: batch sampling is repeated on every worker (host side, cheap next to the towers).
+evaluation  rank 0 ranks the valid split after each due epoch (``evaluate_model``), keeps the best
+            weights and decides early stopping; the decision is broadcast to every rank.
+checkpoints rank 0 reports each epoch's row with a checkpoint (``state.pt``: model, optimizer and
+            scheduler state, epoch, best weights/score/epoch/valid metrics, bad_epochs, history,
+            stopped); the other ranks report the epoch without one. On a (re)start every worker
+            restores the latest checkpoint and goes on with the next epoch, so a worker failure
+            (``FailureConfig(max_failures=train.max_failures)``) costs at most one epoch. Ray Train
+            also restores from ``<storage_path>/<run_name>`` when a run of that name exists there.
+tracking    the driver keeps its MLflow run; rank 0 logs each epoch's row to that run id (through
+            ``MlflowClient``, never ending the run) once the epoch's checkpoint is reported, so a
+            restarted group logs no epoch twice; after a restart it first logs the checkpointed
+            epochs the run still lacks (a failure can strike between checkpoint and log).
+            ``on_epoch``, if given, runs in the driver over the final history (the workers are
+            other processes); don't log the same rows through it as well.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from learn.config import EvalConfig, TrainConfig
+from learn.data.sequences import EvalSplit, Splits
+from learn.towers.model import TowerConfig, TwinTowers
+from learn.train.loop import (FitResult, evaluate_model, make_optimizer, make_scheduler, run_epoch, selection_key,
+                              steps_per_epoch, whole_rows)
+
+STATE_FILE = "state.pt"
+WorkerHook = Callable[[int, int], None]  # (epoch, world rank), called on every worker as an epoch starts
+
+
+@dataclass(frozen=True)
+class MlflowTarget:
+    """An MLflow run the driver holds open; rank 0 logs per-epoch metrics into it."""
+
+    tracking_uri: str
+    run_id: str
+
+
+@dataclass
+class _Spec:
+    """Everything a worker needs, put in the object store once."""
+
+    tower: TowerConfig
+    content: np.ndarray  # [num_items, d_llm] raw content vectors
+    init_state: dict[str, torch.Tensor]
+    train: list[np.ndarray]
+    valid: EvalSplit
+    train_cfg: TrainConfig
+    eval_cfg: EvalConfig
+    max_history: int
+    seed: int
+    tracking: MlflowTarget | None
+    hook: WorkerHook | None
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 (ranks may hold different row counts), in rank order.
+
+    Backward keeps this rank's slice times the world size: every rank computes the same loss from
+    the gathered rows, and DDP divides the summed parameter gradients by the world size."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        count = torch.tensor([local.shape[0]], dtype=torch.long, device=local.device)
+        counts = [torch.empty_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        sizes = [int(c.item()) for c in counts]
+        top = max(sizes)
+        padded = torch.cat([local, local.new_zeros((top - local.shape[0], *local.shape[1:]))]).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        ctx.span = (sum(sizes[:rank]), sizes[rank])
+        ctx.world = world
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        start, n = ctx.span
+        return grad[start : start + n] * ctx.world
+
+
+class ShardedRows:
+    """``RowMap`` for DDP: this rank computes ``fn`` on its contiguous share of the rows; the result
+    is gathered from all ranks. A rank left without rows runs ``fn`` on one row and keeps none of it,
+    so DDP still sees every parameter take part in the step."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+        n = tensors[0].shape[0]
+        lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+        if hi > lo:
+            local = fn(*(t[lo:hi] for t in tensors))
+        else:
+            local = fn(*(t[:1] for t in tensors))[:0]
+        return _GatherRows.apply(local)
+
+
+@dataclass
+class FailOnce:
+    """A ``WorkerHook`` for recovery tests: raises as ``epoch`` starts on ``rank``, the first time only
+    (``marker`` records that it fired); every call is appended to ``log`` as "<epoch> <rank>"."""
+
+    marker: str
+    epoch: int
+    rank: int = 0
+    log: str | None = None
+
+    def __call__(self, epoch: int, rank: int) -> None:
+        if self.log:
+            with open(self.log, "a") as fh:
+                fh.write(f"{epoch} {rank}\n")
+        if epoch == self.epoch and rank == self.rank and not Path(self.marker).exists():
+            Path(self.marker).write_text("failed once\n")
+            raise RuntimeError(f"injected failure at epoch {epoch} on rank {rank}")
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Workers may run in another directory: make a relative sqlite file or local path absolute."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri and not uri.startswith("file:"):
+        return str(Path(uri).resolve())
+    return uri
+
+
+def _log_to_mlflow(target: MlflowTarget, rows: list[dict[str, float]]) -> None:
+    """Each row's metrics at step = its epoch, in one batch."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, int(row["epoch"])) for row in rows for k, v in row.items()
+               if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    client = MlflowClient(tracking_uri=target.tracking_uri)
+    for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client.log_batch(target.run_id, metrics=metrics[start : start + 1000])
+
+
+def _log_missing_epochs(target: MlflowTarget, history: list[dict[str, float]]) -> None:
+    """After a restart: log the checkpointed epochs the run lacks (a failure between an epoch's
+    checkpoint and its logging, e.g. the group torn down for another rank's error)."""
+    from mlflow import MlflowClient
+
+    logged = {m.step for m in MlflowClient(tracking_uri=target.tracking_uri).get_metric_history(
+        target.run_id, "train_loss")}
+    missing = [row for row in history if int(row["epoch"]) not in logged]
+    if missing:
+        _log_to_mlflow(target, missing)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank, 7]).generate_state(1)[0])
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _load_state(checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker``: one DDP worker from (re)start to the last epoch or early stop."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    spec: _Spec = ray.get(config["spec"])
+    tc, ev = spec.train_cfg, spec.eval_cfg
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if tc.num_threads > 0:
+        torch.set_num_threads(tc.num_threads)
+
+    model = TwinTowers(spec.tower, torch.from_numpy(np.array(spec.content)))  # a writable copy
+    model.load_state_dict(spec.init_state)
+    checkpoint = ray.train.get_checkpoint()
+    state = _load_state(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+    # the content buffers never change: no per-step buffer broadcast; the item head takes no part
+    # in any loss when the item side is raw content and the user side has its own head
+    unused = spec.tower.item_tower == "c" and spec.tower.user_head == "separate"
+    ddp = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"forward_sync_buffers": False, "find_unused_parameters": unused})
+    core: TwinTowers = ddp.module if hasattr(ddp, "module") else ddp
+    device = next(core.parameters()).device
+    opt = make_optimizer(core, tc)
+    sched = make_scheduler(opt, tc, steps_per_epoch(spec.train, tc.batch_size))
+    progress: dict[str, Any] = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "best_state": None,
+                                "best_valid": {}, "bad_epochs": 0, "history": [], "stopped": False}
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        progress = {k: state[k] for k in progress}
+        if rank == 0:
+            print(f"[train] resumed from the checkpoint of epoch {progress['epoch']}", flush=True)
+            if spec.tracking is not None:
+                _log_missing_epochs(spec.tracking, progress["history"])
+    rows = ShardedRows(rank, world) if world > 1 else whole_rows
+    key = f"valid_{selection_key(ev)}"
+
+    last = progress["epoch"] if progress["stopped"] else tc.epochs
+    for epoch in range(progress["epoch"] + 1, last + 1):
+        if spec.hook is not None:
+            spec.hook(epoch, rank)
+        torch.manual_seed(_epoch_seed(spec.seed, epoch, rank))  # dropout masks: the same after a restart
+        loss = run_epoch(ddp, spec.train, tc, spec.max_history, opt, sched, spec.seed, epoch, progress=False,
+                         rows=rows, device=device)
+        row: dict[str, float] = {"epoch": epoch, "train_loss": loss, "lr": sched.get_last_lr()[0]}
+        stop = False
+        if rank == 0:
+            if epoch % tc.eval_every == 0 or epoch == tc.epochs:
+                valid = evaluate_model(core, spec.valid, ev, spec.max_history, prefix="valid_")
+                row.update(valid)
+                if valid[key] > progress["best_score"]:
+                    progress.update(best_score=valid[key], best_epoch=epoch, bad_epochs=0,
+                                    best_state=_cpu_state(core), best_valid=valid)
+                else:
+                    progress["bad_epochs"] += 1
+            stop = tc.patience > 0 and progress["bad_epochs"] >= tc.patience
+            print(f"epoch {epoch:3d}  loss {loss:.4f}  {key} {row.get(key, float('nan')):.4f}"
+                  f"  (best epoch {progress['best_epoch']})", flush=True)
+        if world > 1:
+            flag = torch.tensor([int(stop)], device=device)
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        progress["epoch"], progress["stopped"] = epoch, stop
+        if rank == 0:
+            progress["history"].append(row)
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": _cpu_state(core), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), **progress}, Path(d) / STATE_FILE)
+                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"epoch_{epoch:04d}")
+            if spec.tracking is not None:
+                _log_to_mlflow(spec.tracking, [row])
+        else:
+            ray.train.report({"epoch": epoch, "train_loss": loss})
+        if stop:
+            break
+
+
+def fit_distributed(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig,
+                    max_history: int, seed: int = 0, *, storage_path: str | Path, run_name: str | None = None,
+                    tracking: MlflowTarget | None = None,
+                    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                    worker_hook: WorkerHook | None = None) -> FitResult:
+    """``fit`` on ``train_cfg.num_workers`` Ray Train workers (DDP); the best weights are loaded into
+    ``model`` at the end, as ``fit`` does.
+
+    Workers start from ``model``'s current weights. Checkpoints go to ``<storage_path>/<run_name>``
+    (a fresh unique name when None; an existing run of that name is resumed). Starts a local Ray
+    instance if none is connected."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    import ray
+
+    start = time.perf_counter()
+    if tracking is not None:
+        tracking = MlflowTarget(absolute_tracking_uri(tracking.tracking_uri), tracking.run_id)
+    spec = _Spec(tower=copy.deepcopy(model.cfg), content=model.content[1:].detach().cpu().numpy(),
+                 init_state=_cpu_state(model), train=splits.train, valid=splits.valid, train_cfg=train_cfg,
+                 eval_cfg=eval_cfg, max_history=max_history, seed=seed, tracking=tracking, hook=worker_hook)
+    if not ray.is_initialized():
+        ray.init()
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"spec": ray.put(spec)},
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu),
+        run_config=RunConfig(
+            name=run_name or f"learn-train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            storage_path=str(Path(storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("distributed training finished without a checkpoint (no epoch ran)")
+    state = _load_state(result.checkpoint)
+    model.load_state_dict(state["best_state"] if state["best_state"] is not None else state["model"])
+    history = state["history"]
+    if on_epoch is not None:
+        for row in history:
+            on_epoch(int(row["epoch"]), row)
+    return FitResult(best_epoch=state["best_epoch"], best_valid=state["best_valid"], history=history,
+                     stopped_early=state["stopped"], seconds=time.perf_counter() - start)

@@ -1,0 +1,100 @@
+"""`ray job submit` against a real local Ray head on 127.0.0.1: the job runs the flow and logs to MLflow."""
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).parent / "ray"
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block` bound to 127.0.0.1 with its own ports and its own auth token;
+    signalling that one process (its own session) stops the whole head, nothing else is touched.
+    Yields (dashboard URL, token)."""
+    gcs, dash, client, agent, agent_grpc, runtime_env, metrics, nm, om = _free_ports(9)
+    lo = 20000 + (os.getpid() % 200) * 100
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    log = open(tmp_path / "head.log", "w")
+    proc = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+         "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
+         "--metrics-export-port", str(metrics), "--node-manager-port", str(nm), "--object-manager-port", str(om),
+         "--min-worker-port", str(lo), "--max-worker-port", str(lo + 99), "--num-cpus", "2",
+         "--temp-dir", str(Path("/tmp") / f"ray-test-{os.getpid()}"), "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except urllib.error.HTTPError:
+            break  # it answers: 401 when token authentication is on (the job client sends the token)
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+            raise RuntimeError(f"ray head did not come up:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
+        time.sleep(1)
+    yield url, env["RAY_AUTH_TOKEN"]
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_flow_and_logs_to_mlflow(ray_head, tmp_path, model_cache):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    db = tmp_path / "mlflow.db"
+    entrypoint = (
+        "python flows/full_pipeline.py --config conf/tiny.yaml --no-progress train.epochs=1 "
+        f"output_dir={tmp_path / 'runs'} embed.cache_dir={model_cache} embed.store={tmp_path / 'c.parquet'} "
+        f"tracking.tracking_uri=sqlite:///{db} tracking.artifact_location={tmp_path / 'artifacts'}")
+    url, token = ray_head
+    client = JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
+    job = client.submit_job(entrypoint=entrypoint, runtime_env={
+        "working_dir": str(ROOT),
+        "excludes": [".venv", ".git", ".cache", "runs", "mlruns", "*.db", "bench/results", "**/__pycache__"]})
+    deadline = time.time() + 600
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, "job did not finish in 10 minutes"
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    run_id = logs.split("\nrun ")[-1].split(";")[0].strip()
+    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert 0.0 <= run.data.metrics["test_ndcg_at_10"] <= 1.0
+    assert run.data.params["data.path"] == "demo"
