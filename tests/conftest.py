@@ -23,3 +23,22 @@ def tiny_cfg(tmp_path, model_cache):
             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             f"tracking.artifact_location={tmp_path / 'artifacts'}", *overrides])
     return make
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One small local Ray instance shared by every Ray test of the session (Ray is slow to start)."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.train.torch")
+    if ray.is_initialized():
+        yield ray
+        return
+    # Ray Train's controller polls its workers every 2 s by default: poll faster for tiny runs
+    saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+    else:
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = saved
