@@ -35,7 +35,6 @@ def ray_head(tmp_path):
     signalling that one process (its own session) stops the whole head, nothing else is touched.
     Yields (dashboard URL, token)."""
     gcs, dash, client, agent, agent_grpc, runtime_env, metrics, nm, om = _free_ports(9)
-    lo = 20000 + (os.getpid() % 200) * 100
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     log = open(tmp_path / "head.log", "w")
@@ -45,7 +44,7 @@ def ray_head(tmp_path):
          "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
          "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
          "--metrics-export-port", str(metrics), "--node-manager-port", str(nm), "--object-manager-port", str(om),
-         "--min-worker-port", str(lo), "--max-worker-port", str(lo + 99), "--num-cpus", "2",
+         "--num-cpus", "2",  # worker ports: Ray's default range (10002-19999), below the OS's ephemeral ports
          "--temp-dir", str(Path("/tmp") / f"ray-test-{os.getpid()}"), "--disable-usage-stats"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
