@@ -15,6 +15,8 @@ from learn.embed.ray_data import EncoderActor, embed_catalog_ray
 from learn.embed.store import ContentStore, embed_catalog
 from learn.utils import text_hash
 
+pytestmark = pytest.mark.slow  # real Ray (or spawned DDP processes): tens of seconds each
+
 N = 48
 IDS = [f"item{i}" for i in range(N)]
 TEXTS = [f"Title: lab part {i}. Brand: b{i % 5}. " + "Category: Industrial & Scientific > Lab. " * (i % 6)

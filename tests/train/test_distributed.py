@@ -14,6 +14,8 @@ from learn.train.distributed import FailOnce, MlflowTarget, ShardedRows, fit_dis
 from learn.train.loop import fit, make_optimizer, make_scheduler, run_epoch, steps_per_epoch
 from tests.train.test_loop import model_for, synthetic
 
+pytestmark = pytest.mark.slow  # real Ray (or spawned DDP processes): tens of seconds each
+
 # batch 17 over 120 users: halves of 8/9 rows and a last batch of one row (one rank gets none)
 CASES = {
     "full_softmax": TrainConfig(recipe="full_softmax", batch_size=17, lr=3e-3),
