@@ -2,31 +2,18 @@
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
+from tests.servers import free_ports, stop_process_group, wait_for_http
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture
@@ -34,7 +21,7 @@ def ray_head(tmp_path):
     """`ray start --head --block` bound to 127.0.0.1 with its own ports and its own auth token;
     signalling that one process (its own session) stops the whole head, nothing else is touched.
     Yields (dashboard URL, token)."""
-    gcs, dash, client, agent, agent_grpc, runtime_env, metrics, nm, om = _free_ports(9)
+    gcs, dash, client, agent, agent_grpc, runtime_env, metrics, nm, om = free_ports(9)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     log = open(tmp_path / "head.log", "w")
@@ -48,27 +35,9 @@ def ray_head(tmp_path):
          "--temp-dir", str(Path("/tmp") / f"ray-test-{os.getpid()}"), "--disable-usage-stats"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except urllib.error.HTTPError:
-            break  # it answers: 401 when token authentication is on (the job client sends the token)
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-            raise RuntimeError(f"ray head did not come up:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
-        time.sleep(1)
+    wait_for_http(f"{url}/api/version", proc, tmp_path / "head.log", "ray head", timeout_s=120)
     yield url, env["RAY_AUTH_TOKEN"]
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_process_group(proc)
     log.close()
 
 

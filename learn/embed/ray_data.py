@@ -29,8 +29,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from learn.embed.store import ContentStore, ContentStoreError, _duplicates, _strings
-from learn.utils import text_hash
+from learn.embed.store import ContentStore, StoreWriter, check_catalog, check_vectors, plan_embedding
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +61,6 @@ class EncoderActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         vectors = self.encoder.encode([str(t) for t in batch["text"]], progress=False)
         return {"gid": np.asarray(batch["gid"], dtype=np.int64), "embedding": vectors}
-
-
-def _check_catalog(item_ids: Sequence[Any], texts: Sequence[str]) -> tuple[np.ndarray, list[str], np.ndarray]:
-    ids = _strings(item_ids)
-    texts = list(texts)
-    if len(ids) != len(texts):
-        raise ValueError(f"embed_catalog_ray: {len(ids)} item ids but {len(texts)} texts")
-    dupes = _duplicates(ids)
-    if dupes:
-        raise ValueError(f"embed_catalog_ray: duplicate item ids in the input: {dupes}")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
-            raise ValueError(f"embed_catalog_ray: item '{ids[i]}' (index {i}) has no text: {t!r}")
-    return ids, texts, np.asarray([text_hash(t) for t in texts], dtype=object)
 
 
 def _check_cfg(embed_cfg: Any) -> None:
@@ -152,7 +137,7 @@ def embed_catalog_ray(embed_cfg: Any, item_ids: Sequence[Any], texts: Sequence[s
     from learn.embed.models import encoder_id, resolve_model
 
     _check_cfg(embed_cfg)
-    ids, texts, hashes = _check_catalog(item_ids, texts)
+    ids, texts, hashes = check_catalog(item_ids, texts, "embed_catalog_ray")
     rows_per_call = int(rows_per_call or CALL_BATCHES * embed_cfg.batch_size)
     if rows_per_call <= 0:
         raise ValueError(f"rows_per_call must be > 0, got {rows_per_call}")
@@ -160,21 +145,8 @@ def embed_catalog_ray(embed_cfg: Any, item_ids: Sequence[Any], texts: Sequence[s
     eid = encoder_id(resolved, HFEncoder.pooling, embed_cfg.max_tokens, embed_cfg.dtype)
     dim = _model_dim(resolved)
 
-    found, stored = store.lookup(ids, hashes, eid)
-    out = np.zeros((len(ids), dim), dtype=np.float32)
-    if found.any():
-        if stored.shape[1] != dim:
-            raise ContentStoreError(f"content store {store.path} holds {stored.shape[1]}-d vectors under "
-                                    f"'{eid}', but the encoder gives {dim}-d; delete the store to rebuild it")
-        out[found] = stored[found]
-
     # one row per distinct missing text; gid indexes ``groups`` (the items sharing that text)
-    by_hash: dict[str, list[int]] = {}
-    for i in np.flatnonzero(~found):
-        by_hash.setdefault(hashes[i], []).append(int(i))
-    groups = list(by_hash.values())
-    stats: dict[str, Any] = {"items_total": len(ids), "items_reused": int(found.sum()), "items_embedded": 0,
-                             "texts_encoded": 0, "embed_seconds": 0.0}
+    out, groups, stats = plan_embedding(store, ids, hashes, eid, dim)
     if not groups:
         return out, stats
 
@@ -185,7 +157,7 @@ def embed_catalog_ray(embed_cfg: Any, item_ids: Sequence[Any], texts: Sequence[s
     n_actors = pool_size(embed_cfg, n_calls)
     n_todo = sum(len(g) for g in groups)
     log.info("embedding %d items (%d distinct texts) with %s on %d Ray actors; %d reused from %s",
-             n_todo, len(groups), eid, n_actors, int(found.sum()), store.path)
+             n_todo, len(groups), eid, n_actors, stats["items_reused"], store.path)
 
     # longest texts first: similar lengths share a call, and a call too big for memory fails at once
     order = np.argsort([-len(texts[g[0]]) for g in groups], kind="stable").astype(np.int64)
@@ -208,50 +180,31 @@ def embed_catalog_ray(embed_cfg: Any, item_ids: Sequence[Any], texts: Sequence[s
     del blocks
 
     done = np.zeros(len(groups), dtype=bool)
-    pending: list[int] = []  # items received but not yet written to the store
-    last_flush, write_s = time.perf_counter(), 0.0
-
-    def flush() -> None:
-        nonlocal last_flush, write_s, pending
-        if pending:
-            t0 = time.perf_counter()
-            store.upsert(ids[pending], hashes[pending], eid, out[pending])
-            write_s = time.perf_counter() - t0
-            stats["items_embedded"] += len(pending)
-            pending = []
-        last_flush = time.perf_counter()
-
+    writer = StoreWriter(store, ids, hashes, eid, out, stats)
     bar = tqdm(total=n_todo, unit="item", desc="content store (ray)", disable=not progress)
     batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
     try:
-        for batch in batches:
-            gids, vecs = np.asarray(batch["gid"]), np.asarray(batch["embedding"], dtype=np.float32)
-            if vecs.shape != (len(gids), dim) or not np.isfinite(vecs).all():
-                raise ValueError(f"encoder actor returned {vecs.shape} (finite: {np.isfinite(vecs).all()}) for "
-                                 f"{len(gids)} texts; expected ({len(gids)}, {dim}) finite values")
-            received = 0
-            for g, v in zip(gids.tolist(), vecs):
-                if done[g]:
-                    continue  # a retried call delivered this text again
-                done[g] = True
-                out[groups[g]] = v
-                pending.extend(groups[g])
-                received += len(groups[g])
-                stats["texts_encoded"] += 1
-            bar.update(received)
-            if len(pending) >= embed_cfg.rows_per_flush and \
-                    time.perf_counter() - last_flush >= _WRITE_SPACING * write_s:
-                flush()
-        flush()
-        if not done.all():
-            raise RuntimeError(f"Ray Data returned {int(done.sum())} of {len(groups)} texts; re-run to embed the rest")
-    except BaseException:
-        # keep what arrived, so a re-run does not encode it again
-        try:
-            flush()
-        except Exception as exc:  # the original error matters more
-            log.warning("could not save finished rows to %s: %s", store.path, exc)
-        raise
+        with writer.saving():  # keeps what arrived if the job stops, so a re-run does not encode it again
+            for batch in batches:
+                gids, vecs = np.asarray(batch["gid"]), np.asarray(batch["embedding"], dtype=np.float32)
+                check_vectors(vecs, len(gids), dim, "encoder actor")
+                received = 0
+                for g, v in zip(gids.tolist(), vecs):
+                    if done[g]:
+                        continue  # a retried call delivered this text again
+                    done[g] = True
+                    out[groups[g]] = v
+                    writer.add(groups[g])
+                    received += len(groups[g])
+                    stats["texts_encoded"] += 1
+                bar.update(received)
+                if len(writer.pending) >= embed_cfg.rows_per_flush and \
+                        writer.since_flush() >= _WRITE_SPACING * writer.write_s:
+                    writer.flush()
+            writer.flush()
+            if not done.all():
+                raise RuntimeError(f"Ray Data returned {int(done.sum())} of {len(groups)} texts; "
+                                   f"re-run to embed the rest")
     finally:
         close = getattr(batches, "close", None)
         if close is not None:

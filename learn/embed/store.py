@@ -13,11 +13,12 @@ returned for another id. Every write replaces the file atomically (temp file + r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -223,6 +224,86 @@ def _duplicates(ids: np.ndarray, show: int = 10) -> list[str]:
     return [k for k, c in counts.items() if c > 1][:show]
 
 
+def check_catalog(item_ids: Sequence[Any], texts: Sequence[str], who: str = "embed_catalog"
+                  ) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Validated (ids, texts, text hashes) of a catalog to embed; errors name the item and index."""
+    ids = _strings(item_ids)
+    texts = list(texts)
+    if len(ids) != len(texts):
+        raise ValueError(f"{who}: {len(ids)} item ids but {len(texts)} texts")
+    dupes = _duplicates(ids)
+    if dupes:
+        raise ValueError(f"{who}: duplicate item ids in the input: {dupes}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"{who}: item '{ids[i]}' (index {i}) has no text: {t!r}")
+    return ids, texts, np.asarray([text_hash(t) for t in texts], dtype=object)
+
+
+def plan_embedding(store: ContentStore, ids: np.ndarray, hashes: np.ndarray, eid: str, dim: int
+                   ) -> tuple[np.ndarray, list[list[int]], dict[str, Any]]:
+    """What is left to encode: ``out`` [n, dim] holding every reusable stored vector, ``groups`` (one
+    list of item indices per distinct missing text, encoded once for all of them) and fresh stats."""
+    found, stored = store.lookup(ids, hashes, eid)
+    out = np.zeros((len(ids), dim), dtype=np.float32)
+    if found.any():
+        if stored.shape[1] != dim:
+            raise ContentStoreError(f"content store {store.path} holds {stored.shape[1]}-d vectors under "
+                                    f"'{eid}', but the encoder gives {dim}-d; delete the store to rebuild it")
+        out[found] = stored[found]
+    by_hash: dict[str, list[int]] = {}
+    for i in np.flatnonzero(~found):
+        by_hash.setdefault(hashes[i], []).append(int(i))
+    stats: dict[str, Any] = {"items_total": len(ids), "items_reused": int(found.sum()), "items_embedded": 0,
+                             "texts_encoded": 0, "embed_seconds": 0.0}
+    return out, list(by_hash.values()), stats
+
+
+def check_vectors(vecs: np.ndarray, n: int, dim: int, who: str) -> None:
+    if vecs.shape != (n, dim) or not np.isfinite(vecs).all():
+        raise ValueError(f"{who} returned {vecs.shape} (finite: {np.isfinite(vecs).all()}) for {n} texts; "
+                         f"expected ({n}, {dim}) finite values")
+
+
+class StoreWriter:
+    """Collects finished items of ``out`` and appends them to the store in batches; ``saving()`` writes
+    whatever is finished when the job stops on an error, so a re-run does not encode it again."""
+
+    def __init__(self, store: ContentStore, ids: np.ndarray, hashes: np.ndarray, eid: str, out: np.ndarray,
+                 stats: dict[str, Any]) -> None:
+        self.store, self.ids, self.hashes, self.eid, self.out, self.stats = store, ids, hashes, eid, out, stats
+        self.pending: list[int] = []
+        self.last_flush = time.perf_counter()
+        self.write_s = 0.0  # how long the last write took
+
+    def add(self, items: Sequence[int]) -> None:
+        self.pending.extend(items)
+
+    def since_flush(self) -> float:
+        return time.perf_counter() - self.last_flush
+
+    def flush(self) -> None:
+        if self.pending:
+            t0 = time.perf_counter()
+            self.store.upsert(self.ids[self.pending], self.hashes[self.pending], self.eid, self.out[self.pending])
+            self.write_s = time.perf_counter() - t0
+            self.stats["items_embedded"] += len(self.pending)
+            self.pending = []
+        self.last_flush = time.perf_counter()
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        try:
+            yield
+            self.flush()
+        except BaseException:
+            try:
+                self.flush()
+            except Exception as exc:  # the original error matters more
+                log.warning("could not save finished items to %s: %s", self.store.path, exc)
+            raise
+
+
 def embed_catalog(encoder: Encoder, item_ids: Sequence[Any], texts: Sequence[str], store: ContentStore, *,
                   progress: bool = True, chunk_size: int = 1024, checkpoint_s: float = 10.0
                   ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -236,39 +317,41 @@ def embed_catalog(encoder: Encoder, item_ids: Sequence[Any], texts: Sequence[str
 
     stats: items_total, items_reused, items_embedded, texts_encoded, embed_seconds.
     """
-    ids = _strings(item_ids)
-    texts = list(texts)
-    if len(ids) != len(texts):
-        raise ValueError(f"embed_catalog: {len(ids)} item ids but {len(texts)} texts")
-    dupes = _duplicates(ids)
-    if dupes:
-        raise ValueError(f"embed_catalog: duplicate item ids in the input: {dupes}")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
-            raise ValueError(f"embed_catalog: item '{ids[i]}' (index {i}) has no text: {t!r}")
+    ids, texts, hashes = check_catalog(item_ids, texts)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     eid, dim = encoder.encoder_id, int(encoder.dim)
-    hashes = np.asarray([text_hash(t) for t in texts], dtype=object)
-
-    found, stored = store.lookup(ids, hashes, eid)
-    out = np.zeros((len(ids), dim), dtype=np.float32)
-    if found.any():
-        if stored.shape[1] != dim:
-            raise ContentStoreError(f"content store {store.path} holds {stored.shape[1]}-d vectors under "
-                                    f"'{eid}', but the encoder gives {dim}-d; delete the store to rebuild it")
-        out[found] = stored[found]
-
-    # encode each distinct missing text once; every item with that text gets its vector
-    todo = np.flatnonzero(~found)
-    by_hash: dict[str, list[int]] = {}
-    for i in todo:
-        by_hash.setdefault(hashes[i], []).append(int(i))
-    groups = list(by_hash.values())
-    stats: dict[str, Any] = {"items_total": len(ids), "items_reused": int(found.sum()), "items_embedded": 0,
-                             "texts_encoded": 0, "embed_seconds": 0.0}
+    out, groups, stats = plan_embedding(store, ids, hashes, eid, dim)
     if not groups:
         return out, stats
+    n_todo = sum(len(g) for g in groups)
+    log.info("embedding %d items (%d distinct texts) with %s; %d reused from %s",
+             n_todo, len(groups), eid, stats["items_reused"], store.path)
+
+    start = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    writer = StoreWriter(store, ids, hashes, eid, out, stats)
+    bar = tqdm(total=n_todo, unit="item", desc="content store", disable=not progress)
+    try:
+        with writer.saving():
+            for c in range(0, len(groups), chunk_size):
+                chunk = groups[c:c + chunk_size]
+                vecs = np.asarray(encoder.encode([texts[g[0]] for g in chunk], progress=False), dtype=np.float32)
+                check_vectors(vecs, len(chunk), dim, f"encoder '{eid}'")
+                for g, v in zip(chunk, vecs):
+                    out[g] = v
+                    writer.add(g)
+                stats["texts_encoded"] += len(chunk)
+                bar.update(sum(len(g) for g in chunk))
+                # 0: write after every chunk; else every checkpoint_s, but keep writes under ~20% of the time
+                due = 0.0 if checkpoint_s <= 0 else max(checkpoint_s, 4.0 * writer.write_s)
+                if writer.since_flush() >= due:
+                    writer.flush()
+    finally:
+        bar.close()
+        stats["embed_seconds"] = round(time.perf_counter() - start, 3)
+    return out, stats
     log.info("embedding %d items (%d distinct texts) with %s; %d reused from %s",
              len(todo), len(groups), eid, int(found.sum()), store.path)
 

@@ -1,13 +1,8 @@
 """The pipeline against a real `mlflow server` over HTTP: artifacts, registry, retriever, A/B."""
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -17,18 +12,13 @@ import pytest
 from learn.export.manifest import ArtifactError, verify_manifest
 from learn.pipeline import run_pipeline
 from learn.tracking.ab import ComparisonError, compare_models
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import free_ports, stop_process_group, wait_for_http
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
     """`mlflow server` on 127.0.0.1 with a sqlite backend and served local artifacts; stopped after."""
-    port = _free_port()
+    (port,) = free_ports(1)
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -37,25 +27,9 @@ def mlflow_server(tmp_path):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     previous_uri = mlflow.get_tracking_uri()
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not come up:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_for_http(f"{url}/health", proc, tmp_path / "server.log", "mlflow server", timeout_s=90)
     yield url
-    os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers, nothing else
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_process_group(proc, timeout_s=30)  # its own session: the server and its workers, nothing else
     log.close()
     mlflow.set_tracking_uri(previous_uri)
 
