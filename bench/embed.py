@@ -10,9 +10,14 @@ with the same model, the same --threads CPU threads in all, in one process run:
 - hf_sorted: ``learn.embed.hf.HFEncoder.encode`` (texts sorted by token length, then batched).
 - ray_data_1 / ray_data_2: ``learn.embed.ray_data.embed_catalog_ray`` with 1 and 2 encoder actors
   (--threads split between them) into a fresh, empty content store, so every item is embedded.
-- vllm_cpu: null unless vLLM is importable (it is not installed in the CPU dev venv).
+- vllm_cpu: ``learn.embed.vllm_encoder.VLLMEncoder`` (vLLM's CPU build, pooling mode) with the
+  interpreter of --vllm-python (default $LEARN_VLLM_PYTHON, else .venv-vllm/bin/python from
+  ``make vllm-env``); null with a note when there is none. vLLM runs in its child process with
+  its own CPU thread binding (VLLM_CPU_OMP_THREADS_BIND, default "auto": one core for compute,
+  one kept for its front end on a 2-core box); --vllm-bind sets it.
 
-items/s for the two in-process loops count encoding only (model already loaded); for Ray Data
+items/s for the in-process loops and vLLM count encoding only (model loaded / engine started,
+one warm-up call; the engine start is reported in the notes); for Ray Data
 they count the whole call: actor start, model load in each actor, encoding, content-store
 writes (Ray itself is started beforehand). Vectors of every method are checked against
 hf_sorted (max abs difference in the JSON).
@@ -97,6 +102,31 @@ def ray_data(cfg: EmbedConfig, ids: list[str], texts: list[str], actors: int, th
     return vectors, seconds
 
 
+def vllm_cpu(cfg: EmbedConfig, texts: list[str], python: str, bind: str | None) -> tuple[np.ndarray, float, float]:
+    """(vectors, encode seconds, engine start seconds) with the vLLM backend."""
+    from learn.embed.vllm_encoder import VLLMEncoder
+
+    saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    if bind:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    try:
+        start = time.perf_counter()
+        encoder = VLLMEncoder.from_config(replace(cfg, backend="vllm", vllm_python=python))
+        started = time.perf_counter() - start
+    finally:
+        if bind and saved is None:
+            del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+        elif bind:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
+    try:
+        encoder.encode(texts[:8], progress=False)  # warm-up, not timed
+        start = time.perf_counter()
+        vectors = encoder.encode(texts, progress=False)
+        return vectors, time.perf_counter() - start, started
+    finally:
+        encoder.close()
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -119,6 +149,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for every method")
     ap.add_argument("--cache-dir", default=str(ROOT / ".cache/learn"))
+    ap.add_argument("--vllm-python", default=os.environ.get("LEARN_VLLM_PYTHON") or str(ROOT / ".venv-vllm/bin/python"),
+                    help="an interpreter with vLLM (make vllm-env builds .venv-vllm)")
+    ap.add_argument("--vllm-bind", default=None,
+                    help="VLLM_CPU_OMP_THREADS_BIND for the vLLM run (default: vLLM's own, 'auto')")
     args = ap.parse_args()
 
     ids, texts = load_catalog(args.data, args.limit)
@@ -151,14 +185,13 @@ def main() -> None:
              "hf_sorted": "encode only (model loaded, warmed up)",
              "ray_data_1": "end to end: actor start + model load + encode + store writes",
              "ray_data_2": "end to end: actor start + model load + encode + store writes"}
-    try:
-        import vllm  # noqa: F401
-    except ImportError as exc:
-        seconds["vllm_cpu"] = None
-        notes["vllm_cpu"] = f"not run: vLLM is not importable in this venv ({exc})"
+    if Path(args.vllm_python).exists():
+        vectors["vllm_cpu"], seconds["vllm_cpu"], started = vllm_cpu(cfg, texts, args.vllm_python, args.vllm_bind)
+        notes["vllm_cpu"] = (f"encode only (engine started in {started:.1f} s, warmed up); "
+                             f"VLLM_CPU_OMP_THREADS_BIND={args.vllm_bind or os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}")
     else:
         seconds["vllm_cpu"] = None
-        notes["vllm_cpu"] = "not run: vLLM is importable but the project has no vLLM encoder yet"
+        notes["vllm_cpu"] = f"not run: no interpreter with vLLM at {args.vllm_python} (make vllm-env)"
 
     rate = {k: (round(n / s, 1) if s else None) for k, s in seconds.items()}
     ref = vectors["hf_sorted"]
@@ -167,6 +200,7 @@ def main() -> None:
     result = {"items_per_s": rate, "seconds": {k: (round(s, 3) if s else None) for k, s in seconds.items()},
               "max_abs_diff_vs_hf_sorted": diff, "items": n, "model": args.model,
               "encoder_id": encoder_id(resolved, HFEncoder.pooling, args.max_tokens, cfg.dtype),
+              "min_cosine_vs_hf_sorted": {k: float((v * ref).sum(1).min()) for k, v in vectors.items()},
               "batch_size": args.batch_size,
               "threads": args.threads, "machine": machine(),
               "load_average": {"before": round(load_before[0], 2), "after": round(load_after[0], 2)},

@@ -75,6 +75,11 @@ class EmbedConfig:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     rows_per_flush: int = 2048  # ray_data: embedded rows appended to the content store per write
+    # the encoder: "hf" (transformers, the reference) or "vllm" (vLLM pooling mode, same vectors; runs in a
+    # child process of the interpreter vllm_python, which must have vLLM: null = this interpreter)
+    backend: str = "hf"
+    vllm_python: str | None = None
+    vllm_memory_fraction: float = 0.3  # vLLM gpu_memory_utilization (on the CPU build: share of RAM)
 
 
 @dataclass
@@ -176,6 +181,7 @@ class Config:
 
 _CHOICES = {
     "embed.executor": {"local", "ray_data"},
+    "embed.backend": {"hf", "vllm"},
     "train.backend": {"local", "ray"},
     "export.index_kind": {"auto", "flat", "ivf", "hnsw"},
     "data.format": {"auto", "demo", "unisrec", "amazon2018", "files"},
@@ -297,6 +303,8 @@ def validate(cfg: Config) -> Config:
         values = flat[key] if isinstance(flat[key], list) else [flat[key]]
         if key != "data.time_cut" and any(not 0 <= v < 1 for v in values):
             raise ConfigError(f"key '{key}' must be in [0, 1), got {flat[key]}")
+    if not 0 < cfg.embed.vllm_memory_fraction <= 1:
+        raise ConfigError(f"key 'embed.vllm_memory_fraction' must be in (0, 1], got {cfg.embed.vllm_memory_fraction}")
     if cfg.data.time_cut <= 0:
         raise ConfigError(f"key 'data.time_cut' must be a quantile in (0, 1] or a timestamp > 1, got {cfg.data.time_cut}")
     if (cfg.train.recipe == "dense_all_action" and cfg.model.item_tower == "a"

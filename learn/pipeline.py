@@ -51,7 +51,7 @@ def content_store_path(cfg: Config, dataset_name: str) -> Path:
 
 def embed_items(cfg: Config, dataset_name: str, item_ids: np.ndarray, texts: list[str],
                 progress: bool = True) -> tuple[np.ndarray, dict, str]:
-    from learn.embed.hf import HFEncoder
+    from learn.embed.backends import build_encoder, close_encoder
     from learn.embed.store import ContentStore, embed_catalog
 
     store = ContentStore(content_store_path(cfg, dataset_name))
@@ -60,11 +60,14 @@ def embed_items(cfg: Config, dataset_name: str, item_ids: np.ndarray, texts: lis
         from learn.embed.ray_data import embed_catalog_ray
 
         resolved = resolve_model(cfg.embed.model, revision=cfg.embed.revision, cache_dir=cfg.embed.cache_dir)
-        eid = encoder_id(resolved, HFEncoder.pooling, cfg.embed.max_tokens, cfg.embed.dtype)
+        eid = encoder_id(resolved, "mean", cfg.embed.max_tokens, cfg.embed.dtype)
         vectors, stats = embed_catalog_ray(cfg.embed, [str(i) for i in item_ids], texts, store, progress=progress)
         return np.asarray(vectors, dtype=np.float32), stats, eid
-    encoder = HFEncoder.from_config(cfg.embed)
-    vectors, stats = embed_catalog(encoder, [str(i) for i in item_ids], texts, store, progress=progress)
+    encoder = build_encoder(cfg.embed)
+    try:
+        vectors, stats = embed_catalog(encoder, [str(i) for i in item_ids], texts, store, progress=progress)
+    finally:
+        close_encoder(encoder)
     return np.asarray(vectors, dtype=np.float32), stats, encoder.encoder_id
 
 

@@ -1,21 +1,31 @@
 """CEX: item text -> frozen-LLM content vectors, cached in a content store.
 
-``HFEncoder`` (transformers, the reference), model specs (``resolve_model``), and the Parquet
-``ContentStore`` with ``embed_catalog``, which only encodes new or changed items.
+``HFEncoder`` (transformers, the reference), ``VLLMEncoder`` (vLLM pooling mode, same vectors),
+model specs (``resolve_model``), and the Parquet ``ContentStore`` with ``embed_catalog``, which only
+encodes new or changed items. Everything is imported on first use, so a process that needs one
+piece (the vLLM worker, say) does not pay for, or need, the others' dependencies.
 """
 
-from learn.embed.models import ModelNotAvailable, ResolvedModel, encoder_id, resolve_model
-from learn.embed.store import ContentStore, ContentStoreError, embed_catalog
+from importlib import import_module
+
+_WHERE = {
+    "HFEncoder": "learn.embed.hf",
+    "VLLMEncoder": "learn.embed.vllm_encoder",
+    "build_encoder": "learn.embed.backends",
+    "ContentStore": "learn.embed.store",
+    "ContentStoreError": "learn.embed.store",
+    "embed_catalog": "learn.embed.store",
+    "ModelNotAvailable": "learn.embed.models",
+    "ResolvedModel": "learn.embed.models",
+    "encoder_id": "learn.embed.models",
+    "resolve_model": "learn.embed.models",
+}
 
 
 def __getattr__(name: str):
-    # HFEncoder imports torch + transformers; load them only when asked for
-    if name == "HFEncoder":
-        from learn.embed.hf import HFEncoder
-
-        return HFEncoder
+    if name in _WHERE:
+        return getattr(import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'learn.embed' has no attribute {name!r}")
 
 
-__all__ = ["HFEncoder", "ContentStore", "ContentStoreError", "embed_catalog", "ModelNotAvailable",
-           "ResolvedModel", "encoder_id", "resolve_model"]
+__all__ = sorted(_WHERE)

@@ -6,9 +6,9 @@ Same contract as ``learn.embed.store.embed_catalog`` (the local path): float32 [
 input order, and the same stats keys. Items whose (text hash, encoder id) is in the store are
 reused and never sent to Ray; each distinct missing text is encoded once. The missing texts are
 ordered longest first (characters, a cheap proxy for tokens) and cut into blocks of
-``rows_per_call`` rows, so each actor call gets texts of similar length; inside the call the
-actor's ``HFEncoder`` sorts by token length again, exactly as the local encoder does, so the
-vectors match the local ones.
+``rows_per_call`` rows, so each actor call gets texts of similar length. Inside the call the
+actor's encoder (``embed.backend``) does what it does locally: ``HFEncoder`` sorts by token length
+again, ``VLLMEncoder`` leaves batching to vLLM; so the vectors match the local ones.
 
 Each actor loads one encoder in ``__init__`` (``embed.num_gpus`` = ``gpus_per_actor`` per actor;
 pool size ``num_actors``, or the cluster's GPUs / ``gpus_per_actor``, or 1). The driver consumes
@@ -44,16 +44,16 @@ _WRITE_SPACING = 4.0
 
 
 class EncoderActor:
-    """``map_batches`` callable: one ``HFEncoder`` per actor, {gid, text} -> {gid, embedding}."""
+    """``map_batches`` callable: one encoder per actor (``embed.backend``), {gid, text} -> {gid, embedding}."""
 
     def __init__(self, embed_cfg: Any, expected_encoder_id: str, device: str = "cpu", threads: int = 0) -> None:
         import torch
 
-        from learn.embed.hf import HFEncoder
+        from learn.embed.backends import build_encoder
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.encoder = HFEncoder.from_config(embed_cfg, device=device)
+        self.encoder = build_encoder(embed_cfg, device=device)
         if self.encoder.encoder_id != expected_encoder_id:
             raise RuntimeError(f"actor encoder is '{self.encoder.encoder_id}', the driver expected "
                                f"'{expected_encoder_id}' (different package versions on this node?)")
@@ -61,6 +61,15 @@ class EncoderActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         vectors = self.encoder.encode([str(t) for t in batch["text"]], progress=False)
         return {"gid": np.asarray(batch["gid"], dtype=np.int64), "embedding": vectors}
+
+    def __del__(self) -> None:
+        # the vLLM backend holds an engine in a child process; it also ends on its own when this actor dies
+        from learn.embed.backends import close_encoder
+
+        try:
+            close_encoder(self.encoder)
+        except Exception:
+            pass
 
 
 def _check_cfg(embed_cfg: Any) -> None:
@@ -133,7 +142,6 @@ def embed_catalog_ray(embed_cfg: Any, item_ids: Sequence[Any], texts: Sequence[s
     import ray.data
     from tqdm.auto import tqdm
 
-    from learn.embed.hf import HFEncoder
     from learn.embed.models import encoder_id, resolve_model
 
     _check_cfg(embed_cfg)
@@ -142,7 +150,7 @@ def embed_catalog_ray(embed_cfg: Any, item_ids: Sequence[Any], texts: Sequence[s
     if rows_per_call <= 0:
         raise ValueError(f"rows_per_call must be > 0, got {rows_per_call}")
     resolved = resolve_model(embed_cfg.model, revision=embed_cfg.revision, cache_dir=embed_cfg.cache_dir)
-    eid = encoder_id(resolved, HFEncoder.pooling, embed_cfg.max_tokens, embed_cfg.dtype)
+    eid = encoder_id(resolved, "mean", embed_cfg.max_tokens, embed_cfg.dtype)
     dim = _model_dim(resolved)
 
     # one row per distinct missing text; gid indexes ``groups`` (the items sharing that text)
