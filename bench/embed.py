@@ -12,9 +12,10 @@ with the same model, the same --threads CPU threads in all, in one process run:
   (--threads split between them) into a fresh, empty content store, so every item is embedded.
 - vllm_cpu: ``learn.embed.vllm_encoder.VLLMEncoder`` (vLLM's CPU build, pooling mode) with the
   interpreter of --vllm-python (default $LEARN_VLLM_PYTHON, else .venv-vllm/bin/python from
-  ``make vllm-env``); null with a note when there is none. vLLM runs in its child process with
-  its own CPU thread binding (VLLM_CPU_OMP_THREADS_BIND, default "auto": one core for compute,
-  one kept for its front end on a 2-core box); --vllm-bind sets it.
+  ``make vllm-env``); null with a note when there is none. vLLM runs in its child process and
+  binds its compute threads itself (VLLM_CPU_OMP_THREADS_BIND): here to the first --threads
+  cores, like the other rows (--vllm-bind auto keeps vLLM's default, which on a 2-core box keeps
+  one core for its front end and computes on the other).
 
 items/s for the in-process loops and vLLM count encoding only (model loaded / engine started,
 one warm-up call; the engine start is reported in the notes); for Ray Data
@@ -152,9 +153,11 @@ def main() -> None:
     ap.add_argument("--vllm-python", default=os.environ.get("LEARN_VLLM_PYTHON") or str(ROOT / ".venv-vllm/bin/python"),
                     help="an interpreter with vLLM (make vllm-env builds .venv-vllm)")
     ap.add_argument("--vllm-bind", default=None,
-                    help="VLLM_CPU_OMP_THREADS_BIND for the vLLM run (default: vLLM's own, 'auto')")
+                    help="VLLM_CPU_OMP_THREADS_BIND for the vLLM run (default: cores 0..threads-1; 'auto': vLLM's)")
     args = ap.parse_args()
 
+    if args.vllm_bind is None:
+        args.vllm_bind = f"0-{args.threads - 1}" if args.threads > 1 else "0"
     ids, texts = load_catalog(args.data, args.limit)
     n = len(ids)
     cfg = EmbedConfig(model=args.model, max_tokens=args.max_tokens, batch_size=args.batch_size,
@@ -188,7 +191,7 @@ def main() -> None:
     if Path(args.vllm_python).exists():
         vectors["vllm_cpu"], seconds["vllm_cpu"], started = vllm_cpu(cfg, texts, args.vllm_python, args.vllm_bind)
         notes["vllm_cpu"] = (f"encode only (engine started in {started:.1f} s, warmed up); "
-                             f"VLLM_CPU_OMP_THREADS_BIND={args.vllm_bind or os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}")
+                             f"VLLM_CPU_OMP_THREADS_BIND={args.vllm_bind}")
     else:
         seconds["vllm_cpu"] = None
         notes["vllm_cpu"] = f"not run: no interpreter with vLLM at {args.vllm_python} (make vllm-env)"

@@ -2,6 +2,7 @@
 
     learn run --config conf/default.yaml [key=value ...]      the full pipeline
     learn data download --category Industrial_and_Scientific --dest data/raw
+    learn data demo-snapshot --out data/demo-catalog [--without-cold]
 """
 
 from __future__ import annotations
@@ -36,6 +37,35 @@ def pipeline_main(argv: list[str], prog: str = "full_pipeline.py") -> int:
         print(f"data error: {exc}", file=sys.stderr)
         return 3
     print(f"run {result.run_id or '(tracking off)'}; outputs in {result.output_dir}")
+    return 0
+
+
+def reembed_main(argv: list[str], prog: str = "reembed.py") -> int:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Embed new and changed catalog items with the served retriever's encoder and item "
+                               "tower, publish a new index version and move the alias onto it.")
+    p.add_argument("--config", default="conf/default.yaml", help="YAML config (default: conf/default.yaml)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.path=<catalog> reembed.alias=champion")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from learn.reembed import ReembedError, reembed
+
+    try:
+        result = reembed(cfg, progress=not args.no_progress)
+    except DataError as exc:
+        print(f"data error: {exc}", file=sys.stderr)
+        return 3
+    except ReembedError as exc:
+        print(f"reembed error: {exc}", file=sys.stderr)
+        return 4
+    state = "published" if result.published else "unchanged"
+    print(f"run {result.run_id}; {result.registered_model}@{result.alias} serves version {result.served_version} "
+          f"({state}; read version {result.source_version})")
     return 0
 
 
@@ -85,12 +115,29 @@ def download_main(argv: list[str]) -> int:
     return 0
 
 
+def demo_snapshot_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="learn data demo-snapshot",
+                                description="Write the demo catalog and interactions as files (data.path=<out>).")
+    p.add_argument("--out", required=True, help="directory for items.parquet and interactions.parquet")
+    p.add_argument("--config", default="conf/default.yaml", help="the data.demo section of this config is used")
+    p.add_argument("--without-cold", action="store_true",
+                   help="leave the cold-start items out of the catalog (a snapshot from before they existed)")
+    args = p.parse_args(argv)
+    from learn.data.demo import write_demo_snapshot
+
+    cfg = load_config(args.config, [])
+    print(write_demo_snapshot(cfg.data.demo, args.out, without_cold=args.without_cold))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:
         return pipeline_main(argv[1:], prog="learn run")
     if argv[:2] == ["data", "download"]:
         return download_main(argv[2:])
+    if argv[:2] == ["data", "demo-snapshot"]:
+        return demo_snapshot_main(argv[2:])
     print(__doc__.strip(), file=sys.stderr)
     return 2
 

@@ -167,6 +167,14 @@ class ExportConfig:
 
 
 @dataclass
+class ReembedConfig:
+    # flows/reembed.py: the registered retriever (tracking.registered_model) to bring up to date
+    alias: str = "champion"  # read from this alias, and move it to the new version when done
+    model_version: str | None = None  # read this version instead of the alias (the alias still moves)
+    eval_new_items: bool = True  # recall@10 before/after for test users whose target item is new
+
+
+@dataclass
 class Config:
     seed: int = 0
     output_dir: str = "runs"
@@ -177,6 +185,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    reembed: ReembedConfig = field(default_factory=ReembedConfig)
 
 
 _CHOICES = {
@@ -303,6 +312,8 @@ def validate(cfg: Config) -> Config:
         values = flat[key] if isinstance(flat[key], list) else [flat[key]]
         if key != "data.time_cut" and any(not 0 <= v < 1 for v in values):
             raise ConfigError(f"key '{key}' must be in [0, 1), got {flat[key]}")
+    if not cfg.reembed.alias.strip():
+        raise ConfigError("key 'reembed.alias' must be a non-empty alias name")
     if not 0 < cfg.embed.vllm_memory_fraction <= 1:
         raise ConfigError(f"key 'embed.vllm_memory_fraction' must be in (0, 1], got {cfg.embed.vllm_memory_fraction}")
     if cfg.data.time_cut <= 0:

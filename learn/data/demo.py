@@ -21,6 +21,7 @@ has already used every item seen in training, e.g. a single user).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -489,3 +490,24 @@ def _place_missing_cold(catalog: _Catalog, walker: _Walker, seqs: list[list[int]
         item[k] = c
         if p == -2:  # the user's last slot now follows c
             pred[k - len(seqs)] = c
+
+
+def cold_item_ids(ds: RawDataset) -> list[str]:
+    """Items in no training position under leave-one-out (only ever among a user's last two items)."""
+    inter = ds.interactions.sort_values(["user_id", "timestamp"], kind="stable")
+    pos_from_end = inter.groupby("user_id").cumcount(ascending=False)
+    trained = set(inter.loc[pos_from_end >= 2, "item_id"])
+    return sorted(set(ds.items["item_id"]) - trained)
+
+
+def write_demo_snapshot(cfg: DemoConfig, out_dir: str | Path, without_cold: bool = False) -> dict[str, int]:
+    """The demo dataset as generic files (``items.parquet``, ``interactions.parquet``) in ``out_dir``,
+    each written atomically; ``without_cold`` leaves the cold-start items out of the items file, as a
+    catalog snapshot taken before they existed (the loader then drops, and counts, the interactions
+    on them). Read back with ``data.path=<out_dir>`` (format files)."""
+    ds = generate_demo(cfg)
+    cold = cold_item_ids(ds)
+    items = ds.items[~ds.items["item_id"].isin(cold)] if without_cold else ds.items
+    RawDataset(name=ds.name, items=items.reset_index(drop=True), interactions=ds.interactions).write_parquet(out_dir)
+    return {"items": len(items), "interactions": len(ds.interactions), "cold_items": len(cold),
+            "cold_items_written": 0 if without_cold else len(cold)}

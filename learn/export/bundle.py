@@ -218,40 +218,87 @@ def write_bundle(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray
         paths = export_towers(model, tmp)
         tower_id = file_sha256(paths["state"])
         embeddings = _run_item_tower(load_item_tower(paths["item_tower"]), content)
-        pq.write_table(_vector_table(ids, content), tmp / CONTENT)
-        pq.write_table(_vector_table(ids, embeddings), tmp / ITEM_EMBEDDINGS)
-
-        index = build_index(embeddings, ids, kind=index_kind, flat_max_items=flat_max_items, seed=seed, **params)
-        index.save(tmp / INDEX_DIR)
-        if index.kind == "flat":
-            recall = 1.0
-        else:
-            recall = recall_vs_exact(index, embeddings, _recall_queries(embeddings, recall_queries, seed), k=10)
-        provenance = {"tower_id": tower_id, "item_embeddings_sha256": file_sha256(tmp / ITEM_EMBEDDINGS)}
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        full_info = {
-            **info,
-            "bundle_format": BUNDLE_FORMAT,
-            "tower_id": tower_id,
-            "d_llm": cfg.d_llm,
-            "d_out": cfg.d_out,
-            "n_items": len(ids),
-            "index_kind": index.kind,
-            "index_params": index.params,
-            "index_recall_at_10_vs_flat": recall,
-        }
-        manifest = write_manifest(tmp, files, full_info)
-        _publish(tmp, out_dir)
+        summary = _finish_bundle(tmp, out_dir, ids, content, embeddings, tower_id, cfg.d_llm, cfg.d_out, info,
+                                 index_kind, flat_max_items, params, recall_queries, seed)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def _finish_bundle(tmp: Path, out_dir: Path, ids: list[str], content: np.ndarray, embeddings: np.ndarray,
+                   tower_id: str, d_llm: int, d_out: int, info: dict[str, Any], index_kind: str,
+                   flat_max_items: int, params: dict[str, Any], recall_queries: int, seed: int) -> BundleSummary:
+    """Tables, index, provenance and manifest into ``tmp`` (which holds the towers), then publish it."""
+    pq.write_table(_vector_table(ids, content), tmp / CONTENT)
+    pq.write_table(_vector_table(ids, embeddings), tmp / ITEM_EMBEDDINGS)
+
+    index = build_index(embeddings, ids, kind=index_kind, flat_max_items=flat_max_items, seed=seed, **params)
+    index.save(tmp / INDEX_DIR)
+    if index.kind == "flat":
+        recall = 1.0
+    else:
+        recall = recall_vs_exact(index, embeddings, _recall_queries(embeddings, recall_queries, seed), k=10)
+    provenance = {"tower_id": tower_id, "item_embeddings_sha256": file_sha256(tmp / ITEM_EMBEDDINGS)}
+    (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    full_info = {
+        **info,
+        "bundle_format": BUNDLE_FORMAT,
+        "tower_id": tower_id,
+        "d_llm": d_llm,
+        "d_out": d_out,
+        "n_items": len(ids),
+        "index_kind": index.kind,
+        "index_params": index.params,
+        "index_recall_at_10_vs_flat": recall,
+    }
+    manifest = write_manifest(tmp, files, full_info)
+    _publish(tmp, out_dir)
     log.info("wrote bundle %s: %d items, %s index (recall@10 %.4f), tower %s",
              out_dir, len(ids), index.kind, recall, tower_id[:12])
     return BundleSummary(directory=out_dir, files=files, tower_id=tower_id, index_kind=index.kind,
-                         index_recall_at_10=recall, n_items=len(ids), d_llm=cfg.d_llm, d_out=cfg.d_out,
+                         index_recall_at_10=recall, n_items=len(ids), d_llm=d_llm, d_out=d_out,
                          manifest=manifest)
+
+
+def rebuild_bundle(source: "Bundle", item_ids: Sequence[str], content: np.ndarray, embeddings: np.ndarray,
+                   out_dir: str | Path, info: dict[str, Any], index_kind: str = "auto",
+                   flat_max_items: int = 100_000, index_params: dict[str, Any] | None = None,
+                   recall_queries: int = 1000, seed: int = 0) -> BundleSummary:
+    """A new bundle with ``source``'s towers (files copied byte for byte: same tower id) over a new
+    catalog: ``item_ids`` with raw ``content`` [N, d_llm] and their item-tower ``embeddings``
+    [N, d_out] (from ``source.embed_items``), a new index over them. Published at ``out_dir`` as
+    :func:`write_bundle` does (assembled aside, renamed into place)."""
+    ids, content = _check_catalog(item_ids, content, source.config.d_llm)
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if embeddings.shape != (len(ids), source.config.d_out) or not np.isfinite(embeddings).all():
+        raise ValueError(f"embeddings must be finite [{len(ids)}, {source.config.d_out}], got {embeddings.shape}")
+    clash = sorted(set(info) & set(RESERVED_INFO))
+    if clash:
+        raise ValueError(f"info keys {clash} are reserved: rebuild_bundle records them itself")
+    json.dumps(info)
+    params = dict(index_params or {})
+    out_dir = Path(out_dir).absolute()
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for name in (USER_TOWER, ITEM_TOWER, TOWERS_STATE, TOWER_CONFIG):
+            shutil.copyfile(source.directory / name, tmp / name)
+        tower_id = file_sha256(tmp / TOWERS_STATE)
+        if tower_id != source.tower_id:
+            raise ArtifactError(f"{TOWERS_STATE} changed while copying from {source.directory}")
+        summary = _finish_bundle(tmp, out_dir, ids, content, embeddings, tower_id, source.config.d_llm,
+                                 source.config.d_out, info, index_kind, flat_max_items, params, recall_queries, seed)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return summary
 
 
 # -- loading ------------------------------------------------------------------------------------

@@ -23,7 +23,11 @@ import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import faiss
+try:
+    import faiss
+except ImportError as exc:  # faiss comes from an extra: cpu (faiss-cpu) or gpu (faiss-gpu)
+    raise ImportError("faiss is not installed: pip install 'learn[cpu]' (faiss-cpu) or 'learn[gpu]' "
+                      "(faiss-gpu, with vLLM)") from exc
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -185,3 +185,13 @@ def test_vllm_backend_on_ray_data_actors_matches_hf(vllm_python, ray_local, mode
     assert stats["items_embedded"] == n
     _, stats2 = embed_catalog_ray(cfg, ids, texts, store, progress=False)
     assert stats2["items_reused"] == n and stats2["texts_encoded"] == 0
+
+
+def test_vllm_is_imported_only_in_the_worker(vllm_python):
+    # in an environment where vLLM is importable, the driver-side modules must still not import it
+    code = ("import importlib.util, sys, learn.embed, learn.embed.ray_data, learn.embed.vllm_encoder, "
+            "learn.embed.backends; assert importlib.util.find_spec('vllm') is not None; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))")
+    out = subprocess.run([vllm_python, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
