@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +72,8 @@ def catalog_fingerprint(item_ids: list[str], text_hashes: list[str], encoder_id:
     return h.hexdigest()[:24]
 
 
-def _served_bundle(client: Any, name: str, alias: str, version: str | None, cache: Path) -> tuple[Any, Any]:
+def _served_bundle(client: Any, name: str, alias: str, version: str | None, cache: Path,
+                   progress: bool = True) -> tuple[Any, Any]:
     """(model version, loaded Bundle) of what ``name@alias`` (or ``name/version``) serves."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -91,6 +93,8 @@ def _served_bundle(client: Any, name: str, alias: str, version: str | None, cach
     target = cache / f"{name}-v{mv.version}"
     if not (target / "MLmodel").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
+        if not progress:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(target))
     try:
         bundle = load_bundle(target / "artifacts" / BUNDLE_ARTIFACT)
@@ -135,7 +139,7 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
     start = time.perf_counter()
 
     source_mv, source = _served_bundle(client, name, cfg.reembed.alias, cfg.reembed.model_version,
-                                       out_root / "served")
+                                       out_root / "served", progress)
     served_eid = source.manifest["info"].get("encoder_id")
     resolved = resolve_model(cfg.embed.model, revision=cfg.embed.revision, cache_dir=cfg.embed.cache_dir)
     eid = encoder_id(resolved, "mean", cfg.embed.max_tokens, cfg.embed.dtype)
@@ -228,7 +232,7 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
         tracker.log_metrics({"seconds": metrics["seconds"]})
         tracker.set_tags({"served_version": served_version})
     print(f"[reembed] {json.dumps({k: v for k, v in metrics.items()})}", flush=True)
-    return ReembedResult(tracker.run_id, name, cfg.reembed.alias, str(source_mv.version), served_version,
+    return ReembedResult(tracker.run_id, name, cfg.reembed.alias, str(source_mv.version), str(served_version),
                          not unchanged_catalog, metrics, bundle_dir)
 
 
@@ -251,8 +255,20 @@ def _publish_version(client: Any, name: str, alias: str, fingerprint: str, sourc
     """Register the new bundle (or find the version an interrupted run registered) and move the alias."""
     from learn.serve.retriever import log_retriever
 
-    existing = [mv for mv in client.search_model_versions(f"name = '{name}'")
-                if (mv.tags or {}).get(FINGERPRINT_TAG) == fingerprint and mv.status == "READY"]
+    def same_catalog(mv: Any) -> bool:
+        if mv.status != "READY":
+            return False
+        if (mv.tags or {}).get(FINGERPRINT_TAG) == fingerprint:
+            return True
+        # a run killed between registering and tagging its version: its run carries the fingerprint
+        try:
+            run = client.get_run(mv.run_id) if mv.run_id else None
+        except Exception:  # the run was deleted
+            return False
+        return run is not None and run.data.tags.get("flow") == "reembed" and \
+            run.data.tags.get(FINGERPRINT_TAG) == fingerprint
+
+    existing = [mv for mv in client.search_model_versions(f"name = '{name}'") if same_catalog(mv)]
     if existing:
         version = str(max(int(mv.version) for mv in existing))
         print(f"[reembed] {name} version {version} already holds this catalog (an earlier, interrupted run)",
