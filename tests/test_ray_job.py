@@ -43,7 +43,7 @@ def ray_head(tmp_path):
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_flow_and_logs_to_mlflow(ray_head, tmp_path, model_cache):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     db = tmp_path / "mlflow.db"
     entrypoint = (
@@ -54,15 +54,36 @@ def test_ray_job_submit_runs_the_flow_and_logs_to_mlflow(ray_head, tmp_path, mod
     client = JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
     job = client.submit_job(entrypoint=entrypoint, runtime_env={
         "working_dir": str(ROOT),
-        "excludes": [".venv", ".git", ".cache", "runs", "mlruns", "*.db", "bench/results", "**/__pycache__"]})
-    deadline = time.time() + 600
-    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.time() < deadline, "job did not finish in 10 minutes"
-        time.sleep(2)
-    logs = client.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        "excludes": [".venv", ".venv-vllm", ".git", ".cache", "runs", "mlruns", "*.db", "bench/results",
+                     "**/__pycache__"]})
+    logs = wait_for_job(client, job)
     run_id = logs.split("\nrun ")[-1].split(";")[0].strip()
-    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(run_id)
+    mlflow_client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = mlflow_client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert 0.0 <= run.data.metrics["test_ndcg_at_10"] <= 1.0
     assert run.data.params["data.path"] == "demo"
+
+    # the scheduled re-embedding is a job too: same catalog, so it embeds nothing and publishes nothing
+    reembed = entrypoint.replace("flows/full_pipeline.py", "flows/reembed.py").replace(" train.epochs=1", "")
+    job = client.submit_job(entrypoint=reembed + " reembed.alias=challenger", runtime_env={
+        "working_dir": str(ROOT),
+        "excludes": [".venv", ".venv-vllm", ".git", ".cache", "runs", "mlruns", "*.db", "bench/results",
+                     "**/__pycache__"]})
+    logs = wait_for_job(client, job)
+    run = mlflow_client.get_run(logs.split("\nrun ")[-1].split(";")[0].strip())
+    assert run.data.tags["flow"] == "reembed" and run.data.metrics["items_embedded"] == 0
+    assert run.data.tags["served_version"] == run.data.tags["source_model_version"]
+
+
+def wait_for_job(client, job: str, timeout_s: float = 600) -> str:
+    """Poll until the job ends; its logs, asserting it SUCCEEDED."""
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout_s
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, f"job did not finish in {timeout_s:.0f} s"
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    return logs
