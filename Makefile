@@ -12,7 +12,7 @@ MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.setup-done
 
-.PHONY: setup vllm-env run test ui clean-venv
+.PHONY: setup vllm-env run test ui cluster-up cluster-down clean-venv
 
 # Idempotent: rebuilds only when pyproject.toml or requirements.lock changed.
 setup: $(STAMP)
@@ -55,6 +55,13 @@ test: setup vllm-env
 # the MLflow UI over this checkout's runs, on http://127.0.0.1:$(UI_PORT)
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(UI_PORT)
+
+# a local stand-in for the Ray cluster + MLflow server, on 127.0.0.1 (infra/local/cluster.sh; state in .cluster/)
+cluster-up: setup
+	infra/local/cluster.sh up
+
+cluster-down:
+	infra/local/cluster.sh down
 
 clean-venv:
 	rm -rf $(VENV) $(VLLM_VENV)
