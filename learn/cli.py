@@ -14,20 +14,24 @@ from learn.config import ConfigError, load_config
 from learn.data.schema import DataError
 
 
-def _pipeline_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Run the LEARN pipeline.")
+def _flow_args(argv: list[str], prog: str, description: str, example: str):
+    """(parsed args, Config) for a flow taking --config, --no-progress and key=value overrides;
+    (args, None) after printing the error when the config is bad."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", default="conf/default.yaml", help="YAML config (default: conf/default.yaml)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=1 data.path=<dir>")
-    return p
+    p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    args = p.parse_args(argv)
+    try:
+        return args, load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return args, None
 
 
 def pipeline_main(argv: list[str], prog: str = "full_pipeline.py") -> int:
-    args = _pipeline_parser(prog).parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    args, cfg = _flow_args(argv, prog, "Run the LEARN pipeline.", "seed=1 data.path=<dir>")
+    if cfg is None:
         return 2
     from learn.pipeline import run_pipeline
 
@@ -41,17 +45,11 @@ def pipeline_main(argv: list[str], prog: str = "full_pipeline.py") -> int:
 
 
 def reembed_main(argv: list[str], prog: str = "reembed.py") -> int:
-    p = argparse.ArgumentParser(
-        prog=prog, description="Embed new and changed catalog items with the served retriever's encoder and item "
-                               "tower, publish a new index version and move the alias onto it.")
-    p.add_argument("--config", default="conf/default.yaml", help="YAML config (default: conf/default.yaml)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.path=<catalog> reembed.alias=champion")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    args, cfg = _flow_args(
+        argv, prog, "Embed new and changed catalog items with the served retriever's encoder and item tower, "
+                    "publish a new index version and move the alias onto it.",
+        "data.path=<catalog> reembed.alias=champion")
+    if cfg is None:
         return 2
     from learn.reembed import ReembedError, reembed
 

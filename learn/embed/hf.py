@@ -38,6 +38,13 @@ def check_texts(texts: Sequence[str]) -> list[str]:
     return texts
 
 
+def tokenize(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Token ids per text, special tokens included, truncated to ``max_tokens`` (every backend uses this)."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_tokens, padding=False,
+                    return_attention_mask=False, return_token_type_ids=False)
+    return enc["input_ids"]
+
+
 class HFEncoder:
     """A frozen transformers model as a text -> unit-vector encoder (encoder-only or decoder LLM)."""
 
@@ -102,9 +109,7 @@ class HFEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, special tokens included, truncated to ``max_tokens``."""
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens, padding=False,
-                             return_attention_mask=False, return_token_type_ids=False)
-        return enc["input_ids"]
+        return tokenize(self.tokenizer, texts, self.max_tokens)
 
     def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         n, width = len(ids), max(len(x) for x in ids)

@@ -308,9 +308,9 @@ class VLLMEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text exactly as ``HFEncoder.tokenize``: special tokens, truncated to ``max_tokens``."""
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens, padding=False,
-                             return_attention_mask=False, return_token_type_ids=False)
-        return enc["input_ids"]
+        from learn.embed.hf import tokenize
+
+        return tokenize(self.tokenizer, texts, self.max_tokens)
 
     def encode(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
         """float32 [len(texts), dim] unit vectors, in input order."""

@@ -181,6 +181,31 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 # -- writing ------------------------------------------------------------------------------------
+def _start_bundle(out_dir: str | Path, info: dict[str, Any], index_params: dict[str, Any] | None,
+                  recall_queries: int, who: str) -> tuple[Path, dict[str, Any], Path]:
+    """Check the arguments both writers share and make the hidden temp directory beside ``out_dir``.
+
+    Returns (absolute out_dir, index params, temp dir)."""
+    clash = sorted(set(info) & set(RESERVED_INFO))
+    if clash:
+        raise ValueError(f"info keys {clash} are reserved: {who} records them itself")
+    json.dumps(info)  # fail before any work if info is not JSON-serialisable
+    params = dict(index_params or {})
+    unknown = sorted(set(params) - set(INDEX_PARAM_KEYS))
+    if unknown:
+        raise ValueError(f"unknown index_params {unknown}; allowed: {list(INDEX_PARAM_KEYS)}")
+    if isinstance(recall_queries, bool) or not isinstance(recall_queries, int) or recall_queries < 1:
+        raise ValueError(f"recall_queries must be an int >= 1, got {recall_queries!r}")
+    out_dir = Path(out_dir).absolute()
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the bundle should read like any directory
+    return out_dir, params, tmp
+
+
 def write_bundle(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray, out_dir: str | Path,
                  info: dict[str, Any], index_kind: str = "auto", flat_max_items: int = 100_000,
                  index_params: dict[str, Any] | None = None, recall_queries: int = 1000,
@@ -196,25 +221,8 @@ def write_bundle(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray
     """
     cfg = model.cfg
     ids, content = _check_catalog(item_ids, content, cfg.d_llm)
-    clash = sorted(set(info) & set(RESERVED_INFO))
-    if clash:
-        raise ValueError(f"info keys {clash} are reserved: write_bundle records them itself")
-    json.dumps(info)  # fail before any work if info is not JSON-serialisable
-    params = dict(index_params or {})
-    unknown = sorted(set(params) - set(INDEX_PARAM_KEYS))
-    if unknown:
-        raise ValueError(f"unknown index_params {unknown}; allowed: {list(INDEX_PARAM_KEYS)}")
-    if isinstance(recall_queries, bool) or not isinstance(recall_queries, int) or recall_queries < 1:
-        raise ValueError(f"recall_queries must be an int >= 1, got {recall_queries!r}")
-    out_dir = Path(out_dir).absolute()
-    _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    out_dir, params, tmp = _start_bundle(out_dir, info, index_params, recall_queries, "write_bundle")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the bundle should read like any directory
         paths = export_towers(model, tmp)
         tower_id = file_sha256(paths["state"])
         embeddings = _run_item_tower(load_item_tower(paths["item_tower"]), content)
@@ -275,19 +283,8 @@ def rebuild_bundle(source: "Bundle", item_ids: Sequence[str], content: np.ndarra
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     if embeddings.shape != (len(ids), source.config.d_out) or not np.isfinite(embeddings).all():
         raise ValueError(f"embeddings must be finite [{len(ids)}, {source.config.d_out}], got {embeddings.shape}")
-    clash = sorted(set(info) & set(RESERVED_INFO))
-    if clash:
-        raise ValueError(f"info keys {clash} are reserved: rebuild_bundle records them itself")
-    json.dumps(info)
-    params = dict(index_params or {})
-    out_dir = Path(out_dir).absolute()
-    _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    out_dir, params, tmp = _start_bundle(out_dir, info, index_params, recall_queries, "rebuild_bundle")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
         for name in (USER_TOWER, ITEM_TOWER, TOWERS_STATE, TOWER_CONFIG):
             shutil.copyfile(source.directory / name, tmp / name)
         tower_id = file_sha256(tmp / TOWERS_STATE)
