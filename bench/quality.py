@@ -42,6 +42,9 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("lever_ib_shared_head", "lever: in-batch with the shared head",
      ["train.recipe=in_batch", "train.batch_size=256", "model.user_head=shared"]),
     ("lever_shared_head_dropout0", "lever: shared head, dropout 0", ["model.user_head=shared", "model.dropout=0.0"]),
+    # LEARN's ablation: item tower (c) = no alignment on the item side (raw centred content vectors)
+    ("ablation_item_tower_c", "ablation: item tower (c), raw content items, MiniLM",
+     ["model.item_tower=c", "model.d_out=384"]),
 ]
 
 KEYS = ["test_ndcg_at_10", "test_recall_at_10", "test_ndcg_at_10_excl_hist", "test_recall_at_10_excl_hist",
