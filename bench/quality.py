@@ -45,6 +45,9 @@ ROWS: list[tuple[str, str, list[str]]] = [
     # LEARN's ablation: item tower (c) = no alignment on the item side (raw centred content vectors)
     ("ablation_item_tower_c", "ablation: item tower (c), raw content items, MiniLM",
      ["model.item_tower=c", "model.d_out=384"]),
+    # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
+    ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM",
+     ["model.item_id_embedding=true", "export.enabled=false"]),
 ]
 
 KEYS = ["test_ndcg_at_10", "test_recall_at_10", "test_ndcg_at_10_excl_hist", "test_recall_at_10_excl_hist",

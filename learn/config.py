@@ -97,6 +97,10 @@ class ModelConfig:
     # shared (LEARN: one stack and head for both towers) | separate (the user side gets its own
     # output Linear, so a one-item history no longer maps onto that item's own vector)
     user_head: str = "shared"
+    # ablation (transductive, off by default): a learned ID embedding added to the content input of
+    # every item seen in training; cold items get none. Not exportable (the towers need ids), so it
+    # needs export.enabled=false; one process only (train.backend=local)
+    item_id_embedding: bool = False
 
 
 @dataclass
@@ -312,6 +316,9 @@ def validate(cfg: Config) -> Config:
         values = flat[key] if isinstance(flat[key], list) else [flat[key]]
         if key != "data.time_cut" and any(not 0 <= v < 1 for v in values):
             raise ConfigError(f"key '{key}' must be in [0, 1), got {flat[key]}")
+    if cfg.model.item_id_embedding and (cfg.export.enabled or cfg.train.backend != "local"):
+        raise ConfigError("model.item_id_embedding=true is an ablation: set export.enabled=false (exported towers "
+                          "take content vectors only) and train.backend=local")
     if not cfg.reembed.alias.strip():
         raise ConfigError("key 'reembed.alias' must be a non-empty alias name")
     if not 0 < cfg.embed.vllm_memory_fraction <= 1:

@@ -71,16 +71,23 @@ def embed_items(cfg: Config, dataset_name: str, item_ids: np.ndarray, texts: lis
     return np.asarray(vectors, dtype=np.float32), stats, encoder.encoder_id
 
 
-def build_model(cfg: Config, content: np.ndarray):
+def build_model(cfg: Config, content: np.ndarray, train_popularity: np.ndarray | None = None):
+    """The twin towers for ``cfg.model``; ``train_popularity`` (interactions per item in the training
+    split) marks the items that get an ID embedding when ``model.item_id_embedding`` is on."""
     from learn.towers.model import TowerConfig, TwinTowers
 
     m = cfg.model
+    ids = m.item_id_embedding
+    if ids and train_popularity is None:
+        raise ValueError("model.item_id_embedding needs the training split's item popularity")
     tcfg = TowerConfig(
         d_llm=content.shape[1], d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff,
         dropout=m.dropout, d_out=content.shape[1] if m.item_tower == "c" else m.d_out, positions=m.positions,
         item_tower=m.item_tower, center_inputs=m.center_inputs, max_len=m.max_len, user_head=m.user_head,
+        num_id_items=len(content) if ids else 0,
     )
-    return TwinTowers(tcfg, torch.as_tensor(content))
+    known = torch.as_tensor(np.asarray(train_popularity) > 0) if ids else None
+    return TwinTowers(tcfg, torch.as_tensor(content), id_known=known)
 
 
 def evaluate_floor(cfg: Config, content: np.ndarray, splits: Splits, popularity: np.ndarray, which: str,
@@ -198,7 +205,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
             from learn.train.loop import evaluate_model, fit
 
             seed_everything(cfg.seed)  # the same initial weights whether or not the encoder ran
-            model = build_model(cfg, content)
+            model = build_model(cfg, content, popularity)
             n_params = sum(p.numel() for p in model.parameters())
             print(f"[train] recipe {cfg.train.recipe}, item tower {cfg.model.item_tower}, {n_params:,} parameters",
                   flush=True)

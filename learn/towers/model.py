@@ -34,16 +34,22 @@ class TowerConfig:
     center_inputs: bool = True
     max_len: int = 64
     user_head: str = "shared"  # shared | separate: the user side gets its own output Linear
+    # ablation (transductive): a learned ID embedding added after the adaptor for items seen in
+    # training; num_id_items = catalog size when on, 0 = off
+    num_id_items: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class TwinTowers(nn.Module):
-    def __init__(self, cfg: TowerConfig, content: torch.Tensor):
+    def __init__(self, cfg: TowerConfig, content: torch.Tensor, id_known: torch.Tensor | None = None):
         """``content``: [num_items, d_llm] frozen content vectors (row = catalog index).
 
         Index 0 of every sequence tensor is padding; catalog item i is token i + 1.
+        ``id_known`` [num_items] bool: items seen in training, the only ones that get an ID embedding
+        (``cfg.num_id_items > 0``); any other item (cold) keeps a zero ID vector and gets no gradient,
+        also not as a negative.
         """
         super().__init__()
         if content.shape[1] != cfg.d_llm:
@@ -78,6 +84,14 @@ class TwinTowers(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.head = nn.Linear(cfg.d_model, cfg.d_out)
         self.user_head = nn.Linear(cfg.d_model, cfg.d_out) if cfg.user_head == "separate" else None
+        self.id_embedding = None
+        if cfg.num_id_items:
+            if cfg.num_id_items != content.shape[0] or id_known is None or id_known.shape != (content.shape[0],):
+                raise ValueError(f"item ID embeddings need num_id_items = catalog size ({content.shape[0]}) and "
+                                 f"id_known [{content.shape[0]}] bool")
+            self.id_embedding = nn.Embedding(cfg.num_id_items + 1, cfg.d_model, padding_idx=0)
+            nn.init.zeros_(self.id_embedding.weight)  # training starts from the content-only model
+            self.register_buffer("id_known", torch.cat([torch.zeros(1, dtype=torch.bool), id_known.bool()]))
 
     @property
     def num_items(self) -> int:
@@ -100,16 +114,22 @@ class TwinTowers(nn.Module):
         return self.center_vectors(self.content[tokens], tokens > 0)
 
     def encode_vectors(
-        self, x: torch.Tensor, valid: torch.Tensor | None = None, self_only: bool = False, user: bool = False
+        self, x: torch.Tensor, valid: torch.Tensor | None = None, self_only: bool = False, user: bool = False,
+        tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[B, L, d_llm] raw content vectors (right-padded) -> [B, L, d_out] normalised outputs.
 
         ``valid`` [B, L] bool marks real positions (None: all real); padding enters the stack as
         zeros. Causal attention; ``self_only`` makes each position attend to itself only (variant b);
-        ``user`` applies the user head (the item head unless ``user_head=separate``).
+        ``user`` applies the user head (the item head unless ``user_head=separate``). ``tokens``
+        [B, L]: the items' tokens, for the ID-embedding ablation only.
         """
         L = x.shape[1]
         h = self.adaptor(self.center_vectors(x, valid))
+        if self.id_embedding is not None:
+            if tokens is None:
+                raise ValueError("this model adds item ID embeddings: it needs the items' tokens, not only vectors")
+            h = h + self.id_embedding(torch.where(self.id_known[tokens], tokens, torch.zeros_like(tokens)))
         if self.positions is not None:
             if L > self.cfg.max_len:
                 raise ValueError(f"sequence length {L} exceeds model.max_len={self.cfg.max_len}")
@@ -128,7 +148,7 @@ class TwinTowers(nn.Module):
 
     def encode_sequence(self, tokens: torch.Tensor, self_only: bool = False, user: bool = False) -> torch.Tensor:
         """[B, L] tokens (0 = pad, right-padded) -> [B, L, d_out]: ``encode_vectors`` on their content."""
-        return self.encode_vectors(self.content[tokens], tokens > 0, self_only=self_only, user=user)
+        return self.encode_vectors(self.content[tokens], tokens > 0, self_only=self_only, user=user, tokens=tokens)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """User-side outputs at every position of [B, L] histories (what DDP wraps)."""

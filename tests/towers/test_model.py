@@ -83,3 +83,46 @@ def test_shared_head_maps_one_item_history_onto_its_item_vector_separate_does_no
     sep = TwinTowers(cfg, torch.randn(30, 16)).eval()
     assert not torch.allclose(sep.user_embedding(one)[0], sep.item_embedding(torch.tensor([3]))[0], atol=1e-3)
     assert torch.allclose(sep(one)[0, 0], sep.user_embedding(one)[0])  # forward is the user side
+
+
+def test_item_id_embedding_only_for_items_seen_in_training():
+    torch.manual_seed(0)
+    n, d_llm = 12, 16
+    content = torch.randn(n, d_llm)
+    known = torch.tensor([True] * 8 + [False] * 4)  # the last 4 never appear in training
+    cfg = TowerConfig(d_llm=d_llm, d_model=32, n_layers=1, n_heads=2, d_ff=64, d_out=16, dropout=0.0,
+                      num_id_items=n)
+    with_ids = TwinTowers(cfg, content, id_known=known).eval()
+    plain = TwinTowers(TowerConfig(**{**cfg.to_dict(), "num_id_items": 0}), content).eval()
+    missing, unexpected = plain.load_state_dict(with_ids.state_dict(), strict=False)
+    assert not missing and set(unexpected) == {"id_embedding.weight", "id_known"}
+    # starts as the content-only model (zero ID vectors)
+    items = torch.arange(n)
+    torch.testing.assert_close(with_ids.item_embedding(items), plain.item_embedding(items))
+    with torch.no_grad():
+        with_ids.id_embedding.weight[1:].normal_()  # row 0 is the "no ID" row: stays zero
+    emb, ref = with_ids.item_embedding(items), plain.item_embedding(items)
+    assert (emb[:8] - ref[:8]).abs().max() > 1e-3  # seen items: content + their ID vector
+    torch.testing.assert_close(emb[8:], ref[8:])  # cold items: content only
+    # full-softmax style loss over every item: cold items' ID rows get no gradient, not even as negatives
+    with_ids.train()
+    logits = with_ids.user_embedding(torch.tensor([[1, 2, 3]])) @ with_ids.item_embedding(items).T
+    torch.nn.functional.cross_entropy(logits, torch.tensor([4])).backward()
+    grad = with_ids.id_embedding.weight.grad
+    assert grad[1:9].abs().sum() > 0 and grad[9:].abs().sum() == 0 and grad[0].abs().sum() == 0
+
+
+def test_item_id_embedding_is_refused_where_it_cannot_work():
+    from pathlib import Path
+
+    from learn.config import ConfigError, load_config
+
+    conf = Path(__file__).resolve().parents[2] / "conf/tiny.yaml"
+    with pytest.raises(ConfigError, match="item_id_embedding"):
+        load_config(conf, ["model.item_id_embedding=true"])  # export on by default
+    with pytest.raises(ConfigError, match="item_id_embedding"):
+        load_config(conf, ["model.item_id_embedding=true", "export.enabled=false", "train.backend=ray"])
+    assert load_config(conf, ["model.item_id_embedding=true", "export.enabled=false"]).model.item_id_embedding
+    with pytest.raises(ValueError, match="id_known"):
+        TwinTowers(TowerConfig(d_llm=4, d_model=8, n_layers=1, n_heads=2, d_ff=8, d_out=4, num_id_items=3),
+                   torch.randn(3, 4))
