@@ -91,7 +91,8 @@ def test_scientific_floor_reproduces_published_baseline(tmp_path, model_cache):
     ["train.recipe=dense_all_action", "data.split=time_cut", "train.n_history=4", "train.n_targets=4",
      "train.target_len=8"],
     ["model.item_tower=c", "model.positions=learned", "train.all_positions=true"],
-], ids=["in_batch-b", "dense-time_cut", "item_tower_c"])
+    ["model.item_id_embedding=true", "export.enabled=false"],
+], ids=["in_batch-b", "dense-time_cut", "item_tower_c", "item_id_embedding"])
 def test_recipes_and_variants_run_end_to_end(tiny_cfg, overrides):
     m = run_pipeline(tiny_cfg("tracking.enabled=false", "train.epochs=2", *overrides), progress=False).metrics
     assert m["epochs_run"] == 2 and 0 < m["test_users"]
