@@ -45,6 +45,12 @@ ROWS: list[tuple[str, str, list[str]]] = [
     # LEARN's ablation: item tower (c) = no alignment on the item side (raw centred content vectors)
     ("ablation_item_tower_c", "ablation: item tower (c), raw content items, MiniLM",
      ["model.item_tower=c", "model.d_out=384"]),
+    # more levers against learn_fs_minilm, read on valid NDCG@10 (2026-11-26)
+    ("lever_scale_10", "lever: score scale 10", ["train.score_scale=10"]),
+    ("lever_scale_30", "lever: score scale 30", ["train.score_scale=30"]),
+    ("lever_dropout_03", "lever: dropout 0.3", ["model.dropout=0.3"]),
+    ("lever_dmodel_256", "lever: d_model 256, d_ff 1024, d_out 256",
+     ["model.d_model=256", "model.d_ff=1024", "model.d_out=256"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM",
      ["model.item_id_embedding=true", "export.enabled=false"]),
