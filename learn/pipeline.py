@@ -56,11 +56,10 @@ def embed_items(cfg: Config, dataset_name: str, item_ids: np.ndarray, texts: lis
 
     store = ContentStore(content_store_path(cfg, dataset_name))
     if cfg.embed.executor == "ray_data":  # encoders live in Ray actors; this process only writes the store
-        from learn.embed.models import encoder_id, resolve_model
+        from learn.embed.models import configured_encoder
         from learn.embed.ray_data import embed_catalog_ray
 
-        resolved = resolve_model(cfg.embed.model, revision=cfg.embed.revision, cache_dir=cfg.embed.cache_dir)
-        eid = encoder_id(resolved, "mean", cfg.embed.max_tokens, cfg.embed.dtype)
+        _, eid = configured_encoder(cfg.embed)
         vectors, stats = embed_catalog_ray(cfg.embed, [str(i) for i in item_ids], texts, store, progress=progress)
         return np.asarray(vectors, dtype=np.float32), stats, eid
     encoder = build_encoder(cfg.embed)

@@ -121,10 +121,9 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
 
     from learn.data.load import item_texts, load_dataset
     from learn.data.sequences import build_sequences
-    from learn.embed.models import encoder_id, resolve_model
-    from learn.export.bundle import rebuild_bundle
+    from learn.embed.models import configured_encoder
+    from learn.export.bundle import load_bundle, rebuild_bundle
     from learn.pipeline import embed_items
-    from learn.serve.retriever import log_retriever
     from learn.tracking.mlflow_run import Tracker, resolve_uri
     from learn.utils import text_hash
 
@@ -141,8 +140,7 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
     source_mv, source = _served_bundle(client, name, cfg.reembed.alias, cfg.reembed.model_version,
                                        out_root / "served", progress)
     served_eid = source.manifest["info"].get("encoder_id")
-    resolved = resolve_model(cfg.embed.model, revision=cfg.embed.revision, cache_dir=cfg.embed.cache_dir)
-    eid = encoder_id(resolved, "mean", cfg.embed.max_tokens, cfg.embed.dtype)
+    _, eid = configured_encoder(cfg.embed)
     if served_eid != eid:
         raise ReembedError(
             f"encoder mismatch: {name} version {source_mv.version} was trained on vectors of '{served_eid}', "
@@ -179,7 +177,7 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
         embeddings[same] = source.item_embeddings[rows[same]]
         embeddings[~same] = source.embed_items(content[~same])
         changed = int((known & ~same).sum())
-        unchanged_catalog = len(ids) == len(source.item_ids) and bool(same.all()) and ids == source.item_ids
+        unchanged_catalog = ids == source.item_ids and bool(same.all())
 
         metrics = {"items_total": float(len(ids)), "items_embedded": float(stats["items_embedded"]),
                    "items_unchanged": float(stats["items_reused"]), "items_removed": float(len(removed)),
@@ -204,18 +202,19 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
         if unchanged_catalog:
             print(f"[reembed] catalog unchanged against {name} version {source_mv.version}: nothing to publish",
                   flush=True)
+            metrics["index_items"] = float(source.index.size)
+            tracker.log_metrics(metrics)
         else:
             bundle_dir = out_root / fingerprint / "bundle"
             info = {"encoder_id": eid, "dataset": data.name, "catalog_fingerprint": fingerprint,
                     "source_model_version": str(source_mv.version), "reembed_run_id": tracker.run_id,
                     **{k: v for k, v in source.manifest["info"].items() if k in ("run_id", "dataset_fingerprint")}}
-            if not _bundle_ok(bundle_dir, fingerprint):
+            new = _finished_bundle(bundle_dir, fingerprint)
+            if new is None:
                 rebuild_bundle(source, ids, content, embeddings, bundle_dir, info, index_kind=cfg.export.index_kind,
                                flat_max_items=cfg.export.flat_max_items, recall_queries=cfg.export.recall_queries,
                                seed=cfg.seed)
-            from learn.export.bundle import load_bundle
-
-            new = load_bundle(bundle_dir)
+                new = load_bundle(bundle_dir)
             metrics["index_items"] = float(new.index.size)
             metrics["index_recall_at_10_vs_flat"] = float(new.manifest["info"]["index_recall_at_10_vs_flat"])
             if targets:
@@ -225,29 +224,27 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
             tracker.log_artifacts(bundle_dir, "bundle")
             served_version = _publish_version(client, name, cfg.reembed.alias, fingerprint, source_mv, bundle_dir,
                                               cfg.data.max_history, tracker)
-        if unchanged_catalog:
-            metrics["index_items"] = float(source.index.size)
-            tracker.log_metrics(metrics)
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         tracker.log_metrics({"seconds": metrics["seconds"]})
         tracker.set_tags({"served_version": served_version})
-    print(f"[reembed] {json.dumps({k: v for k, v in metrics.items()})}", flush=True)
+    print(f"[reembed] {json.dumps(metrics)}", flush=True)
     return ReembedResult(tracker.run_id, name, cfg.reembed.alias, str(source_mv.version), str(served_version),
                          not unchanged_catalog, metrics, bundle_dir)
 
 
-def _bundle_ok(bundle_dir: Path, fingerprint: str) -> bool:
-    """A finished bundle for this fingerprint is already there (a restarted run reuses it)."""
+def _finished_bundle(bundle_dir: Path, fingerprint: str) -> Any:
+    """The finished bundle for this fingerprint if one is already there (a restarted run reuses it), else None."""
     from learn.export.bundle import load_bundle
     from learn.export.manifest import ArtifactError
 
     if not (bundle_dir / "manifest.json").is_file():
-        return False
+        return None
     try:
-        return load_bundle(bundle_dir).manifest["info"].get("catalog_fingerprint") == fingerprint
+        bundle = load_bundle(bundle_dir)
     except ArtifactError as exc:
         log.warning("rebuilding %s: %s", bundle_dir, exc)
-        return False
+        return None
+    return bundle if bundle.manifest["info"].get("catalog_fingerprint") == fingerprint else None
 
 
 def _publish_version(client: Any, name: str, alias: str, fingerprint: str, source_mv: Any, bundle_dir: Path,

@@ -221,3 +221,9 @@ def encoder_id(resolved: ResolvedModel, pooling: str = "mean", max_tokens: int =
     else:
         model = resolved.identity  # packaged: "pypi:<name>@<version>[+gguf-<sha12>]"
     return f"{model}|pool={pooling}|max_tokens={max_tokens}|norm=l2|dtype={dtype}"
+
+
+def configured_encoder(embed_cfg) -> tuple[ResolvedModel, str]:
+    """(resolved model, encoder id) that an ``EmbedConfig`` embeds with, whatever the backend."""
+    resolved = resolve_model(embed_cfg.model, revision=embed_cfg.revision, cache_dir=embed_cfg.cache_dir)
+    return resolved, encoder_id(resolved, "mean", embed_cfg.max_tokens, embed_cfg.dtype)

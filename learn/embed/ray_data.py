@@ -142,15 +142,14 @@ def embed_catalog_ray(embed_cfg: Any, item_ids: Sequence[Any], texts: Sequence[s
     import ray.data
     from tqdm.auto import tqdm
 
-    from learn.embed.models import encoder_id, resolve_model
+    from learn.embed.models import configured_encoder
 
     _check_cfg(embed_cfg)
     ids, texts, hashes = check_catalog(item_ids, texts, "embed_catalog_ray")
     rows_per_call = int(rows_per_call or CALL_BATCHES * embed_cfg.batch_size)
     if rows_per_call <= 0:
         raise ValueError(f"rows_per_call must be > 0, got {rows_per_call}")
-    resolved = resolve_model(embed_cfg.model, revision=embed_cfg.revision, cache_dir=embed_cfg.cache_dir)
-    eid = encoder_id(resolved, "mean", embed_cfg.max_tokens, embed_cfg.dtype)
+    resolved, eid = configured_encoder(embed_cfg)
     dim = _model_dim(resolved)
 
     # one row per distinct missing text; gid indexes ``groups`` (the items sharing that text)
