@@ -101,6 +101,9 @@ class ModelConfig:
     # every item seen in training; cold items get none. Not exportable (the towers need ids), so it
     # needs export.enabled=false; one process only (train.backend=local)
     item_id_embedding: bool = False
+    # an ensemble of independently initialised stacks trained and exported as one pair of towers;
+    # d_out is the total width (d_out / members per member)
+    members: int = 1
 
 
 @dataclass
@@ -308,7 +311,8 @@ def validate(cfg: Config) -> Config:
                 "eval.chunk_size", "model.max_len", "model.n_heads", "model.n_layers", "model.d_model", "model.d_ff",
                 "model.d_out", "train.eval_every", "train.n_history", "train.n_targets", "train.target_len",
                 "eval.popularity_buckets", "train.score_scale", "data.demo.num_items", "data.demo.num_users",
-                "export.flat_max_items", "export.recall_queries", "train.num_workers", "embed.rows_per_flush"]
+                "export.flat_max_items", "export.recall_queries", "train.num_workers", "embed.rows_per_flush",
+                "model.members"]
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"key '{key}' must be > 0, got {flat[key]}")
@@ -319,6 +323,11 @@ def validate(cfg: Config) -> Config:
     if cfg.model.item_id_embedding and (cfg.export.enabled or cfg.train.backend != "local"):
         raise ConfigError("model.item_id_embedding=true is an ablation: set export.enabled=false (exported towers "
                           "take content vectors only) and train.backend=local")
+    if cfg.model.item_tower != "c" and cfg.model.d_out % cfg.model.members:
+        raise ConfigError(f"key 'model.d_out' ({cfg.model.d_out}) must be a multiple of model.members "
+                          f"({cfg.model.members}): each member gets d_out / members dimensions")
+    if cfg.model.item_tower == "c" and cfg.model.members > 1:
+        raise ConfigError("model.members > 1 needs an item-side stack: item tower 'c' has none")
     if not cfg.reembed.alias.strip():
         raise ConfigError("key 'reembed.alias' must be a non-empty alias name")
     if not 0 < cfg.embed.vllm_memory_fraction <= 1:

@@ -83,7 +83,7 @@ def build_model(cfg: Config, content: np.ndarray, train_popularity: np.ndarray |
         d_llm=content.shape[1], d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff,
         dropout=m.dropout, d_out=content.shape[1] if m.item_tower == "c" else m.d_out, positions=m.positions,
         item_tower=m.item_tower, center_inputs=m.center_inputs, max_len=m.max_len, user_head=m.user_head,
-        num_id_items=len(content) if ids else 0,
+        num_id_items=len(content) if ids else 0, members=m.members,
     )
     known = torch.as_tensor(np.asarray(train_popularity) > 0) if ids else None
     return TwinTowers(tcfg, torch.as_tensor(content), id_known=known)

@@ -8,6 +8,12 @@ user tower  the stack over a user's history; the user vector is the output at th
 item tower  variant a/b: the same stack over a single item (sequence length 1), so every item
             vector is computed from the item alone and can be cached; variant c: no alignment on
             the item side: the centred, normalised content vector itself (needs d_out == d_llm).
+
+members     ``members`` = K > 1 gives K independently initialised stacks (adaptor to head) over the same
+            centred inputs; a tower's output is the concatenation of the K normalised member outputs
+            (d_out / K each) divided by sqrt(K), so a dot product is the mean of the members' cosines.
+            Training takes each member's loss on its own slice (``member_slices``): an ensemble
+            trained, selected and exported as one pair of towers.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class TowerConfig:
     # ablation (transductive): a learned ID embedding added after the adaptor for items seen in
     # training; num_id_items = catalog size when on, 0 = off
     num_id_items: int = 0
+    members: int = 1  # independently initialised stacks whose outputs are concatenated (d_out / members each)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +61,10 @@ class TwinTowers(nn.Module):
         super().__init__()
         if content.shape[1] != cfg.d_llm:
             raise ValueError(f"content vectors have dim {content.shape[1]}, config says d_llm={cfg.d_llm}")
+        if cfg.members < 1 or cfg.d_out % cfg.members:
+            raise ValueError(f"model.d_out ({cfg.d_out}) must be a multiple of model.members ({cfg.members})")
+        if cfg.item_tower == "c" and cfg.members > 1:
+            raise ValueError("item tower 'c' has no item-side stack to ensemble: use model.members=1")
         if cfg.item_tower == "c" and cfg.d_out != cfg.d_llm:
             raise ValueError(
                 f"item tower 'c' uses raw content vectors as item embeddings, so model.d_out must equal "
@@ -74,24 +85,18 @@ class TwinTowers(nn.Module):
         self.register_buffer("content_scale", scale.reshape(()))
         padded = torch.cat([torch.zeros(1, content.shape[1]), content], 0)
         self.register_buffer("content", padded, persistent=False)
-        self.adaptor = nn.Linear(cfg.d_llm, cfg.d_model)
-        self.positions = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.positions == "learned" else None
-        self.in_norm = nn.LayerNorm(cfg.d_model)
-        self.in_drop = nn.Dropout(cfg.dropout)
-        layer = nn.TransformerEncoderLayer(
-            cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu", batch_first=True, norm_first=False
-        )
-        self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
-        self.head = nn.Linear(cfg.d_model, cfg.d_out)
-        self.user_head = nn.Linear(cfg.d_model, cfg.d_out) if cfg.user_head == "separate" else None
-        self.id_embedding = None
         if cfg.num_id_items:
             if cfg.num_id_items != content.shape[0] or id_known is None or id_known.shape != (content.shape[0],):
                 raise ValueError(f"item ID embeddings need num_id_items = catalog size ({content.shape[0]}) and "
                                  f"id_known [{content.shape[0]}] bool")
-            self.id_embedding = nn.Embedding(cfg.num_id_items + 1, cfg.d_model, padding_idx=0)
-            nn.init.zeros_(self.id_embedding.weight)  # training starts from the content-only model
             self.register_buffer("id_known", torch.cat([torch.zeros(1, dtype=torch.bool), id_known.bool()]))
+        # member 0 lives on the module itself (the parameter names of a one-member model), the
+        # others in ``members``
+        _build_stack(self, cfg)
+        self.members = nn.ModuleList()
+        for _ in range(cfg.members - 1):
+            _build_stack(member := nn.Module(), cfg)
+            self.members.append(member)
 
     @property
     def num_items(self) -> int:
@@ -125,26 +130,22 @@ class TwinTowers(nn.Module):
         [B, L]: the items' tokens, for the ID-embedding ablation only.
         """
         L = x.shape[1]
-        h = self.adaptor(self.center_vectors(x, valid))
-        if self.id_embedding is not None:
+        inputs = self.center_vectors(x, valid)
+        ids = None
+        if self.cfg.num_id_items:
             if tokens is None:
                 raise ValueError("this model adds item ID embeddings: it needs the items' tokens, not only vectors")
-            h = h + self.id_embedding(torch.where(self.id_known[tokens], tokens, torch.zeros_like(tokens)))
-        if self.positions is not None:
-            if L > self.cfg.max_len:
-                raise ValueError(f"sequence length {L} exceeds model.max_len={self.cfg.max_len}")
-            h = h + self.positions(torch.arange(L, device=x.device))
-        h = self.in_drop(self.in_norm(h))
+            ids = torch.where(self.id_known[tokens], tokens, torch.zeros_like(tokens))
+        if self.cfg.positions == "learned" and L > self.cfg.max_len:
+            raise ValueError(f"sequence length {L} exceeds model.max_len={self.cfg.max_len}")
         if self_only:
             mask = ~torch.eye(L, dtype=torch.bool, device=x.device)
         else:
             mask = torch.triu(torch.ones(L, L, dtype=torch.bool, device=x.device), diagonal=1)
-        # Sequences are right-padded, so under the causal (or self-only) mask a real position never
-        # sees padding and no key-padding mask is needed; outputs at padded positions are unused.
-        # The explicit causality hint avoids a data-dependent mask comparison (matters for export).
-        h = self.encoder(h, mask=mask, is_causal=not self_only)
-        head = self.user_head if (user and self.user_head is not None) else self.head
-        return F.normalize(head(h), dim=-1)
+        outs = [_run_stack(stack, inputs, ids, mask, self_only, user) for stack in (self, *self.members)]
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat(outs, -1) / len(outs) ** 0.5
 
     def encode_sequence(self, tokens: torch.Tensor, self_only: bool = False, user: bool = False) -> torch.Tensor:
         """[B, L] tokens (0 = pad, right-padded) -> [B, L, d_out]: ``encode_vectors`` on their content."""
@@ -190,6 +191,51 @@ class TwinTowers(nn.Module):
         ]
         self.train(was_training)
         return torch.cat(out)
+
+
+def _build_stack(module: nn.Module, cfg: TowerConfig) -> None:
+    """One member's layers, set as attributes of ``module``: adaptor, optional positions and ID
+    embedding, input norm and dropout, the causal transformer and the output head(s)."""
+    width = cfg.d_out // cfg.members
+    module.adaptor = nn.Linear(cfg.d_llm, cfg.d_model)
+    module.positions = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.positions == "learned" else None
+    module.in_norm = nn.LayerNorm(cfg.d_model)
+    module.in_drop = nn.Dropout(cfg.dropout)
+    layer = nn.TransformerEncoderLayer(
+        cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu", batch_first=True, norm_first=False
+    )
+    module.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+    module.head = nn.Linear(cfg.d_model, width)
+    module.user_head = nn.Linear(cfg.d_model, width) if cfg.user_head == "separate" else None
+    module.id_embedding = None
+    if cfg.num_id_items:
+        module.id_embedding = nn.Embedding(cfg.num_id_items + 1, cfg.d_model, padding_idx=0)
+        nn.init.zeros_(module.id_embedding.weight)  # training starts from the content-only model
+
+
+def _run_stack(stack: nn.Module, inputs: torch.Tensor, ids: torch.Tensor | None, mask: torch.Tensor,
+               self_only: bool, user: bool) -> torch.Tensor:
+    """One member over centred inputs [B, L, d_llm] -> normalised [B, L, d_out / members]."""
+    h = stack.adaptor(inputs)
+    if stack.id_embedding is not None:
+        h = h + stack.id_embedding(ids)
+    if stack.positions is not None:
+        h = h + stack.positions(torch.arange(inputs.shape[1], device=inputs.device))
+    h = stack.in_drop(stack.in_norm(h))
+    # Sequences are right-padded, so under the causal (or self-only) mask a real position never
+    # sees padding and no key-padding mask is needed; outputs at padded positions are unused.
+    # The explicit causality hint avoids a data-dependent mask comparison (matters for export).
+    h = stack.encoder(h, mask=mask, is_causal=not self_only)
+    head = stack.user_head if (user and stack.user_head is not None) else stack.head
+    return F.normalize(head(h), dim=-1)
+
+
+def member_slices(vectors: torch.Tensor, members: int) -> list[torch.Tensor]:
+    """Split tower outputs [..., d_out] into the members' own unit vectors [..., d_out / members]
+    (the inverse of the concatenation in ``encode_vectors``)."""
+    if members == 1:
+        return [vectors]
+    return [chunk * members ** 0.5 for chunk in vectors.chunk(members, dim=-1)]
 
 
 def pad_histories(histories: list, max_len: int) -> torch.Tensor:

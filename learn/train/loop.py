@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from learn.config import EvalConfig, TrainConfig
 from learn.data.sequences import EvalSplit, Splits
 from learn.towers.losses import dense_all_action_loss, full_softmax_loss, in_batch_softmax_loss
-from learn.towers.model import TwinTowers, pad_histories
+from learn.towers.model import TwinTowers, member_slices, pad_histories
 from learn.train.batches import DenseBatch, PairBatch, dense_batches, pair_batches
 
 RowMap = Callable[..., torch.Tensor]
@@ -87,6 +87,12 @@ def epoch_batches(train: list[np.ndarray], cfg: TrainConfig, max_history: int, s
 def compute_loss(model: TwinTowers, batch, cfg: TrainConfig, rows: RowMap = whole_rows) -> torch.Tensor:
     """The recipe's loss over the whole batch; the tower outputs it needs are computed through ``rows``."""
     core = model.module if hasattr(model, "module") else model
+    k = core.cfg.members
+
+    def per_member(loss_fn: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.Tensor, *rest) -> torch.Tensor:
+        # each member is trained on its own slice, as if alone (an ensemble, not one wide model)
+        return torch.stack([loss_fn(x, y, *rest) for x, y in zip(member_slices(a, k), member_slices(b, k))]).mean()
+
     if isinstance(batch, DenseBatch):
         def at(out: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
             return out[torch.arange(out.shape[0], device=out.device).unsqueeze(1), pos]
@@ -94,7 +100,8 @@ def compute_loss(model: TwinTowers, batch, cfg: TrainConfig, rows: RowMap = whol
         hist = rows(lambda tokens, pos: at(model(tokens), pos), batch.hist_tokens, batch.hist_pos)
         tgt = rows(lambda tokens, pos: at(core.target_sequence_embedding(tokens), pos), batch.tgt_tokens,
                    batch.tgt_pos)
-        return dense_all_action_loss(hist, batch.hist_valid, tgt, batch.tgt_valid, batch.tgt_items, cfg.score_scale)
+        return per_member(lambda h, t: dense_all_action_loss(h, batch.hist_valid, t, batch.tgt_valid, batch.tgt_items,
+                                                             cfg.score_scale), hist, tgt)
     assert isinstance(batch, PairBatch)
 
     def user_vectors(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -105,9 +112,9 @@ def compute_loss(model: TwinTowers, batch, cfg: TrainConfig, rows: RowMap = whol
     user = rows(user_vectors, batch.tokens, torch.arange(batch.tokens.shape[0], device=batch.tokens.device))
     if cfg.recipe == "full_softmax":
         items = rows(core.item_embedding, torch.arange(core.num_items, device=user.device))
-        return full_softmax_loss(user, items, batch.targets, cfg.score_scale)
+        return per_member(full_softmax_loss, user, items, batch.targets, cfg.score_scale)
     target_vecs = rows(core.item_embedding, batch.targets)
-    return in_batch_softmax_loss(user, target_vecs, batch.targets, cfg.score_scale, owners=batch.rows)
+    return per_member(in_batch_softmax_loss, user, target_vecs, batch.targets, cfg.score_scale, batch.rows)
 
 
 def train_step(model, batch, opt, sched, cfg: TrainConfig, rows: RowMap = whole_rows) -> float:
