@@ -11,8 +11,11 @@ MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 # vLLM's CPU build pins its own torch/transformers: it lives in a venv of its own (tests, benches)
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.setup-done
+# RecBole 1.2.1 (the SASRec peer, bench/sasrec_recbole.py) needs old numpy/pandas: a venv of its own
+RECBOLE_VENV  ?= .venv-recbole
+RECBOLE_STAMP := $(RECBOLE_VENV)/.setup-done
 
-.PHONY: setup vllm-env run test ui cluster-up cluster-down clean-venv
+.PHONY: setup vllm-env recbole-env run test ui cluster-up cluster-down clean-venv
 
 # Idempotent: rebuilds only when pyproject.toml or requirements.lock changed.
 setup: $(STAMP)
@@ -45,6 +48,19 @@ $(VLLM_STAMP): requirements-vllm.lock Makefile
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/python -c "import vllm, learn.embed.vllm_encoder; print('vLLM', vllm.__version__, 'ready in $(VLLM_VENV)')"
 	touch $(VLLM_STAMP)
+
+# not a dependency of 'make test': only bench/sasrec_recbole.py uses it
+recbole-env: $(RECBOLE_STAMP)
+
+$(RECBOLE_STAMP): requirements-recbole.lock Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
+	rm -rf $(RECBOLE_VENV)
+	$(PYTHON) -m venv $(RECBOLE_VENV)
+	$(RECBOLE_VENV)/bin/python -m pip install -q --upgrade "pip==25.3"
+	$(RECBOLE_VENV)/bin/python -m pip install -q "torch==2.13.0"
+	$(RECBOLE_VENV)/bin/python -m pip install -q -r requirements-recbole.lock
+	$(RECBOLE_VENV)/bin/python -c "import recbole, recbole.trainer, recbole.model.sequential_recommender; print('RecBole', recbole.__version__, 'ready in $(RECBOLE_VENV)')"
+	touch $(RECBOLE_STAMP)
 
 run: setup
 	$(PY) flows/full_pipeline.py --config $(CONFIG) $(ARGS)

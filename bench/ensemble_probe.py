@@ -1,0 +1,100 @@
+"""Offline probe: what ensembling trained rows, and adding the untrained last-item content score,
+would do on valid and test, from the towers the quality rows already wrote (no training here).
+
+    python bench/ensemble_probe.py --data ../shared/data/amazon-unisrec/Scientific \\
+        --combo learn_fs_minilm --combo learn_fs_minilm,learn_fs_minilm_seed1 --weights 0,0.1,0.2
+
+Each ``--combo`` names rows of bench/quality.py (the newest ``runs/bench-quality/<row>/*/towers.pt``
+of each; all on the same encoder). Score of item i for a user = mean over the combo's models of
+cos(user, item) + w * cos(content of the user's last item, content of i), computed as one inner
+product over concatenated vectors (what one faiss index over concatenated towers would serve).
+Choose w on valid; test is printed beside it only to show what that choice gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from learn.config import load_config  # noqa: E402
+from learn.data.load import item_texts, load_dataset  # noqa: E402
+from learn.data.sequences import build_sequences  # noqa: E402
+from learn.evaluate.baselines import content_item_vectors, content_user_vectors  # noqa: E402
+from learn.evaluate.metrics import metrics_from_ranks, target_ranks_both  # noqa: E402
+from learn.pipeline import embed_items  # noqa: E402
+from learn.towers.model import TowerConfig, TwinTowers  # noqa: E402
+from learn.train.loop import user_embeddings  # noqa: E402
+from learn.utils import atomic_write_text  # noqa: E402
+
+
+def load_row(name: str, content: np.ndarray, popularity: np.ndarray, encoder_id: str) -> TwinTowers:
+    found = sorted((ROOT / "runs" / "bench-quality" / name).glob("*/towers.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"row {name}: no runs/bench-quality/{name}/*/towers.pt (run bench/quality.py --only {name})")
+    saved = torch.load(found[-1], weights_only=True)
+    if saved["encoder_id"] != encoder_id:
+        raise SystemExit(f"row {name} was trained on {saved['encoder_id']}, the probe embeds with {encoder_id}")
+    cfg = TowerConfig(**saved["config"])
+    known = torch.as_tensor(popularity > 0) if cfg.num_id_items else None
+    model = TwinTowers(cfg, torch.as_tensor(content), id_known=known)
+    model.load_state_dict(saved["state_dict"], strict=False)  # the catalog buffer is not saved
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--config", default="conf/scientific.yaml")
+    ap.add_argument("--combo", action="append", required=True, help="comma-separated bench/quality.py rows")
+    ap.add_argument("--weights", default="0,0.1,0.2", help="weights of the last-item content score")
+    ap.add_argument("--json", default="bench/results/ensemble_probe.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_config(ROOT / args.config, [f"data.path={args.data}"])
+    raw = load_dataset(cfg.data)
+    data = build_sequences(raw, item_texts(raw, cfg.data.text_template), cfg.data.unsorted_timestamps)
+    splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
+    popularity = splits.train_popularity(data.num_items)
+    content, _, encoder_id = embed_items(cfg, data.name, data.item_ids, data.texts, False)
+    weights = [float(w) for w in args.weights.split(",")]
+    items_raw = content_item_vectors(content)
+    results = []
+    for combo in args.combo:
+        models = [load_row(n, content, popularity, encoder_id) for n in combo.split(",")]
+        row = {"combo": combo, "weights": {}}
+        for which in ("valid", "test"):
+            split = getattr(splits, which)
+            with torch.no_grad():
+                towers = [(user_embeddings(m, split.histories, cfg.data.max_history), m.all_item_embeddings())
+                          for m in models]
+            last = content_user_vectors(content, split, "content_last", cfg.data.max_history)
+            for w in weights:
+                users = torch.cat([u / len(towers) ** 0.5 for u, _ in towers] + [last * w ** 0.5], 1)
+                items = torch.cat([i / len(towers) ** 0.5 for _, i in towers] + [items_raw * w ** 0.5], 1)
+                incl, excl = target_ranks_both(users, items, split.targets, split.histories)
+                got = row["weights"].setdefault(str(w), {})
+                for suffix, ranks in (("", incl), ("_excl_hist", excl)):
+                    for key, v in metrics_from_ranks(ranks, (10,)).items():
+                        if key in ("ndcg_at_10", "recall_at_10"):
+                            got[f"{which}_{key}{suffix}"] = round(v, 4)
+        results.append(row)
+        for w, m in row["weights"].items():
+            print(f"{combo:<60} w={w:<4} valid {m['valid_ndcg_at_10']:.4f} / {m['valid_recall_at_10']:.4f}   "
+                  f"test {m['test_ndcg_at_10']:.4f} / {m['test_recall_at_10']:.4f}   "
+                  f"(excl. hist {m['test_ndcg_at_10_excl_hist']:.4f} / {m['test_recall_at_10_excl_hist']:.4f})",
+                  flush=True)
+    out = ROOT / args.json
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps({"encoder_id": encoder_id, "rows": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
