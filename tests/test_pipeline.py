@@ -92,7 +92,8 @@ def test_scientific_floor_reproduces_published_baseline(tmp_path, model_cache):
      "train.target_len=8"],
     ["model.item_tower=c", "model.positions=learned", "train.all_positions=true"],
     ["model.item_id_embedding=true", "export.enabled=false"],
-], ids=["in_batch-b", "dense-time_cut", "item_tower_c", "item_id_embedding"])
+    ["model.members=2"],
+], ids=["in_batch-b", "dense-time_cut", "item_tower_c", "item_id_embedding", "members"])
 def test_recipes_and_variants_run_end_to_end(tiny_cfg, overrides):
     m = run_pipeline(tiny_cfg("tracking.enabled=false", "train.epochs=2", *overrides), progress=False).metrics
     assert m["epochs_run"] == 2 and 0 < m["test_users"]
