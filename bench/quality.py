@@ -24,48 +24,59 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from learn.utils import atomic_write_text  # noqa: E402
+
+# conf/scientific.yaml was frozen twice: first with one member and d_out 128, then (2026-11-26) with
+# the 2-member ensemble. Rows that ran against the first version carry the overrides that restore it,
+# so every command below reproduces its row with the current file.
+MEMBER_1 = ["model.members=1"]
+D_OUT_128 = ["model.d_out=128"]
 
 ROWS: list[tuple[str, str, list[str]]] = [
     ("floor_last_minilm", "no training: user = last item, MiniLM", ["train.recipe=content_last"]),
     ("floor_mean_minilm", "no training: history mean vs raw content, MiniLM", ["train.recipe=content_mean"]),
-    ("learn_fs_minilm", "LEARN full softmax, MiniLM", []),
-    ("learn_ib_minilm", "LEARN in-batch, MiniLM", ["train.recipe=in_batch", "train.batch_size=256"]),
+    ("learn_fs_minilm", "LEARN full softmax, MiniLM", [*MEMBER_1, *D_OUT_128]),
+    ("learn_ib_minilm", "LEARN in-batch, MiniLM", [*MEMBER_1, *D_OUT_128, "train.recipe=in_batch", "train.batch_size=256"]),
     ("floor_last_smollm2", "no training: user = last item, SmolLM2", ["embed.model=smollm2", "train.recipe=content_last"]),
     ("floor_mean_smollm2", "no training: history mean vs raw content, SmolLM2",
      ["embed.model=smollm2", "train.recipe=content_mean"]),
-    ("learn_fs_smollm2", "LEARN full softmax, SmolLM2", ["embed.model=smollm2"]),
-    ("learn_ib_smollm2", "LEARN in-batch, SmolLM2", ["embed.model=smollm2", "train.recipe=in_batch",
+    ("learn_fs_smollm2", "LEARN full softmax, SmolLM2", [*MEMBER_1, *D_OUT_128, "embed.model=smollm2"]),
+    ("learn_ib_smollm2", "LEARN in-batch, SmolLM2", [*MEMBER_1, *D_OUT_128, "embed.model=smollm2", "train.recipe=in_batch",
                                                     "train.batch_size=256"]),
-    ("learn_fs_minilm_seed1", "LEARN full softmax, MiniLM, seed 1", ["seed=1"]),
+    ("learn_fs_minilm_seed1", "LEARN full softmax, MiniLM, seed 1", [*MEMBER_1, *D_OUT_128, "seed=1"]),
     # levers, each against learn_fs_minilm (the frozen config), read on valid NDCG@10
-    ("lever_shared_head", "lever: shared output head (as in the paper)", ["model.user_head=shared"]),
+    ("lever_shared_head", "lever: shared output head (as in the paper)", [*MEMBER_1, *D_OUT_128, "model.user_head=shared"]),
     ("lever_ib_shared_head", "lever: in-batch with the shared head",
-     ["train.recipe=in_batch", "train.batch_size=256", "model.user_head=shared"]),
-    ("lever_shared_head_dropout0", "lever: shared head, dropout 0", ["model.user_head=shared", "model.dropout=0.0"]),
+     [*MEMBER_1, *D_OUT_128, "train.recipe=in_batch", "train.batch_size=256", "model.user_head=shared"]),
+    ("lever_shared_head_dropout0", "lever: shared head, dropout 0", [*MEMBER_1, *D_OUT_128, "model.user_head=shared", "model.dropout=0.0"]),
     # LEARN's ablation: item tower (c) = no alignment on the item side (raw centred content vectors)
     ("ablation_item_tower_c", "ablation: item tower (c), raw content items, MiniLM",
-     ["model.item_tower=c", "model.d_out=384"]),
+     [*MEMBER_1, "model.item_tower=c", "model.d_out=384"]),
     # more levers against learn_fs_minilm, read on valid NDCG@10 (2026-11-26)
-    ("lever_scale_10", "lever: score scale 10", ["train.score_scale=10"]),
-    ("lever_scale_30", "lever: score scale 30", ["train.score_scale=30"]),
-    ("lever_dropout_03", "lever: dropout 0.3", ["model.dropout=0.3"]),
+    ("lever_scale_10", "lever: score scale 10", [*MEMBER_1, *D_OUT_128, "train.score_scale=10"]),
+    ("lever_scale_30", "lever: score scale 30", [*MEMBER_1, *D_OUT_128, "train.score_scale=30"]),
+    ("lever_dropout_03", "lever: dropout 0.3", [*MEMBER_1, *D_OUT_128, "model.dropout=0.3"]),
     ("lever_dmodel_256", "lever: d_model 256, d_ff 1024, d_out 256",
-     ["model.d_model=256", "model.d_ff=1024", "model.d_out=256"]),
-    ("lever_positions", "lever: learned position embeddings", ["model.positions=learned"]),
-    ("lever_item_tower_b", "lever: item tower (b), targets encoded alone in training too", ["model.item_tower=b"]),
-    ("lever_lr_1e3", "lever: learning rate 1e-3", ["train.lr=0.001"]),
-    ("lever_layers_1", "lever: 1 transformer layer", ["model.n_layers=1"]),
-    ("lever_dout_64", "lever: output dimension 64", ["model.d_out=64"]),
-    ("lever_dense", "lever: dense all-action recipe", ["train.recipe=dense_all_action"]),
-    ("lever_tokens_64", "lever: token budget 64", ["embed.max_tokens=64"]),
-    ("lever_layers_4", "lever: 4 transformer layers", ["model.n_layers=4"]),
-    ("lever_wd_01", "lever: weight decay 0.1", ["train.weight_decay=0.1"]),
-    ("lever_history_20", "lever: history length 20", ["data.max_history=20"]),
+     [*MEMBER_1, "model.d_model=256", "model.d_ff=1024", "model.d_out=256"]),
+    ("lever_positions", "lever: learned position embeddings", [*MEMBER_1, *D_OUT_128, "model.positions=learned"]),
+    ("lever_item_tower_b", "lever: item tower (b), targets encoded alone in training too", [*MEMBER_1, *D_OUT_128, "model.item_tower=b"]),
+    ("lever_lr_1e3", "lever: learning rate 1e-3", [*MEMBER_1, *D_OUT_128, "train.lr=0.001"]),
+    ("lever_layers_1", "lever: 1 transformer layer", [*MEMBER_1, *D_OUT_128, "model.n_layers=1"]),
+    ("lever_dout_64", "lever: output dimension 64", [*MEMBER_1, "model.d_out=64"]),
+    ("lever_dense", "lever: dense all-action recipe", [*MEMBER_1, *D_OUT_128, "train.recipe=dense_all_action"]),
+    ("lever_tokens_64", "lever: token budget 64", [*MEMBER_1, *D_OUT_128, "embed.max_tokens=64"]),
+    ("lever_layers_4", "lever: 4 transformer layers", [*MEMBER_1, *D_OUT_128, "model.n_layers=4"]),
+    ("lever_wd_01", "lever: weight decay 0.1", [*MEMBER_1, *D_OUT_128, "train.weight_decay=0.1"]),
+    ("lever_history_20", "lever: history length 20", [*MEMBER_1, *D_OUT_128, "data.max_history=20"]),
     ("lever_members_2", "lever: 2-member ensemble (128 dims each), trained and exported as one pair of towers",
      ["model.members=2", "model.d_out=256"]),
+    ("lever_members_2_seed1", "2-member ensemble, seed 1 (the frozen config's seed spread)",
+     ["model.members=2", "model.d_out=256", "seed=1"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM",
-     ["model.item_id_embedding=true", "export.enabled=false"]),
+     [*MEMBER_1, *D_OUT_128, "model.item_id_embedding=true", "export.enabled=false"]),
 ]
 
 KEYS = ["test_ndcg_at_10", "test_recall_at_10", "test_ndcg_at_10_excl_hist", "test_recall_at_10_excl_hist",
@@ -103,7 +114,9 @@ def rows_from_runs(previous: Path, data: str, config: str, wanted: set[str]) -> 
     """Rebuild rows from the newest output of each row (wall times from earlier bench JSONs)."""
     walls = {}  # run id -> measured wall time, from every earlier bench JSON beside this one
     for path in sorted(previous.parent.glob("*.json")):
-        walls.update({r["run_id"]: r["wall_s"] for r in json.loads(path.read_text()).get("rows", [])})
+        # other benches' JSONs live beside it: only rows of this bench (a run id and a wall time) count
+        walls.update({r["run_id"]: r["wall_s"] for r in json.loads(path.read_text()).get("rows", [])
+                      if isinstance(r, dict) and "run_id" in r and "wall_s" in r})
     rows = []
     for name, _, overrides in ROWS:
         outputs = sorted((ROOT / "runs" / "bench-quality" / name).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
@@ -154,8 +167,8 @@ def main() -> int:
     results.sort(key=lambda r: order.index(r["name"]))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                               "rows": results}, indent=2))
+    atomic_write_text(out, json.dumps({"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                                       "rows": results}, indent=2))
     print(markdown(results, labels))
     print("\ncommands:")
     for r in results:

@@ -31,6 +31,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", default="bench/results/train.json")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     args = p.parse_args()
 
     import ray
@@ -46,7 +47,7 @@ def main() -> int:
 
     cfg = load_config(ROOT / args.config, [f"data.path={args.data}", f"train.epochs={args.epochs}",
                                            f"train.eval_every={args.epochs}", "train.patience=0",
-                                           f"train.num_workers={args.workers}"])
+                                           f"train.num_workers={args.workers}", *args.set])
     raw = load_dataset(cfg.data)
     data = build_sequences(raw, item_texts(raw, cfg.data.text_template), cfg.data.unsorted_timestamps)
     splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
