@@ -25,11 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from learn.config import load_config  # noqa: E402
-from learn.data.load import item_texts, load_dataset  # noqa: E402
-from learn.data.sequences import build_sequences  # noqa: E402
 from learn.evaluate.baselines import content_item_vectors, content_user_vectors  # noqa: E402
 from learn.evaluate.metrics import metrics_from_ranks, target_ranks_both  # noqa: E402
-from learn.pipeline import embed_items  # noqa: E402
+from learn.pipeline import embed_items, load_sequences  # noqa: E402
 from learn.towers.model import TowerConfig, TwinTowers  # noqa: E402
 from learn.train.loop import user_embeddings  # noqa: E402
 from learn.utils import atomic_write_text  # noqa: E402
@@ -59,8 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(ROOT / args.config, [f"data.path={args.data}"])
-    raw = load_dataset(cfg.data)
-    data = build_sequences(raw, item_texts(raw, cfg.data.text_template), cfg.data.unsorted_timestamps)
+    _, data = load_sequences(cfg)
     splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
     popularity = splits.train_popularity(data.num_items)
     content, _, encoder_id = embed_items(cfg, data.name, data.item_ids, data.texts, False)

@@ -38,9 +38,7 @@ def main() -> int:
     import torch
 
     from learn.config import load_config
-    from learn.data.load import item_texts, load_dataset
-    from learn.data.sequences import build_sequences
-    from learn.pipeline import build_model, embed_items
+    from learn.pipeline import build_model, embed_items, load_sequences
     from learn.train.distributed import fit_distributed
     from learn.train.loop import fit
     from learn.utils import seed_everything
@@ -48,8 +46,7 @@ def main() -> int:
     cfg = load_config(ROOT / args.config, [f"data.path={args.data}", f"train.epochs={args.epochs}",
                                            f"train.eval_every={args.epochs}", "train.patience=0",
                                            f"train.num_workers={args.workers}", *args.set])
-    raw = load_dataset(cfg.data)
-    data = build_sequences(raw, item_texts(raw, cfg.data.text_template), cfg.data.unsorted_timestamps)
+    _, data = load_sequences(cfg)
     splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
     content, _, encoder_id = embed_items(cfg, data.name, data.item_ids, data.texts, progress=False)
     sequences = sum(1 for s in splits.train if len(s) >= 2) * args.epochs

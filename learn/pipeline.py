@@ -25,8 +25,8 @@ import torch
 
 from learn.config import Config, flatten, to_dict
 from learn.data.load import item_texts, load_dataset
-from learn.data.schema import DataError
-from learn.data.sequences import Splits, build_sequences
+from learn.data.schema import DataError, RawDataset
+from learn.data.sequences import SequenceData, Splits, build_sequences
 from learn.tracking.mlflow_run import Tracker
 from learn.utils import StageTimer, atomic_path, atomic_write_text, seed_everything
 
@@ -39,6 +39,13 @@ class PipelineResult:
     metrics: dict[str, float]
     output_dir: Path
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def load_sequences(cfg: Config) -> tuple[RawDataset, SequenceData]:
+    """The configured dataset (``cfg.data``) read, its item texts built from the template, and the
+    per-user sequences: where every flow and bench starts."""
+    raw = load_dataset(cfg.data)
+    return raw, build_sequences(raw, item_texts(raw, cfg.data.text_template), cfg.data.unsorted_timestamps)
 
 
 def content_store_path(cfg: Config, dataset_name: str) -> Path:
@@ -160,12 +167,10 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
         tracker.log_params(params)
 
         with timer("data"):
-            raw = load_dataset(cfg.data)
-            texts = item_texts(raw, cfg.data.text_template)
+            raw, data = load_sequences(cfg)
             if cfg.data.split == "time_cut" and not raw.has_clock:
                 raise DataError(f"data.split=time_cut needs real timestamps, but {raw.source or raw.name} has "
                                 f"only an order; use data.split=leave_one_out")
-            data = build_sequences(raw, texts, cfg.data.unsorted_timestamps)
             splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
             popularity = splits.train_popularity(data.num_items)
         n_inter = int(sum(len(s) for s in data.seqs))

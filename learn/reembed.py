@@ -119,11 +119,9 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
     """Run the flow described in the module docstring; returns what it did."""
     import mlflow
 
-    from learn.data.load import item_texts, load_dataset
-    from learn.data.sequences import build_sequences
     from learn.embed.models import configured_encoder
     from learn.export.bundle import load_bundle, rebuild_bundle
-    from learn.pipeline import embed_items
+    from learn.pipeline import embed_items, load_sequences
     from learn.tracking.mlflow_run import Tracker, resolve_uri
     from learn.utils import text_hash
 
@@ -147,9 +145,7 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
             f"this config embeds with '{eid}'; vectors of different encoders cannot be mixed. Use the served "
             f"encoder's settings (embed.model, embed.max_tokens, embed.dtype) or train a new model")
 
-    raw = load_dataset(cfg.data)
-    texts = item_texts(raw, cfg.data.text_template)
-    data = build_sequences(raw, texts, cfg.data.unsorted_timestamps)
+    _, data = load_sequences(cfg)
     ids = [str(i) for i in data.item_ids]
     hashes = [text_hash(t) for t in data.texts]
     fingerprint = catalog_fingerprint(ids, hashes, eid, source.tower_id)
