@@ -6,9 +6,11 @@ would do on valid and test, from the towers the quality rows already wrote (no t
 
 Each ``--combo`` names rows of bench/quality.py (the newest ``runs/bench-quality/<row>/*/towers.pt``
 of each; all on the same encoder). Score of item i for a user = mean over the combo's models of
-cos(user, item) + w * cos(content of the user's last item, content of i), computed as one inner
-product over concatenated vectors (what one faiss index over concatenated towers would serve).
-Choose w on valid; test is printed beside it only to show what that choice gives.
+cos(user, item) + w * cos(content of the user's last item, content of i) + p * popularity(i), with
+popularity(i) = log(1 + training interactions of i) / log(1 + the most popular item's), computed as
+one inner product over concatenated vectors (what one faiss index over concatenated towers would
+serve; p is one more item dimension against a constant user dimension). Choose w and p on valid;
+test is printed beside them only to show what that choice gives.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
     ap.add_argument("--config", default="conf/scientific.yaml")
     ap.add_argument("--combo", action="append", required=True, help="comma-separated bench/quality.py rows")
     ap.add_argument("--weights", default="0,0.1,0.2", help="weights of the last-item content score")
+    ap.add_argument("--pop-weights", default="0", help="weights of the popularity prior (every pair with --weights)")
     ap.add_argument("--json", default="bench/results/ensemble_probe.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -61,8 +64,9 @@ def main() -> None:
     splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
     popularity = splits.train_popularity(data.num_items)
     content, _, encoder_id = embed_items(cfg, data.name, data.item_ids, data.texts, False)
-    weights = [float(w) for w in args.weights.split(",")]
+    weights = [(float(w), float(p)) for w in args.weights.split(",") for p in args.pop_weights.split(",")]
     items_raw = content_item_vectors(content)
+    prior = torch.as_tensor(np.log1p(popularity) / np.log1p(popularity.max()), dtype=torch.float32)[:, None]
     results = []
     for combo in args.combo:
         models = [load_row(n, content, popularity, encoder_id) for n in combo.split(",")]
@@ -73,18 +77,19 @@ def main() -> None:
                 towers = [(user_embeddings(m, split.histories, cfg.data.max_history), m.all_item_embeddings())
                           for m in models]
             last = content_user_vectors(content, split, "content_last", cfg.data.max_history)
-            for w in weights:
-                users = torch.cat([u / len(towers) ** 0.5 for u, _ in towers] + [last * w ** 0.5], 1)
-                items = torch.cat([i / len(towers) ** 0.5 for _, i in towers] + [items_raw * w ** 0.5], 1)
+            for w, p in weights:
+                constant = torch.full((len(last), 1), p)
+                users = torch.cat([u / len(towers) ** 0.5 for u, _ in towers] + [last * w ** 0.5, constant], 1)
+                items = torch.cat([i / len(towers) ** 0.5 for _, i in towers] + [items_raw * w ** 0.5, prior], 1)
                 incl, excl = target_ranks_both(users, items, split.targets, split.histories)
-                got = row["weights"].setdefault(str(w), {})
+                got = row["weights"].setdefault(str(w) if p == 0 else f"{w},pop={p}", {})
                 for suffix, ranks in (("", incl), ("_excl_hist", excl)):
                     for key, v in metrics_from_ranks(ranks, (10,)).items():
                         if key in ("ndcg_at_10", "recall_at_10"):
                             got[f"{which}_{key}{suffix}"] = round(v, 4)
         results.append(row)
         for w, m in row["weights"].items():
-            print(f"{combo:<60} w={w:<4} valid {m['valid_ndcg_at_10']:.4f} / {m['valid_recall_at_10']:.4f}   "
+            print(f"{combo:<60} w={w:<12} valid {m['valid_ndcg_at_10']:.4f} / {m['valid_recall_at_10']:.4f}   "
                   f"test {m['test_ndcg_at_10']:.4f} / {m['test_recall_at_10']:.4f}   "
                   f"(excl. hist {m['test_ndcg_at_10_excl_hist']:.4f} / {m['test_recall_at_10_excl_hist']:.4f})",
                   flush=True)

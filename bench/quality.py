@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from learn.utils import atomic_write_text  # noqa: E402
 # so every command below reproduces its row with the current file.
 MEMBER_1 = ["model.members=1"]
 D_OUT_128 = ["model.d_out=128"]
+TPL_PRODUCT = ['data.text_template="Product: {text}"', "embed.store=.cache/learn/content/Scientific-minilm-tpl-product.parquet"]
 
 ROWS: list[tuple[str, str, list[str]]] = [
     ("floor_last_minilm", "no training: user = last item, MiniLM", ["train.recipe=content_last"]),
@@ -66,6 +68,9 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("lever_layers_1", "lever: 1 transformer layer", [*MEMBER_1, *D_OUT_128, "model.n_layers=1"]),
     ("lever_dout_64", "lever: output dimension 64", [*MEMBER_1, "model.d_out=64"]),
     ("lever_dense", "lever: dense all-action recipe", [*MEMBER_1, *D_OUT_128, "train.recipe=dense_all_action"]),
+    # dense with item tower (b): targets encoded alone in training, as every item is served
+    ("lever_dense_b", "lever: dense all-action recipe, item tower (b)",
+     [*MEMBER_1, *D_OUT_128, "train.recipe=dense_all_action", "model.item_tower=b"]),
     ("lever_tokens_64", "lever: token budget 64", [*MEMBER_1, *D_OUT_128, "embed.max_tokens=64"]),
     ("lever_layers_4", "lever: 4 transformer layers", [*MEMBER_1, *D_OUT_128, "model.n_layers=4"]),
     ("lever_wd_01", "lever: weight decay 0.1", [*MEMBER_1, *D_OUT_128, "train.weight_decay=0.1"]),
@@ -74,13 +79,27 @@ ROWS: list[tuple[str, str, list[str]]] = [
      ["model.members=2", "model.d_out=256"]),
     ("lever_members_2_seed1", "2-member ensemble, seed 1 (the frozen config's seed spread)",
      ["model.members=2", "model.d_out=256", "seed=1"]),
+    # the text template (UniSRec files have one text field: title, categories, brand): a prefix
+    # prefix. Its vectors get their own content store: the store keeps one vector per (item, encoder)
+    # and would otherwise re-embed (overwrite) the default template's vectors.
+    ("floor_last_minilm_tpl_product", "no training: user = last item, MiniLM, template 'Product: {text}'",
+     ["train.recipe=content_last", *TPL_PRODUCT]),
+    ("lever_tpl_product", "lever: text template 'Product: {text}'", [*MEMBER_1, *D_OUT_128, *TPL_PRODUCT]),
+    # 4 members of one layer each: about the training cost of the frozen 2 members of two layers
+    ("lever_members_4_layers_1", "lever: 4-member ensemble of 1-layer members (64 dims each)",
+     ["model.members=4", "model.d_out=256", "model.n_layers=1"]),
+    ("lever_members_4_layers_1_seed1", "4-member ensemble of 1-layer members, seed 1",
+     ["model.members=4", "model.d_out=256", "model.n_layers=1", "seed=1"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM",
      [*MEMBER_1, *D_OUT_128, "model.item_id_embedding=true", "export.enabled=false"]),
 ]
 
+PEER_LABELS = {"peer_sasrec_recbole": "peer: SASRec on item ids, RecBole 1.2.1, run here"}
+
 KEYS = ["test_ndcg_at_10", "test_recall_at_10", "test_ndcg_at_10_excl_hist", "test_recall_at_10_excl_hist",
-        "best_valid_ndcg_at_10", "best_valid_recall_at_10"]
+        "best_valid_ndcg_at_10", "best_valid_recall_at_10", "best_valid_ndcg_at_10_excl_hist",
+        "best_valid_recall_at_10_excl_hist"]
 
 
 def run_row(name: str, overrides: list[str], data: str, config: str) -> dict:
@@ -105,7 +124,7 @@ def row_from_summary(name: str, path: Path, overrides: list[str], data: str, con
     if threads and not any(o.startswith("train.num_threads=") for o in overrides):
         overrides = [*overrides, f"train.num_threads={threads}"]  # as it ran
     shown = ["python", "flows/full_pipeline.py", "--config", config, f"data.path={data}", *overrides]
-    return {"name": name, "command": " ".join(shown), "wall_s": round(wall, 1),
+    return {"name": name, "command": shlex.join(shown), "wall_s": round(wall, 1),
             "run_id": summary["run_id"], "encoder_id": summary["encoder_id"],
             "metrics": {k: summary["metrics"].get(k) for k in KEYS + ["best_epoch", "epochs_run"]}}
 
@@ -131,12 +150,14 @@ def rows_from_runs(previous: Path, data: str, config: str, wanted: set[str]) -> 
 
 def markdown(rows: list[dict], labels: dict[str, str]) -> str:
     head = ("| row | test NDCG@10 | test R@10 | test NDCG@10 excl. hist | test R@10 excl. hist "
-            "| valid NDCG@10 | valid R@10 | wall |\n|---|---|---|---|---|---|---|---|")
+            "| valid NDCG@10 | valid R@10 | valid NDCG@10 excl. hist | valid R@10 excl. hist | wall |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         m = r["metrics"]
         cells = " | ".join(f"{m[k]:.4f}" if m.get(k) is not None else "-" for k in KEYS)
-        lines.append(f"| {labels[r['name']]} (`{r['name']}`) | {cells} | {r['wall_s']:.0f} s |")
+        wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f} s"
+        lines.append(f"| {labels[r['name']]} (`{r['name']}`) | {cells} | {wall} |")
     return "\n".join(lines)
 
 
@@ -150,6 +171,8 @@ def main() -> int:
                    help="rows run at a time; above 1 each row gets train.num_threads=1")
     p.add_argument("--from-runs", action="store_true",
                    help="run nothing: rebuild the table from the rows' newest outputs under runs/bench-quality/")
+    p.add_argument("--peers", default="bench/results/sasrec_recbole.json",
+                   help="peer results to print under the table (written by bench/sasrec_recbole.py); skipped if absent")
     args = p.parse_args()
     wanted = set(filter(None, args.only.split(",")))
     labels = {n: label for n, label, _ in ROWS}
@@ -165,13 +188,15 @@ def main() -> int:
         results += list(pool.map(lambda t: run_row(t[0], t[1], args.data, args.config), rest))
     order = [n for n, _, _ in ROWS]
     results.sort(key=lambda r: order.index(r["name"]))
+    peers = json.loads(Path(args.peers).read_text())["rows"] if Path(args.peers).is_file() else []
+    labels.update({r["name"]: PEER_LABELS.get(r["name"], r["name"]) for r in peers})
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps({"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                                       "rows": results}, indent=2))
-    print(markdown(results, labels))
+                                       "rows": results, "peers": peers}, indent=2))
+    print(markdown(results + peers, labels))
     print("\ncommands:")
-    for r in results:
+    for r in results + peers:
         print(f"- `{r['name']}`: `{r['command']}`")
     return 0
 

@@ -23,7 +23,9 @@ Cost: one CPU thread (OMP_NUM_THREADS=1, torch.set_num_threads(1)); on the 2-cor
 with other work, one epoch (17 batches of 2048) takes about 100-120 s of training plus about 3.5 s
 of valid evaluation, so an early-stopped run takes hours. Seeded runs are bit-reproducible on the
 same machine (epochs 0-1 of two runs matched to the logged digits). RecBole's log lands in
-runs/sasrec_recbole/seed<S>_h<H>/log/, the best checkpoint in .../saved/.
+runs/sasrec_recbole/seed<S>_h<H>/log/, the best checkpoint in .../saved/. An interrupted run goes
+on from that checkpoint with `--resume` (weights, optimizer, epoch, best score and early-stopping
+counter come back; the data-shuffling RNG does not).
 
 Runtime patches (RecBole 1.2.1 is older than the torch we use; numpy/pandas/scipy are pinned to
 versions it works with in requirements-recbole.lock, so no numpy/pandas patches are needed):
@@ -132,7 +134,16 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=2020)
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue an interrupted run from its best-valid checkpoint (a path, or the newest "
+                        "in runs/sasrec_recbole/seed<S>_h<H>/saved/ when given alone)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="with --resume: train no further, only evaluate the checkpoint")
     args = p.parse_args()
+    if args.eval_only and not args.resume:
+        p.error("--eval-only needs --resume (the checkpoint to evaluate)")
+    # a checkpoint path is relative to where the command runs (the script chdirs below)
+    resume_path = Path(args.resume).resolve() if args.resume not in (None, "latest") else None
     start = time.perf_counter()
     torch.set_num_threads(1)
 
@@ -194,10 +205,32 @@ def main() -> int:
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = SASRec(config, train_data._dataset).to(config["device"])
     trainer = Trainer(config, model)
-    best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    resumed_from = None
+    if args.resume:
+        resume = resume_path
+        if resume is None:
+            found = sorted((work / "saved").glob("SASRec-*.pth"), key=lambda f: f.stat().st_mtime)
+            if not found:
+                raise SystemExit(f"--resume: no checkpoint in {work / 'saved'}")
+            resume = found[-1]
+        if not resume.is_file():
+            raise SystemExit(f"--resume: no such checkpoint {resume}")
+        # weights, optimizer state, epoch and best valid score come back; the shuffling RNG does
+        # not, so a resumed run is not bit-identical to an uninterrupted one. New bests overwrite
+        # this same checkpoint file.
+        trainer.resume_checkpoint(resume)
+        shown_ckpt = resume.relative_to(ROOT) if resume.is_relative_to(ROOT) else resume
+        resumed_from = {"checkpoint": str(shown_ckpt), "epoch": trainer.start_epoch}
+    if args.eval_only:
+        best_valid_score, best_valid_result = trainer.best_valid_score, None
+    else:
+        best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    if best_valid_result is None:  # nothing improved after --resume (or --eval-only): the checkpoint's own
+        best_valid_result = trainer.evaluate(valid_data, load_best_model=True, show_progress=False)
     recbole_test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
     # 1-based like learn's training loop (RecBole counts epochs from 0)
-    epochs_run = len(trainer.train_loss_dict)
+    # (unknown with --eval-only: RecBole's log of the training run has it)
+    epochs_run = None if args.eval_only else trainer.start_epoch + len(trainer.train_loss_dict)
     # the checkpoint is the best-valid epoch's (Trainer._save_checkpoint stores its 0-based "epoch")
     ckpt = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=False)
     best_epoch = int(ckpt["epoch"]) + 1
@@ -244,10 +277,16 @@ def main() -> int:
                                ("--hidden-size", args.hidden_size, 64)):
         if val != default:
             shown += [flag, str(val)]
+    if args.resume:
+        shown += ["--resume"] + ([args.resume] if resume_path else [])
+    if args.eval_only:
+        shown.append("--eval-only")
     row = {
         "name": "peer_sasrec_recbole",
         "command": " ".join(shown),
-        "wall_s": round(wall, 1),
+        # an --eval-only run trained nothing: its own wall time is not the row's (RecBole's log has that)
+        "wall_s": None if args.eval_only else round(wall, 1),
+        "eval_wall_s": round(wall, 1),
         "metrics": metrics,
         "recbole_reported": {
             "test": {k: float(v) for k, v in recbole_test.items()},
@@ -265,6 +304,8 @@ def main() -> int:
             "rows_whose_whole_history_is_longer_than_item_id_list": longer,
             "checkpoint": str(Path(trainer.saved_model_file).relative_to(ROOT)),
             "metric_code": "learn.evaluate.metrics.target_ranks_both + metrics_from_ranks",
+            "resumed_from": resumed_from,
+            "eval_only": args.eval_only,
         },
     }
     out_json.parent.mkdir(parents=True, exist_ok=True)
