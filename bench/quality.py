@@ -29,10 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 from learn.utils import atomic_write_text  # noqa: E402
 
-# conf/scientific.yaml was frozen twice: first with one member and d_out 128, then (2026-11-26) with
-# the 2-member ensemble. Rows that ran against the first version carry the overrides that restore it,
-# so every command below reproduces its row with the current file.
-MEMBER_1 = ["model.members=1"]
+# conf/scientific.yaml was frozen three times (2026-11-26): one member of two layers (d_out 128), then
+# 2 members of two layers, then 4 members of one layer. Rows that ran against an earlier version carry
+# the overrides that restore it (a row's own settings come after them and win), so every command below
+# reproduces its row with the current file.
+MEMBER_1 = ["model.members=1", "model.n_layers=2"]
+MEMBERS_2 = ["model.members=2", "model.d_out=256", "model.n_layers=2"]
 D_OUT_128 = ["model.d_out=128"]
 TPL_PRODUCT = ['data.text_template="Product: {text}"', "embed.store=.cache/learn/content/Scientific-minilm-tpl-product.parquet"]
 
@@ -65,20 +67,20 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("lever_positions", "lever: learned position embeddings", [*MEMBER_1, *D_OUT_128, "model.positions=learned"]),
     ("lever_item_tower_b", "lever: item tower (b), targets encoded alone in training too", [*MEMBER_1, *D_OUT_128, "model.item_tower=b"]),
     ("lever_lr_1e3", "lever: learning rate 1e-3", [*MEMBER_1, *D_OUT_128, "train.lr=0.001"]),
-    ("lever_layers_1", "lever: 1 transformer layer", [*MEMBER_1, *D_OUT_128, "model.n_layers=1"]),
+    ("lever_layers_1", "lever: 1 transformer layer", ["model.members=1", *D_OUT_128, "model.n_layers=1"]),
     ("lever_dout_64", "lever: output dimension 64", [*MEMBER_1, "model.d_out=64"]),
     ("lever_dense", "lever: dense all-action recipe", [*MEMBER_1, *D_OUT_128, "train.recipe=dense_all_action"]),
     # dense with item tower (b): targets encoded alone in training, as every item is served
     ("lever_dense_b", "lever: dense all-action recipe, item tower (b)",
      [*MEMBER_1, *D_OUT_128, "train.recipe=dense_all_action", "model.item_tower=b"]),
     ("lever_tokens_64", "lever: token budget 64", [*MEMBER_1, *D_OUT_128, "embed.max_tokens=64"]),
-    ("lever_layers_4", "lever: 4 transformer layers", [*MEMBER_1, *D_OUT_128, "model.n_layers=4"]),
+    ("lever_layers_4", "lever: 4 transformer layers", ["model.members=1", *D_OUT_128, "model.n_layers=4"]),
     ("lever_wd_01", "lever: weight decay 0.1", [*MEMBER_1, *D_OUT_128, "train.weight_decay=0.1"]),
     ("lever_history_20", "lever: history length 20", [*MEMBER_1, *D_OUT_128, "data.max_history=20"]),
     ("lever_members_2", "lever: 2-member ensemble (128 dims each), trained and exported as one pair of towers",
-     ["model.members=2", "model.d_out=256"]),
+     MEMBERS_2),
     ("lever_members_2_seed1", "2-member ensemble, seed 1 (the frozen config's seed spread)",
-     ["model.members=2", "model.d_out=256", "seed=1"]),
+     [*MEMBERS_2, "seed=1"]),
     # the text template (UniSRec files have one text field: title, categories, brand): a prefix
     # prefix. Its vectors get their own content store: the store keeps one vector per (item, encoder)
     # and would otherwise re-embed (overwrite) the default template's vectors.
