@@ -79,18 +79,18 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("lever_history_20", "lever: history length 20", [*MEMBER_1, *D_OUT_128, "data.max_history=20"]),
     ("lever_members_2", "lever: 2-member ensemble (128 dims each), trained and exported as one pair of towers",
      MEMBERS_2),
-    ("lever_members_2_seed1", "2-member ensemble, seed 1 (the frozen config's seed spread)",
+    ("lever_members_2_seed1", "2-member ensemble, seed 1 (the second freeze's seed spread)",
      [*MEMBERS_2, "seed=1"]),
-    # the text template (UniSRec files have one text field: title, categories, brand): a prefix
-    # prefix. Its vectors get their own content store: the store keeps one vector per (item, encoder)
+    # the text template (UniSRec files have one text field: title, categories, brand): a prefix.
+    # Its vectors get their own content store: the store keeps one vector per (item, encoder)
     # and would otherwise re-embed (overwrite) the default template's vectors.
     ("floor_last_minilm_tpl_product", "no training: user = last item, MiniLM, template 'Product: {text}'",
      ["train.recipe=content_last", *TPL_PRODUCT]),
     ("lever_tpl_product", "lever: text template 'Product: {text}'", [*MEMBER_1, *D_OUT_128, *TPL_PRODUCT]),
-    # 4 members of one layer each: about the training cost of the frozen 2 members of two layers
+    # 4 members of one layer each (the third freeze): about the training cost of 2 members of two layers
     ("lever_members_4_layers_1", "lever: 4-member ensemble of 1-layer members (64 dims each)",
      ["model.members=4", "model.d_out=256", "model.n_layers=1"]),
-    ("lever_members_4_layers_1_seed1", "4-member ensemble of 1-layer members, seed 1",
+    ("lever_members_4_layers_1_seed1", "4-member ensemble of 1-layer members, seed 1 (the frozen config's seed spread)",
      ["model.members=4", "model.d_out=256", "model.n_layers=1", "seed=1"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM",
