@@ -67,20 +67,24 @@ def main() -> None:
     weights = [(float(w), float(p)) for w in args.weights.split(",") for p in args.pop_weights.split(",")]
     items_raw = content_item_vectors(content)
     prior = torch.as_tensor(np.log1p(popularity) / np.log1p(popularity.max()), dtype=torch.float32)[:, None]
+    # the untrained last-item vectors depend on the split only: once for every combo
+    lasts = {which: content_user_vectors(content, getattr(splits, which), "content_last", cfg.data.max_history)
+             for which in ("valid", "test")}
     results = []
     for combo in args.combo:
         models = [load_row(n, content, popularity, encoder_id) for n in combo.split(",")]
         row = {"combo": combo, "weights": {}}
+        with torch.no_grad():  # the item side is the same for both splits
+            towers_items = torch.cat([m.all_item_embeddings() for m in models], 1) / len(models) ** 0.5
         for which in ("valid", "test"):
-            split = getattr(splits, which)
+            split, last = getattr(splits, which), lasts[which]
             with torch.no_grad():
-                towers = [(user_embeddings(m, split.histories, cfg.data.max_history), m.all_item_embeddings())
-                          for m in models]
-            last = content_user_vectors(content, split, "content_last", cfg.data.max_history)
+                towers_users = torch.cat([user_embeddings(m, split.histories, cfg.data.max_history)
+                                          for m in models], 1) / len(models) ** 0.5
             for w, p in weights:
                 constant = torch.full((len(last), 1), p)
-                users = torch.cat([u / len(towers) ** 0.5 for u, _ in towers] + [last * w ** 0.5, constant], 1)
-                items = torch.cat([i / len(towers) ** 0.5 for _, i in towers] + [items_raw * w ** 0.5, prior], 1)
+                users = torch.cat([towers_users, last * w ** 0.5, constant], 1)
+                items = torch.cat([towers_items, items_raw * w ** 0.5, prior], 1)
                 incl, excl = target_ranks_both(users, items, split.targets, split.histories)
                 got = row["weights"].setdefault(str(w) if p == 0 else f"{w},pop={p}", {})
                 for suffix, ranks in (("", incl), ("_excl_hist", excl)):

@@ -207,14 +207,11 @@ def main() -> int:
     trainer = Trainer(config, model)
     resumed_from = None
     if args.resume:
-        resume = resume_path
-        if resume is None:
-            found = sorted((work / "saved").glob("SASRec-*.pth"), key=lambda f: f.stat().st_mtime)
-            if not found:
-                raise SystemExit(f"--resume: no checkpoint in {work / 'saved'}")
-            resume = found[-1]
-        if not resume.is_file():
-            raise SystemExit(f"--resume: no such checkpoint {resume}")
+        found = [resume_path] if resume_path else sorted((work / "saved").glob("SASRec-*.pth"),
+                                                          key=lambda f: f.stat().st_mtime)
+        if not found or not found[-1].is_file():
+            raise SystemExit(f"--resume: no checkpoint {resume_path or 'in ' + str(work / 'saved')}")
+        resume = found[-1]
         # weights, optimizer state, epoch and best valid score come back; the shuffling RNG does
         # not, so a resumed run is not bit-identical to an uninterrupted one. New bests overwrite
         # this same checkpoint file.

@@ -91,8 +91,6 @@ def compute_loss(model: TwinTowers, batch, cfg: TrainConfig, rows: RowMap = whol
 
     def per_member(loss_fn: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.Tensor, *rest) -> torch.Tensor:
         # each member is trained on its own slice, as if alone (an ensemble, not one wide model)
-        if k == 1:
-            return loss_fn(a, b, *rest)
         return torch.stack([loss_fn(x, y, *rest) for x, y in zip(member_slices(a, k), member_slices(b, k))]).mean()
 
     if isinstance(batch, DenseBatch):
