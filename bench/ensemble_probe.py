@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 from learn.config import load_config  # noqa: E402
 from learn.evaluate.baselines import content_item_vectors, content_user_vectors  # noqa: E402
 from learn.evaluate.metrics import metrics_from_ranks, target_ranks_both  # noqa: E402
-from learn.pipeline import embed_items, load_sequences  # noqa: E402
+from learn.data.load import load_sequences  # noqa: E402
+from learn.embed.catalog import embed_items  # noqa: E402
 from learn.towers.model import TowerConfig, TwinTowers  # noqa: E402
 from learn.train.loop import user_embeddings  # noqa: E402
 from learn.utils import atomic_write_text  # noqa: E402
@@ -60,10 +61,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(ROOT / args.config, [f"data.path={args.data}"])
-    _, data = load_sequences(cfg)
+    _, data = load_sequences(cfg.data)
     splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
     popularity = splits.train_popularity(data.num_items)
-    content, _, encoder_id = embed_items(cfg, data.name, data.item_ids, data.texts, False)
+    content, _, encoder_id = embed_items(cfg.embed, data.name, data.item_ids, data.texts, False)
     weights = [(float(w), float(p)) for w in args.weights.split(",") for p in args.pop_weights.split(",")]
     items_raw = content_item_vectors(content)
     prior = torch.as_tensor(np.log1p(popularity) / np.log1p(popularity.max()), dtype=torch.float32)[:, None]

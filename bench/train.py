@@ -38,7 +38,9 @@ def main() -> int:
     import torch
 
     from learn.config import load_config
-    from learn.pipeline import build_model, embed_items, load_sequences
+    from learn.data.load import load_sequences
+    from learn.embed.catalog import embed_items
+    from learn.pipeline import build_model
     from learn.train.distributed import fit_distributed
     from learn.train.loop import fit
     from learn.utils import seed_everything
@@ -46,9 +48,9 @@ def main() -> int:
     cfg = load_config(ROOT / args.config, [f"data.path={args.data}", f"train.epochs={args.epochs}",
                                            f"train.eval_every={args.epochs}", "train.patience=0",
                                            f"train.num_workers={args.workers}", *args.set])
-    _, data = load_sequences(cfg)
+    _, data = load_sequences(cfg.data)
     splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
-    content, _, encoder_id = embed_items(cfg, data.name, data.item_ids, data.texts, progress=False)
+    content, _, encoder_id = embed_items(cfg.embed, data.name, data.item_ids, data.texts, progress=False)
     sequences = sum(1 for s in splits.train if len(s) >= 2) * args.epochs
     seed_everything(cfg.seed)
     model = build_model(cfg, content)

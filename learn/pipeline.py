@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,8 @@ import numpy as np
 import torch
 
 from learn.config import Config, flatten, to_dict
-from learn.data.load import item_texts, load_dataset
+from learn.data.load import load_sequences
+from learn.embed.catalog import embed_items
 from learn.data.schema import DataError, RawDataset
 from learn.data.sequences import SequenceData, Splits, build_sequences
 from learn.tracking.mlflow_run import Tracker
@@ -39,42 +39,6 @@ class PipelineResult:
     metrics: dict[str, float]
     output_dir: Path
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def load_sequences(cfg: Config) -> tuple[RawDataset, SequenceData]:
-    """The configured dataset (``cfg.data``) read, its item texts built from the template, and the
-    per-user sequences: where every flow and bench starts."""
-    raw = load_dataset(cfg.data)
-    return raw, build_sequences(raw, item_texts(raw, cfg.data.text_template), cfg.data.unsorted_timestamps)
-
-
-def content_store_path(cfg: Config, dataset_name: str) -> Path:
-    if cfg.embed.store:
-        return Path(cfg.embed.store)
-    # one file per dataset and model: a store holds vectors of one dimension only
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.embed.model).strip("_")[-60:]
-    return Path(cfg.embed.cache_dir) / "content" / f"{dataset_name}-{slug}.parquet"
-
-
-def embed_items(cfg: Config, dataset_name: str, item_ids: np.ndarray, texts: list[str],
-                progress: bool = True) -> tuple[np.ndarray, dict, str]:
-    from learn.embed.backends import build_encoder, close_encoder
-    from learn.embed.store import ContentStore, embed_catalog
-
-    store = ContentStore(content_store_path(cfg, dataset_name))
-    if cfg.embed.executor == "ray_data":  # encoders live in Ray actors; this process only writes the store
-        from learn.embed.models import configured_encoder
-        from learn.embed.ray_data import embed_catalog_ray
-
-        _, eid = configured_encoder(cfg.embed)
-        vectors, stats = embed_catalog_ray(cfg.embed, [str(i) for i in item_ids], texts, store, progress=progress)
-        return np.asarray(vectors, dtype=np.float32), stats, eid
-    encoder = build_encoder(cfg.embed)
-    try:
-        vectors, stats = embed_catalog(encoder, [str(i) for i in item_ids], texts, store, progress=progress)
-    finally:
-        close_encoder(encoder)
-    return np.asarray(vectors, dtype=np.float32), stats, encoder.encoder_id
 
 
 def build_model(cfg: Config, content: np.ndarray, train_popularity: np.ndarray | None = None):
@@ -167,7 +131,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
         tracker.log_params(params)
 
         with timer("data"):
-            raw, data = load_sequences(cfg)
+            raw, data = load_sequences(cfg.data)
             if cfg.data.split == "time_cut" and not raw.has_clock:
                 raise DataError(f"data.split=time_cut needs real timestamps, but {raw.source or raw.name} has "
                                 f"only an order; use data.split=leave_one_out")
@@ -193,7 +157,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
                              "dropped_rows": raw.drops.total})
 
         with timer("embed"):
-            content, embed_stats, encoder_id = embed_items(cfg, data.name, data.item_ids, data.texts, progress)
+            content, embed_stats, encoder_id = embed_items(cfg.embed, data.name, data.item_ids, data.texts, progress)
         print(f"[embed] {encoder_id}: dim {content.shape[1]}, {embed_stats}", flush=True)
         tracker.log_params({"encoder_id": encoder_id})
         tracker.log_metrics({f"embed_{k}": v for k, v in embed_stats.items() if isinstance(v, (int, float))})

@@ -121,7 +121,8 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
 
     from learn.embed.models import configured_encoder
     from learn.export.bundle import load_bundle, rebuild_bundle
-    from learn.pipeline import embed_items, load_sequences
+    from learn.data.load import load_sequences
+    from learn.embed.catalog import embed_items
     from learn.tracking.mlflow_run import Tracker, resolve_uri
     from learn.utils import text_hash
 
@@ -145,7 +146,7 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
             f"this config embeds with '{eid}'; vectors of different encoders cannot be mixed. Use the served "
             f"encoder's settings (embed.model, embed.max_tokens, embed.dtype) or train a new model")
 
-    _, data = load_sequences(cfg)
+    _, data = load_sequences(cfg.data)
     ids = [str(i) for i in data.item_ids]
     hashes = [text_hash(t) for t in data.texts]
     fingerprint = catalog_fingerprint(ids, hashes, eid, source.tower_id)
@@ -162,7 +163,7 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
                           "source_tower_id": source.tower_id})
         tracker.log_params({k: v for k, v in flatten(cfg).items() if k.split(".")[0] in ("data", "embed", "reembed")})
         tracker.log_params({"encoder_id": eid})
-        content, stats, _ = embed_items(cfg, data.name, np.asarray(ids), data.texts, progress)
+        content, stats, _ = embed_items(cfg.embed, data.name, np.asarray(ids), data.texts, progress)
 
         # the item tower only where the content vector differs from the served one
         rows = np.array([served_rows.get(i, -1) for i in ids])

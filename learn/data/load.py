@@ -13,6 +13,7 @@ import pandas as pd
 
 from learn.config import DataConfig
 from learn.data.schema import DataError, RawDataset, render_texts
+from learn.data.sequences import SequenceData, build_sequences
 
 _GENERIC_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
 
@@ -96,3 +97,10 @@ def item_texts(ds: RawDataset, template: str | None) -> pd.Series:
         raise DataError(f"{ds.source or ds.name}: {int(empty.sum())} items render to an empty text with "
                         f"template {tpl!r} (e.g. {bad})")
     return texts
+
+
+def load_sequences(cfg: DataConfig) -> tuple[RawDataset, SequenceData]:
+    """The configured dataset read, its item texts built from the template, and the per-user
+    sequences: where every flow and bench starts."""
+    raw = load_dataset(cfg)
+    return raw, build_sequences(raw, item_texts(raw, cfg.text_template), cfg.unsorted_timestamps)

@@ -1,0 +1,47 @@
+"""Embed a catalog with the configured executor, reusing every still-valid vector in the content store.
+
+    content, stats, encoder_id = embed_items(cfg.embed, dataset_name, item_ids, texts)
+
+``embed.executor=local`` runs the encoder in this process; ``ray_data`` fans the missing items out
+over a Ray Data actor pool and this process only writes the store.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from learn.config import EmbedConfig
+
+
+def content_store_path(cfg: EmbedConfig, dataset_name: str) -> Path:
+    if cfg.store:
+        return Path(cfg.store)
+    # one store per dataset and model: a store holds vectors of one dimension only
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.model).strip("_")[-60:]
+    return Path(cfg.cache_dir) / "content" / f"{dataset_name}-{slug}.parquet"
+
+
+def embed_items(cfg: EmbedConfig, dataset_name: str, item_ids, texts: list[str],
+                progress: bool = True) -> tuple[np.ndarray, dict, str]:
+    """(content vectors [N, d] in catalog order, embedding counts, encoder id)."""
+    from learn.embed.backends import build_encoder, close_encoder
+    from learn.embed.store import ContentStore, embed_catalog
+
+    store = ContentStore(content_store_path(cfg, dataset_name))
+    ids = [str(i) for i in item_ids]
+    if cfg.executor == "ray_data":
+        from learn.embed.models import configured_encoder
+        from learn.embed.ray_data import embed_catalog_ray
+
+        _, eid = configured_encoder(cfg)
+        vectors, stats = embed_catalog_ray(cfg, ids, texts, store, progress=progress)
+        return np.asarray(vectors, dtype=np.float32), stats, eid
+    encoder = build_encoder(cfg)
+    try:
+        vectors, stats = embed_catalog(encoder, ids, texts, store, progress=progress)
+    finally:
+        close_encoder(encoder)
+    return np.asarray(vectors, dtype=np.float32), stats, encoder.encoder_id
