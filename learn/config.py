@@ -13,13 +13,20 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or gives a value of the wrong type."""
+
+
+# Trained recipes (learn/train/recipes.py, RECIPES) and no-training baselines on the raw content
+# vectors (learn/evaluate/baselines.py, BASELINES); a test holds the three lists together.
+TrainedRecipe = Literal["full_softmax", "in_batch", "dense_all_action"]
+BaselineName = Literal["content_mean", "content_last"]
+RecipeName = Literal[TrainedRecipe, BaselineName]
 
 
 @dataclass
@@ -36,7 +43,7 @@ class DataConfig:
     # "demo" (generated, no download), a UniSRec-format directory, an Amazon 2018 raw directory,
     # or a directory holding generic items/interactions files (see `format`).
     path: str = "demo"
-    format: str = "auto"  # auto | demo | unisrec | amazon2018 | files
+    format: Literal["auto", "demo", "unisrec", "amazon2018", "files"] = "auto"
     # format=files: the two files (Parquet, CSV or JSON lines) and their column names
     items_file: str | None = None
     interactions_file: str | None = None
@@ -49,9 +56,9 @@ class DataConfig:
     min_core: int = 5  # amazon2018: k-core filtering
     # How an item's fields become the text the LLM reads; null = the reader's default.
     text_template: str | None = None
-    missing_text: str = "drop"  # drop | fail: interactions whose item has no text
-    unsorted_timestamps: str = "sort"  # sort | fail: a user's timestamps going backwards in file order
-    split: str = "leave_one_out"  # leave_one_out | time_cut
+    missing_text: Literal["drop", "fail"] = "drop"  # interactions whose item has no text
+    unsorted_timestamps: Literal["sort", "fail"] = "sort"  # a user's timestamps going backwards in file order
+    split: Literal["leave_one_out", "time_cut"] = "leave_one_out"
     time_cut: float = 0.8  # time_cut split: quantile of all timestamps (<=1) or a timestamp (>1)
     max_history: int = 40
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -65,19 +72,20 @@ class EmbedConfig:
     revision: str | None = None
     max_tokens: int = 256
     batch_size: int = 64
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     cache_dir: str = ".cache/learn"  # converted models and content stores
     store: str | None = None  # content store path; null = <cache_dir>/content/<dataset>.parquet
     # where the encoder runs: "local" (this process) or "ray_data" (map_batches over an actor pool,
     # one encoder per actor; on GPU nodes one GPU per actor)
-    executor: str = "local"
+    executor: Literal["local", "ray_data"] = "local"
     num_actors: int = 0  # ray_data pool size; 0 = the cluster's GPUs when gpus_per_actor > 0, else 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
-    rows_per_flush: int = 2048  # ray_data: embedded rows appended to the content store per write
+    rows_per_flush: int = 2048  # embedded rows per content store write (each write appends one part)
+    flush_seconds: float = 10.0  # ... or a write after this many seconds, whichever comes first
     # the encoder: "hf" (transformers, the reference) or "vllm" (vLLM pooling mode, same vectors; runs in a
     # child process of the interpreter vllm_python, which must have vLLM: null = this interpreter)
-    backend: str = "hf"
+    backend: Literal["hf", "vllm"] = "hf"
     vllm_python: str | None = None
     vllm_memory_fraction: float = 0.3  # vLLM gpu_memory_utilization (on the CPU build: share of RAM)
 
@@ -90,13 +98,15 @@ class ModelConfig:
     d_ff: int = 1024
     dropout: float = 0.1
     d_out: int = 256
-    positions: str = "none"  # none | learned
-    item_tower: str = "a"  # a: shared stack, causal over targets | b: shared, self only | c: raw content
+    positions: Literal["none", "learned"] = "none"
+    # a: shared stack, causal over target sequences | b: shared, each target alone (differs from a only
+    # under dense_all_action, the one recipe with target sequences) | c: raw content, no item-side stack
+    item_tower: Literal["a", "b", "c"] = "a"
     center_inputs: bool = True  # subtract the catalog mean of content vectors, rescale
     max_len: int = 64
     # shared (LEARN: one stack and head for both towers) | separate (the user side gets its own
     # output Linear, so a one-item history no longer maps onto that item's own vector)
-    user_head: str = "shared"
+    user_head: Literal["shared", "separate"] = "shared"
     # ablation (transductive, off by default): a learned ID embedding added to the content input of
     # every item seen in training; cold items get none. Not exportable (the towers need ids), so it
     # needs export.enabled=false; one process only (train.backend=local)
@@ -110,7 +120,7 @@ class ModelConfig:
 class TrainConfig:
     # full_softmax | in_batch | dense_all_action; or a no-training floor on the raw content vectors:
     # content_mean (user = mean of history vectors) | content_last (user = last history item)
-    recipe: str = "full_softmax"
+    recipe: RecipeName = "full_softmax"
     epochs: int = 30
     batch_size: int = 256
     lr: float = 1e-3
@@ -127,7 +137,7 @@ class TrainConfig:
     eval_every: int = 1
     num_threads: int = 0  # torch threads; 0 = leave torch's default
     # "local": this process (the reference); "ray": Ray Train TorchTrainer, DDP over num_workers
-    backend: str = "local"
+    backend: Literal["local", "ray"] = "local"
     num_workers: int = 2
     use_gpu: bool = False
     max_failures: int = 1  # Ray Train restarts from the latest checkpoint this many times
@@ -143,7 +153,11 @@ class TrainConfig:
 class EvalConfig:
     exclude_history: bool = False
     ks: list[int] = field(default_factory=lambda: [10, 50])
-    chunk_size: int = 2048  # users scored at once against the full catalog
+    chunk_size: int = 2048  # users scored at once
+    item_block: int = 8192  # items scored at once per user chunk: memory ~ chunk_size x item_block x 5 bytes
+    # validation during training scores a fixed seeded sample of this many users (0/null: all);
+    # the test split always scores every user
+    valid_max_users: int | None = None
     popularity_buckets: int = 3  # quantile buckets over warm items (cold = unseen in train)
     history_buckets: list[int] = field(default_factory=lambda: [3, 5, 10, 20])  # upper bounds
 
@@ -167,7 +181,8 @@ class TrackingConfig:
 class ExportConfig:
     # what a trained run exports (to runs/<run_id>/bundle and to the MLflow run's artifacts)
     enabled: bool = True
-    index_kind: str = "auto"  # auto: exact Flat up to flat_max_items, IVF above; or flat | ivf | hnsw
+    # auto: exact Flat up to flat_max_items, IVF above; or flat | ivf | hnsw
+    index_kind: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
     flat_max_items: int = 100_000
     recall_queries: int = 1000  # queries used to measure an approximate index's recall@10 against Flat
     plots: bool = True
@@ -195,23 +210,6 @@ class Config:
     reembed: ReembedConfig = field(default_factory=ReembedConfig)
 
 
-_CHOICES = {
-    "embed.executor": {"local", "ray_data"},
-    "embed.backend": {"hf", "vllm"},
-    "train.backend": {"local", "ray"},
-    "export.index_kind": {"auto", "flat", "ivf", "hnsw"},
-    "data.format": {"auto", "demo", "unisrec", "amazon2018", "files"},
-    "data.missing_text": {"drop", "fail"},
-    "data.split": {"leave_one_out", "time_cut"},
-    "data.unsorted_timestamps": {"sort", "fail"},
-    "model.positions": {"none", "learned"},
-    "model.item_tower": {"a", "b", "c"},
-    "model.user_head": {"shared", "separate"},
-    "train.recipe": {"full_softmax", "in_batch", "dense_all_action", "content_mean", "content_last"},
-    "embed.dtype": {"float32", "bfloat16", "float16"},
-}
-
-
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -220,6 +218,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check ``value`` against type ``tp``; allow int -> float. Raise ConfigError naming key."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args or isinstance(value, bool):
+            raise ConfigError(f"{where}: key '{key}' must be one of {list(args)}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -302,11 +304,41 @@ def _set_dotted(cfg: Config, key: str, value: Any, where: str) -> None:
     setattr(obj, last, _coerce(value, tp, key, where))
 
 
-def validate(cfg: Config) -> Config:
+# options that act under one setting of another key only: setting them elsewhere is an error
+# naming both keys (a baseline ignores model.* and train.* altogether and is exempt)
+_ONLY_UNDER = {
+    "train.n_history": ("train.recipe", "dense_all_action"),
+    "train.n_targets": ("train.recipe", "dense_all_action"),
+    "train.target_len": ("train.recipe", "dense_all_action"),
+    "train.recency_weighting": ("train.recipe", "dense_all_action"),
+}
+
+
+def _check_effects(cfg: Config, explicit: set[str]) -> None:
+    """Refuse an option that has no effect in this combination, naming both keys."""
+    recipe = cfg.train.recipe
+    if recipe in typing.get_args(BaselineName):
+        if cfg.model.item_id_embedding:
+            raise ConfigError(f"model.item_id_embedding=true has no effect with train.recipe={recipe} (a "
+                              f"no-training baseline): drop one of the two")
+        return
+    if cfg.model.item_tower == "b" and recipe != "dense_all_action":
+        raise ConfigError(f"model.item_tower=b has no effect with train.recipe={recipe}: item towers a and b "
+                          f"differ only over target sequences (train.recipe=dense_all_action); use "
+                          f"model.item_tower=a")
+    if cfg.train.all_positions and recipe == "dense_all_action":
+        raise ConfigError("train.all_positions=true has no effect with train.recipe=dense_all_action (it samples "
+                          "its own history positions): set train.all_positions=false")
+    for key, (other, value) in _ONLY_UNDER.items():
+        if key in explicit and flatten(cfg)[other] != value:
+            raise ConfigError(f"key '{key}' has no effect unless {other}={value} (here {other}="
+                              f"{flatten(cfg)[other]}): remove it")
+
+
+def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
+    """Check values and combinations. ``explicit``: the keys a file or an override set (None for a
+    saved config, whose every key is present: the effect checks ran when it was first loaded)."""
     flat = flatten(cfg)
-    for key, allowed in _CHOICES.items():
-        if flat[key] not in allowed:
-            raise ConfigError(f"key '{key}' must be one of {sorted(allowed)}, got {flat[key]!r}")
     positive = ["train.epochs", "train.batch_size", "data.max_history", "embed.batch_size", "embed.max_tokens",
                 "eval.chunk_size", "model.max_len", "model.n_heads", "model.n_layers", "model.d_model", "model.d_ff",
                 "model.d_out", "train.eval_every", "train.n_history", "train.n_targets", "train.target_len",
@@ -357,7 +389,15 @@ def validate(cfg: Config) -> Config:
         )
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"key 'train.betas' needs two numbers, got {cfg.train.betas}")
+    if explicit is not None:
+        _check_effects(cfg, explicit)
     return cfg
+
+
+def _dotted_keys(data: Any, prefix: str = "") -> set[str]:
+    if not isinstance(data, dict):
+        return {prefix.rstrip(".")} if prefix else set()
+    return {k for key, value in data.items() for k in _dotted_keys(value, f"{prefix}{key}.")}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -372,10 +412,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         _merge(cfg, data, "", str(path))
+        explicit = _dotted_keys(data)
+    else:
+        explicit = set()
     for text in overrides or []:
         key, value = _parse_override(text)
         _set_dotted(cfg, key, value, f"override '{text}'")
-    return validate(cfg)
+        explicit |= _dotted_keys(value, key + ".") if isinstance(value, dict) else {key}
+    return validate(cfg, explicit)
 
 
 def config_from_dict(data: dict, where: str = "saved config") -> Config:
@@ -386,7 +430,9 @@ def config_from_dict(data: dict, where: str = "saved config") -> Config:
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"train.lr": 1e-3, ...}`` for logging as params."""
+    """``{"train.lr": 1e-3, ...}`` for logging as params; credentials redacted (``learn.secrets.redact``)."""
+    from learn.secrets import redact
+
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -394,8 +440,11 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{prefix}{f.name}."))
         else:
             out[f"{prefix}{f.name}"] = value
-    return out
+    return redact(out)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as plain data for saving (manifests, metrics.json); credentials redacted."""
+    from learn.secrets import redact
+
+    return redact(dataclasses.asdict(cfg))

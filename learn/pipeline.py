@@ -25,12 +25,12 @@ import torch
 from learn.config import Config, flatten, to_dict
 from learn.data.load import load_sequences
 from learn.embed.catalog import embed_items
-from learn.data.schema import DataError, RawDataset
-from learn.data.sequences import SequenceData, Splits, build_sequences
+from learn.evaluate.baselines import BASELINES
+from learn.data.schema import DataError
+from learn.data.sequences import Splits
 from learn.tracking.mlflow_run import Tracker
 from learn.utils import StageTimer, atomic_path, atomic_write_text, seed_everything
 
-NO_TRAINING = {"content_mean", "content_last"}
 
 
 @dataclass
@@ -39,25 +39,6 @@ class PipelineResult:
     metrics: dict[str, float]
     output_dir: Path
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def build_model(cfg: Config, content: np.ndarray, train_popularity: np.ndarray | None = None):
-    """The twin towers for ``cfg.model``; ``train_popularity`` (interactions per item in the training
-    split) marks the items that get an ID embedding when ``model.item_id_embedding`` is on."""
-    from learn.towers.model import TowerConfig, TwinTowers
-
-    m = cfg.model
-    ids = m.item_id_embedding
-    if ids and train_popularity is None:
-        raise ValueError("model.item_id_embedding needs the training split's item popularity")
-    tcfg = TowerConfig(
-        d_llm=content.shape[1], d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff,
-        dropout=m.dropout, d_out=content.shape[1] if m.item_tower == "c" else m.d_out, positions=m.positions,
-        item_tower=m.item_tower, center_inputs=m.center_inputs, max_len=m.max_len, user_head=m.user_head,
-        num_id_items=len(content) if ids else 0, members=m.members,
-    )
-    known = torch.as_tensor(np.asarray(train_popularity) > 0) if ids else None
-    return TwinTowers(tcfg, torch.as_tensor(content), id_known=known)
 
 
 def evaluate_floor(cfg: Config, content: np.ndarray, splits: Splits, popularity: np.ndarray, which: str,
@@ -87,11 +68,13 @@ def dataset_fingerprint(data) -> str:
 
 def export_run(cfg: Config, model, item_ids, content: np.ndarray, info: dict, history: list[dict],
                metrics: dict[str, float], out_dir: Path, tracker: Tracker) -> dict[str, float]:
-    """Write the serving bundle and plots under ``out_dir`` and log them (and the retriever) to MLflow."""
-    from learn.export.bundle import write_bundle
+    """Write the serving bundle and plots under ``out_dir`` and log them (and the retriever) to MLflow.
+
+    ``info``: the fields of :class:`BundleInfo`."""
+    from learn.export.bundle import BundleInfo, write_bundle
 
     bundle_dir = out_dir / "bundle"
-    summary = write_bundle(model, [str(i) for i in item_ids], content, bundle_dir, info=info,
+    summary = write_bundle(model, [str(i) for i in item_ids], content, bundle_dir, info=BundleInfo(**info),
                            index_kind=cfg.export.index_kind, flat_max_items=cfg.export.flat_max_items,
                            recall_queries=cfg.export.recall_queries, seed=cfg.seed)
     out = {"index_items": float(len(item_ids)), "index_recall_at_10_vs_flat": float(summary.index_recall_at_10)}
@@ -105,17 +88,17 @@ def export_run(cfg: Config, model, item_ids, content: np.ndarray, info: dict, hi
         plot_segments(metrics, out_dir / "plots" / "segments_ndcg_at_10.png", metric="test_ndcg_at_10")
         tracker.log_artifacts(out_dir / "plots", "plots")
     if tracker.run_id is not None:
+        from learn import registry
         from learn.serve.retriever import log_retriever
-        from learn.tracking.mlflow_run import set_model_alias
 
-        name = cfg.tracking.registered_model or None
-        model_info = log_retriever(bundle_dir, name="retriever", registered_model_name=name,
-                                   max_history=cfg.data.max_history)
+        name = cfg.tracking.registered_model
         if name:
-            version = model_info.registered_model_version
-            set_model_alias(tracker.uri, name, "challenger", version)
+            version, aliases = registry.register_trained(registry.client(tracker.uri), bundle_dir, name,
+                                                         cfg.data.max_history)
             tracker.set_tags({"registered_model": name, "registered_model_version": version})
-            print(f"[export] registered {name} version {version} (alias challenger)", flush=True)
+            print(f"[export] registered {name} version {version} (alias {', '.join(aliases)})", flush=True)
+        else:
+            log_retriever(bundle_dir, name="retriever", max_history=cfg.data.max_history)
     return out
 
 
@@ -165,15 +148,17 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
         out_dir = Path(cfg.output_dir) / (tracker.run_id or time.strftime("local-%Y%m%d-%H%M%S"))
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics: dict[str, float] = {}
-        if cfg.train.recipe in NO_TRAINING:
+        if cfg.train.recipe in BASELINES:
             with timer("test"):
                 metrics.update(evaluate_floor(cfg, content, splits, popularity, "valid", "best_valid_"))
                 metrics.update(evaluate_floor(cfg, content, splits, popularity, "test", "test_"))
         else:
-            from learn.train.loop import evaluate_model, fit
+            from learn.towers.model import TwinTowers
+            from learn.train.fit import fit
+            from learn.train.loop import evaluate_model
 
             seed_everything(cfg.seed)  # the same initial weights whether or not the encoder ran
-            model = build_model(cfg, content, popularity)
+            model = TwinTowers.from_config(cfg.model, content, popularity)
             n_params = sum(p.numel() for p in model.parameters())
             print(f"[train] recipe {cfg.train.recipe}, item tower {cfg.model.item_tower}, {n_params:,} parameters",
                   flush=True)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from learn.config import ConfigError, flatten, load_config
+from learn.config import ConfigError, config_from_dict, flatten, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +48,48 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
     bad.write_text("data:\n  max_history: forty\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*'data\.max_history' expects an integer"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model.item_tower=b"], ["model.item_tower=b", "train.recipe=full_softmax"]),
+    (["train.recipe=in_batch", "model.item_tower=b"], ["model.item_tower=b", "train.recipe=in_batch"]),
+    (["train.recipe=dense_all_action", "train.all_positions=true", "train.target_len=8"],
+     ["train.all_positions=true", "train.recipe=dense_all_action"]),
+    (["train.n_history=3"], ["train.n_history", "train.recipe=dense_all_action"]),
+    (["train.recipe=content_last", "model.item_id_embedding=true", "export.enabled=false"],
+     ["model.item_id_embedding=true", "train.recipe=content_last"]),
+])
+def test_an_option_without_effect_in_its_combination_is_an_error_naming_both_keys(overrides, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "conf/tiny.yaml", overrides)
+    for text in named:
+        assert text in str(err.value)
+
+
+def test_effective_combinations_and_saved_configs_load():
+    dense = load_config(ROOT / "conf/tiny.yaml", ["train.recipe=dense_all_action", "model.item_tower=b",
+                                                  "train.n_history=3", "train.target_len=8"])
+    assert dense.model.item_tower == "b" and dense.train.n_history == 3
+    # a baseline ignores the towers' settings of the file it runs with
+    assert load_config(ROOT / "conf/scientific.yaml", ["train.recipe=content_last"]).train.all_positions
+    # a saved config holds every key: it loads without the effect checks (they ran when it was made)
+    assert config_from_dict(to_dict(dense)).train.n_history == 3
+
+
+def test_choices_are_checked_once_from_their_literal_types():
+    with pytest.raises(ConfigError, match=r"key 'train.recipe' must be one of \['full_softmax'"):
+        load_config(ROOT / "conf/tiny.yaml", ["train.recipe=softmax"])
+    with pytest.raises(ConfigError, match="key 'embed.backend' must be one of"):
+        config_from_dict({"embed": {"backend": "onnx"}})
+
+
+def test_the_recipe_tables_cover_every_recipe_name():
+    import typing
+
+    from learn.config import BaselineName, RecipeName, TrainedRecipe
+    from learn.evaluate.baselines import BASELINES
+    from learn.train.recipes import RECIPES
+
+    assert set(RECIPES) == set(typing.get_args(TrainedRecipe))
+    assert set(BASELINES) == set(typing.get_args(BaselineName))
+    assert set(typing.get_args(RecipeName)) == set(RECIPES) | set(BASELINES)

@@ -49,7 +49,7 @@ def _bundle_facts(bundle: Path) -> dict:
         "info_keys": sorted(info),
         "facts": {k: info[k] for k in ("d_llm", "d_out", "n_items", "index_kind", "max_history", "dataset")},
         "first_rows": vectors[:3].round(7).tolist(),
-        "column_sums": vectors.sum(0).round(6).tolist(),
+        "column_means": vectors.astype(np.float64).mean(0).round(7).tolist(),
     }
 
 

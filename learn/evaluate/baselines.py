@@ -1,23 +1,34 @@
-"""No-training floors on the frozen content vectors: items are their raw content vectors and a user
-is the mean of its history's content vectors (``content_mean``) or its last item's
-(``content_last``)."""
+"""No-training baselines on the frozen content vectors (``train.recipe=content_mean|content_last``):
+items are their raw content vectors; a user is the mean of its history's content vectors
+(``content_mean``) or its last item's (``content_last``). They are floors to beat, not recipes.
+"""
 
 from __future__ import annotations
+
+import typing
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from learn.config import BaselineName
 from learn.data.sequences import EvalSplit
+
+BASELINES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "content_mean": lambda history_vectors: history_vectors.mean(0),
+    "content_last": lambda history_vectors: history_vectors[-1],
+}
+assert set(BASELINES) == set(typing.get_args(BaselineName)), "learn.config.BaselineName and BASELINES disagree"
 
 
 def content_user_vectors(content: np.ndarray, split: EvalSplit, how: str, max_history: int) -> torch.Tensor:
     """One vector per evaluated user from the last ``max_history`` items of its history."""
+    if how not in BASELINES:
+        raise ValueError(f"unknown baseline {how!r}; known: {sorted(BASELINES)}")
+    user = BASELINES[how]
     vecs = torch.as_tensor(content, dtype=torch.float32)
-    rows = []
-    for h in split.histories:
-        h = torch.tensor(np.asarray(h)[-max_history:], dtype=torch.long)
-        rows.append(vecs[h].mean(0) if how == "content_mean" else vecs[h[-1]])
+    rows = [user(vecs[torch.tensor(np.asarray(h)[-max_history:], dtype=torch.long)]) for h in split.histories]
     return F.normalize(torch.stack(rows), dim=-1)
 
 

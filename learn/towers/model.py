@@ -18,12 +18,14 @@ members     ``members`` = K > 1 gives K independently initialised stacks (adapto
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from learn.config import ModelConfig
 
 
 @dataclass
@@ -47,6 +49,16 @@ class TowerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_model_config(cls, m: ModelConfig, d_llm: int, num_id_items: int = 0) -> "TowerConfig":
+        """The towers' config from ``model.*`` for an encoder of ``d_llm`` dimensions. Item tower c
+        serves the raw content vectors, so its output dimension is the encoder's (``model.d_out``
+        does not apply to it)."""
+        shared = {f.name: getattr(m, f.name) for f in fields(cls) if hasattr(m, f.name)}
+        if m.item_tower == "c":
+            shared["d_out"] = d_llm
+        return cls(d_llm=d_llm, num_id_items=num_id_items, **shared)
 
 
 class TwinTowers(nn.Module):
@@ -97,6 +109,18 @@ class TwinTowers(nn.Module):
         for _ in range(cfg.members - 1):
             _build_stack(member := nn.Module(), cfg)
             self.members.append(member)
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, content: np.ndarray | torch.Tensor,
+                    train_popularity: np.ndarray | None = None) -> "TwinTowers":
+        """The towers ``model.*`` describes over ``content`` [num_items, d_llm]. With
+        ``model.item_id_embedding`` the items with ``train_popularity`` > 0 get an ID embedding."""
+        content = torch.as_tensor(np.asarray(content, dtype=np.float32))
+        if m.item_id_embedding and train_popularity is None:
+            raise ValueError("model.item_id_embedding needs the training split's item popularity")
+        known = torch.as_tensor(np.asarray(train_popularity) > 0) if m.item_id_embedding else None
+        tcfg = TowerConfig.from_model_config(m, content.shape[1], len(content) if m.item_id_embedding else 0)
+        return cls(tcfg, content, id_known=known)
 
     @property
     def num_items(self) -> int:

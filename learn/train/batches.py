@@ -1,8 +1,8 @@
 """Training examples per recipe, drawn afresh each epoch from the users' training sequences.
 
-full_softmax / in_batch   one (history, target) per user and epoch: target index uniform in
-                          [lo, L-1] (lo = 1 for full_softmax, L//2 for in_batch); or, with
-                          all_positions, every position of the sequence predicts its successor.
+pair batches             one (history, target) per user and epoch: target index uniform in
+                          [first_target(L), L-1]; or, with all_positions, every position of the
+                          sequence predicts its successor (full_softmax, in_batch).
 dense_all_action          each sequence is cut at a point into a history part and a target part;
                           N_h history positions and N_t targets (recency-weighted) are sampled.
 
@@ -12,6 +12,7 @@ Every sampler takes ``rank``/``world_size`` so a DDP worker reads only its shard
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -57,7 +58,8 @@ def shard_users(train: list[np.ndarray], min_len: int, rank: int, world_size: in
     return users
 
 
-def pair_batches(train: list[np.ndarray], *, batch_size: int, max_history: int, low: str, all_positions: bool,
+def pair_batches(train: list[np.ndarray], *, batch_size: int, max_history: int,
+                 first_target: Callable[[int], int], all_positions: bool,
                  rng: np.random.Generator, order_rng: np.random.Generator | None = None, rank: int = 0,
                  world_size: int = 1):
     users = shard_users(train, 2, rank, world_size, order_rng or rng)
@@ -75,8 +77,7 @@ def pair_batches(train: list[np.ndarray], *, batch_size: int, max_history: int, 
                 tgts.append(window[1:])
                 npos.append(len(window) - 1)
             else:
-                lo = 1 if low == "one" else max(1, L // 2)
-                t = int(rng.integers(lo, L))
+                t = int(rng.integers(first_target(L), L))
                 hists.append(seq[:t][-max_history:])
                 tgts.append(seq[t : t + 1])
                 npos.append(1)

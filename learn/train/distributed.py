@@ -3,7 +3,7 @@
     result = fit_distributed(model, splits, cfg.train, cfg.eval, max_history, seed=cfg.seed,
                              storage_path=..., run_name=..., tracking=MlflowTarget(uri, run_id))
 
-It trains the way ``learn.train.loop.fit`` does and is meant to give the same numbers:
+It trains the way ``learn.train.fit.fit`` does and is meant to give the same numbers:
 
 batches     every worker draws the epoch's *whole* batches exactly as one process does (batch_size is
             the global batch) and computes the towers for its contiguous share of the rows (and of
@@ -14,11 +14,11 @@ batches     every worker draws the epoch's *whole* batches exactly as one proces
             one-process gradient. With dropout 0 a run matches ``fit`` up to float rounding; with
             dropout the masks differ (each worker draws its own, reseeded per (seed, epoch, rank)).
             The cost: batch sampling is repeated on every worker (host side, cheap next to the towers).
-evaluation  rank 0 ranks the valid split after each due epoch (``evaluate_model``), keeps the best
-            weights and decides early stopping; the decision is broadcast to every rank.
+evaluation  rank 0 ranks the valid split after each due epoch (``evaluate_model``) and keeps the
+            ``FitState`` (best weights, early stopping) exactly as ``fit`` does; the stop decision
+            is broadcast to every rank.
 checkpoints rank 0 reports each epoch's row with a checkpoint (``state.pt``: model, optimizer and
-            scheduler state, epoch, best weights/score/epoch/valid metrics, bad_epochs, history,
-            stopped); the other ranks report the epoch without one. On a (re)start every worker
+            scheduler state, and the ``FitState`` as a dict); the other ranks report the epoch without one. On a (re)start every worker
             restores the latest checkpoint and goes on with the next epoch, so a worker failure
             (``FailureConfig(max_failures=train.max_failures)``) costs at most one epoch. Ray Train
             also restores from ``<storage_path>/<run_name>`` when a run of that name exists there.
@@ -48,8 +48,9 @@ import torch.distributed as dist
 from learn.config import EvalConfig, TrainConfig
 from learn.data.sequences import EvalSplit, Splits
 from learn.towers.model import TowerConfig, TwinTowers
-from learn.train.loop import (FitResult, evaluate_model, make_optimizer, make_scheduler, run_epoch, selection_key,
-                              steps_per_epoch, whole_rows)
+from learn.train.fit import FitResult, FitState, cpu_state, evaluation_due
+from learn.train.loop import evaluate_model, make_optimizer, make_scheduler, run_epoch, steps_per_epoch
+from learn.train.recipes import whole_rows
 
 STATE_FILE = "state.pt"
 WorkerHook = Callable[[int, int], None]  # (epoch, world rank), called on every worker as an epoch starts
@@ -125,32 +126,17 @@ class ShardedRows:
         return _GatherRows.apply(local)
 
 
-@dataclass
-class FailOnce:
-    """A ``WorkerHook`` for recovery tests: raises as ``epoch`` starts on ``rank``, the first time only
-    (``marker`` records that it fired); every call is appended to ``log`` as "<epoch> <rank>"."""
-
-    marker: str
-    epoch: int
-    rank: int = 0
-    log: str | None = None
-
-    def __call__(self, epoch: int, rank: int) -> None:
-        if self.log:
-            with open(self.log, "a") as fh:
-                fh.write(f"{epoch} {rank}\n")
-        if epoch == self.epoch and rank == self.rank and not Path(self.marker).exists():
-            Path(self.marker).write_text("failed once\n")
-            raise RuntimeError(f"injected failure at epoch {epoch} on rank {rank}")
-
-
 def absolute_tracking_uri(uri: str) -> str:
-    """Workers may run in another directory: make a relative sqlite file or local path absolute."""
+    """Workers may run in another directory: make a relative sqlite file or local path absolute.
+    Workers may not share this process's environment either: a server URI carries this process's
+    MLflow credentials (in memory only; ``_log_to_mlflow`` moves them back out of the URI)."""
+    from learn.secrets import with_env_credentials
+
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     if "://" not in uri and not uri.startswith("file:"):
         return str(Path(uri).resolve())
-    return uri
+    return with_env_credentials(uri)
 
 
 def _log_to_mlflow(target: MlflowTarget, rows: list[dict[str, float]]) -> None:
@@ -158,10 +144,12 @@ def _log_to_mlflow(target: MlflowTarget, rows: list[dict[str, float]]) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
+    from learn.tracking.mlflow_run import resolve_uri
+
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, int(row["epoch"])) for row in rows for k, v in row.items()
                if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-    client = MlflowClient(tracking_uri=target.tracking_uri)
+    client = MlflowClient(tracking_uri=resolve_uri(target.tracking_uri))
     for start in range(0, len(metrics), 1000):  # MLflow's batch limit
         client.log_batch(target.run_id, metrics=metrics[start : start + 1000])
 
@@ -180,10 +168,6 @@ def _log_missing_epochs(target: MlflowTarget, history: list[dict[str, float]]) -
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank, 7]).generate_state(1)[0])
-
-
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def _load_state(checkpoint) -> dict[str, Any]:
@@ -207,9 +191,9 @@ def _train_worker(config: dict[str, Any]) -> None:
     model = TwinTowers(spec.tower, torch.from_numpy(np.array(spec.content)))  # a writable copy
     model.load_state_dict(spec.init_state)
     checkpoint = ray.train.get_checkpoint()
-    state = _load_state(checkpoint) if checkpoint is not None else None
-    if state is not None:
-        model.load_state_dict(state["model"])
+    saved = _load_state(checkpoint) if checkpoint is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
     # the content buffers never change: no per-step buffer broadcast; the item head takes no part
     # in any loss when the item side is raw content and the user side has its own head
     unused = spec.tower.item_tower == "c" and spec.tower.user_head == "separate"
@@ -219,21 +203,17 @@ def _train_worker(config: dict[str, Any]) -> None:
     device = next(core.parameters()).device
     opt = make_optimizer(core, tc)
     sched = make_scheduler(opt, tc, steps_per_epoch(spec.train, tc.batch_size))
-    progress: dict[str, Any] = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "best_state": None,
-                                "best_valid": {}, "bad_epochs": 0, "history": [], "stopped": False}
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        progress = {k: state[k] for k in progress}
+    state = FitState.start(tc, ev)
+    if saved is not None:
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        state = FitState.from_dict(saved["fit"])
         if rank == 0:
-            print(f"[train] resumed from the checkpoint of epoch {progress['epoch']}", flush=True)
+            print(f"[train] resumed from the checkpoint of epoch {state.epoch}", flush=True)
             if spec.tracking is not None:
-                _log_missing_epochs(spec.tracking, progress["history"])
+                _log_missing_epochs(spec.tracking, state.history)
     rows = ShardedRows(rank, world) if world > 1 else whole_rows
-    key = f"valid_{selection_key(ev)}"
-
-    last = progress["epoch"] if progress["stopped"] else tc.epochs
-    for epoch in range(progress["epoch"] + 1, last + 1):
+    for epoch in range(state.epoch + 1, (state.epoch if state.stopped else tc.epochs) + 1):
         if spec.hook is not None:
             spec.hook(epoch, rank)
         torch.manual_seed(_epoch_seed(spec.seed, epoch, rank))  # dropout masks: the same after a restart
@@ -241,28 +221,20 @@ def _train_worker(config: dict[str, Any]) -> None:
                          rows=rows, device=device)
         row: dict[str, float] = {"epoch": epoch, "train_loss": loss, "lr": sched.get_last_lr()[0]}
         stop = False
-        if rank == 0:
-            if epoch % tc.eval_every == 0 or epoch == tc.epochs:
-                valid = evaluate_model(core, spec.valid, ev, spec.max_history, prefix="valid_")
-                row.update(valid)
-                if valid[key] > progress["best_score"]:
-                    progress.update(best_score=valid[key], best_epoch=epoch, bad_epochs=0,
-                                    best_state=_cpu_state(core), best_valid=valid)
-                else:
-                    progress["bad_epochs"] += 1
-            stop = tc.patience > 0 and progress["bad_epochs"] >= tc.patience
-            print(f"epoch {epoch:3d}  loss {loss:.4f}  {key} {row.get(key, float('nan')):.4f}"
-                  f"  (best epoch {progress['best_epoch']})", flush=True)
+        if rank == 0:  # rank 0 evaluates and decides for all
+            valid = (evaluate_model(core, spec.valid, ev, spec.max_history, prefix="valid_")
+                     if evaluation_due(epoch, tc) else None)
+            stop = state.end_epoch(epoch, row, valid, core)
+            print(state.describe(row), flush=True)
         if world > 1:
             flag = torch.tensor([int(stop)], device=device)
             dist.broadcast(flag, src=0)
             stop = bool(flag.item())
-        progress["epoch"], progress["stopped"] = epoch, stop
+        state.epoch, state.stopped = epoch, stop
         if rank == 0:
-            progress["history"].append(row)
             with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": _cpu_state(core), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), **progress}, Path(d) / STATE_FILE)
+                torch.save({"model": cpu_state(core), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "fit": state.to_dict()}, Path(d) / STATE_FILE)
                 ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d),
                                  checkpoint_dir_name=f"epoch_{epoch:04d}")
             if spec.tracking is not None:
@@ -293,7 +265,7 @@ def fit_distributed(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, e
     if tracking is not None:
         tracking = MlflowTarget(absolute_tracking_uri(tracking.tracking_uri), tracking.run_id)
     spec = _Spec(tower=copy.deepcopy(model.cfg), content=model.content[1:].detach().cpu().numpy(),
-                 init_state=_cpu_state(model), train=splits.train, valid=splits.valid, train_cfg=train_cfg,
+                 init_state=cpu_state(model), train=splits.train, valid=splits.valid, train_cfg=train_cfg,
                  eval_cfg=eval_cfg, max_history=max_history, seed=seed, tracking=tracking, hook=worker_hook)
     if not ray.is_initialized():
         ray.init()
@@ -311,11 +283,11 @@ def fit_distributed(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, e
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("distributed training finished without a checkpoint (no epoch ran)")
-    state = _load_state(result.checkpoint)
-    model.load_state_dict(state["best_state"] if state["best_state"] is not None else state["model"])
-    history = state["history"]
+    saved = _load_state(result.checkpoint)
+    state = FitState.from_dict(saved["fit"])
+    model.load_state_dict(saved["model"])
+    state.restore_best(model)
     if on_epoch is not None:
-        for row in history:
+        for row in state.history:
             on_epoch(int(row["epoch"]), row)
-    return FitResult(best_epoch=state["best_epoch"], best_valid=state["best_valid"], history=history,
-                     stopped_early=state["stopped"], seconds=time.perf_counter() - start)
+    return state.result(time.perf_counter() - start)

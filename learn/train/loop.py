@@ -1,46 +1,25 @@
-"""Training in one process: the reference path (the Ray Train loop calls the same pieces).
+"""The pieces every training loop shares: optimizer and schedule, one step, one epoch, evaluation.
 
-    state = fit(model, splits, cfg.train, cfg.eval, max_history, num_items, on_epoch=...)
-
-``train_step`` is one optimisation step on one batch; ``run_epoch`` draws the epoch's batches and
-steps through them; ``fit`` adds evaluation on the valid split, early stopping on valid NDCG@10 and
-restores the best weights. ``learn.train.distributed`` runs the same steps under DDP: every worker
-draws the whole batch and computes the towers for its share of the rows (see ``RowMap``).
+``train_step`` is one optimisation step on one batch (the recipe's loss, ``learn.train.recipes``);
+``run_epoch`` draws the epoch's batches and steps through them; ``evaluate_model`` ranks a split.
+``learn.train.fit.fit`` (one process) and ``learn.train.distributed`` (Ray Train DDP: every worker
+draws the whole batch and computes the towers for its share of the rows, see ``RowMap``) loop over
+them with one ``FitState``.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from learn.config import EvalConfig, TrainConfig
-from learn.data.sequences import EvalSplit, Splits
-from learn.towers.losses import dense_all_action_loss, full_softmax_loss, in_batch_softmax_loss
-from learn.towers.model import TwinTowers, member_slices, pad_histories
-from learn.train.batches import DenseBatch, PairBatch, dense_batches, pair_batches
-
-RowMap = Callable[..., torch.Tensor]
-"""``rows(fn, *tensors)``: ``fn`` over the rows of ``tensors`` (all cut alike on dim 0), the outputs
-concatenated on dim 0 in row order. ``whole_rows`` calls ``fn`` once; the DDP version computes only
-this worker's rows and gathers the rest, so every worker ends with the whole result."""
-
-
-def whole_rows(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
-    return fn(*tensors)
-
-
-def selection_key(eval_cfg: EvalConfig) -> str:
-    """The valid metric early stopping and best-epoch selection use."""
-    return "ndcg_at_10" if 10 in eval_cfg.ks else f"ndcg_at_{min(eval_cfg.ks)}"
-
+from learn.data.sequences import EvalSplit
+from learn.towers.model import TwinTowers, pad_histories
+from learn.train.recipes import RowMap, compute_loss, epoch_batches, whole_rows
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
@@ -66,55 +45,6 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
 def steps_per_epoch(train: list[np.ndarray], batch_size: int, world_size: int = 1) -> int:
     users = sum(1 for s in train if len(s) >= 2) // world_size
     return max(1, math.ceil(users / batch_size))
-
-
-def epoch_batches(train: list[np.ndarray], cfg: TrainConfig, max_history: int, seed: int, epoch: int,
-                  rank: int = 0, world_size: int = 1):
-    """The epoch's batches for this worker: the user order depends on (seed, epoch) only, so every
-    DDP worker shuffles alike and the shards stay disjoint; sampling within a shard is per worker."""
-    order_rng = np.random.default_rng([seed, epoch])
-    rng = np.random.default_rng([seed, epoch, rank, 1])
-    if cfg.recipe == "dense_all_action":
-        return dense_batches(train, batch_size=cfg.batch_size, max_history=max_history, target_len=cfg.target_len,
-                             n_history=cfg.n_history, n_targets=cfg.n_targets, recency=cfg.recency_weighting,
-                             rng=rng, order_rng=order_rng, rank=rank, world_size=world_size)
-    low = "one" if cfg.recipe == "full_softmax" else "half"
-    return pair_batches(train, batch_size=cfg.batch_size, max_history=max_history, low=low,
-                        all_positions=cfg.all_positions, rng=rng, order_rng=order_rng, rank=rank,
-                        world_size=world_size)
-
-
-def compute_loss(model: TwinTowers, batch, cfg: TrainConfig, rows: RowMap = whole_rows) -> torch.Tensor:
-    """The recipe's loss over the whole batch; the tower outputs it needs are computed through ``rows``."""
-    core = model.module if hasattr(model, "module") else model
-    k = core.cfg.members
-
-    def per_member(loss_fn: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.Tensor, *rest) -> torch.Tensor:
-        # each member is trained on its own slice, as if alone (an ensemble, not one wide model)
-        return torch.stack([loss_fn(x, y, *rest) for x, y in zip(member_slices(a, k), member_slices(b, k))]).mean()
-
-    if isinstance(batch, DenseBatch):
-        def at(out: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            return out[torch.arange(out.shape[0], device=out.device).unsqueeze(1), pos]
-
-        hist = rows(lambda tokens, pos: at(model(tokens), pos), batch.hist_tokens, batch.hist_pos)
-        tgt = rows(lambda tokens, pos: at(core.target_sequence_embedding(tokens), pos), batch.tgt_tokens,
-                   batch.tgt_pos)
-        return per_member(lambda h, t: dense_all_action_loss(h, batch.hist_valid, t, batch.tgt_valid, batch.tgt_items,
-                                                             cfg.score_scale), hist, tgt)
-    assert isinstance(batch, PairBatch)
-
-    def user_vectors(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        out = model(tokens)  # ids: the (consecutive) batch rows these tokens are
-        keep = (batch.rows >= ids[0]) & (batch.rows <= ids[-1])
-        return out[batch.rows[keep] - ids[0], batch.positions[keep]]
-
-    user = rows(user_vectors, batch.tokens, torch.arange(batch.tokens.shape[0], device=batch.tokens.device))
-    if cfg.recipe == "full_softmax":
-        items = rows(core.item_embedding, torch.arange(core.num_items, device=user.device))
-        return per_member(full_softmax_loss, user, items, batch.targets, cfg.score_scale)
-    target_vecs = rows(core.item_embedding, batch.targets)
-    return per_member(in_batch_softmax_loss, user, target_vecs, batch.targets, cfg.score_scale, batch.rows)
 
 
 def train_step(model, batch, opt, sched, cfg: TrainConfig, rows: RowMap = whole_rows) -> float:
@@ -189,54 +119,3 @@ def evaluate_model(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, ma
     )
 
 
-@dataclass
-class FitResult:
-    best_epoch: int
-    best_valid: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
-    stopped_early: bool = False
-    seconds: float = 0.0
-
-
-def fit(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max_history: int,
-        seed: int = 0, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-        progress: bool = True) -> FitResult:
-    """Train with early stopping on valid NDCG@10; the best weights are loaded back at the end."""
-    start = time.perf_counter()
-    opt = make_optimizer(model, train_cfg)
-    sched = make_scheduler(opt, train_cfg, steps_per_epoch(splits.train, train_cfg.batch_size))
-    key = selection_key(eval_cfg)
-    best_score, best_epoch, best_state, best_valid = -1.0, -1, None, {}
-    history: list[dict[str, float]] = []
-    bad_epochs = 0
-    stopped = False
-    bar = tqdm(range(1, train_cfg.epochs + 1), desc="epochs", disable=not progress)
-    for epoch in bar:
-        loss = run_epoch(model, splits.train, train_cfg, max_history, opt, sched, seed, epoch, progress=progress,
-                         desc=f"epoch {epoch}")
-        row = {"epoch": epoch, "train_loss": loss, "lr": sched.get_last_lr()[0]}
-        if epoch % train_cfg.eval_every == 0 or epoch == train_cfg.epochs:
-            valid = evaluate_model(model, splits.valid, eval_cfg, max_history, prefix="valid_")
-            row.update(valid)
-            score = valid[f"valid_{key}"]
-            if score > best_score:
-                best_score, best_epoch, bad_epochs = score, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-                best_valid = valid
-            else:
-                bad_epochs += 1
-        history.append(row)
-        bar.set_postfix(loss=f"{loss:.4f}", valid_ndcg10=f"{row.get(f'valid_{key}', float('nan')):.4f}",
-                        best=best_epoch)
-        print(f"epoch {epoch:3d}  loss {loss:.4f}  valid {key} {row.get(f'valid_{key}', float('nan')):.4f}"
-              f"  recall_at_10 {row.get('valid_recall_at_10', float('nan')):.4f}  (best epoch {best_epoch})",
-              flush=True)
-        if on_epoch is not None:
-            on_epoch(epoch, row)
-        if train_cfg.patience > 0 and bad_epochs >= train_cfg.patience:
-            stopped = True
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return FitResult(best_epoch=best_epoch, best_valid=best_valid, history=history, stopped_early=stopped,
-                     seconds=time.perf_counter() - start)

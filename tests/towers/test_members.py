@@ -7,7 +7,7 @@ import torch
 from learn.config import ConfigError, TrainConfig, load_config
 from learn.export.towers import export_towers, load_item_tower, load_twin_towers, load_user_tower
 from learn.towers.model import TowerConfig, TwinTowers, member_slices, pad_histories
-from learn.train.loop import compute_loss, epoch_batches
+from learn.train.recipes import compute_loss, epoch_batches
 
 N_ITEMS, D_LLM = 25, 16
 

@@ -40,7 +40,7 @@ def test_all_positions_windows_cover_early_transitions():
     train = [np.arange(30)]
     targets = set()
     for seed in range(300):
-        for b in pair_batches(train, batch_size=4, max_history=5, low="one", all_positions=True,
+        for b in pair_batches(train, batch_size=4, max_history=5, first_target=lambda length: 1, all_positions=True,
                               rng=np.random.default_rng(seed)):
             targets |= set(b.targets.tolist())
     assert min(targets) == 1 and max(targets) == 29
@@ -54,10 +54,10 @@ def test_shards_are_disjoint_equal_and_cover():
     assert parts[0] | parts[1] <= eligible and len(parts[0] | parts[1]) >= len(eligible) - 1
 
 
-@pytest.mark.parametrize("low", ["one", "half"])
-def test_pair_batches_targets_follow_their_history(low):
+@pytest.mark.parametrize("first", [lambda length: 1, lambda length: max(1, length // 2)], ids=["one", "half"])
+def test_pair_batches_targets_follow_their_history(first):
     train = seqs()
-    for b in pair_batches(train, batch_size=7, max_history=5, low=low, all_positions=False,
+    for b in pair_batches(train, batch_size=7, max_history=5, first_target=first, all_positions=False,
                           rng=np.random.default_rng(0)):
         for r, p, t in zip(b.rows.tolist(), b.positions.tolist(), b.targets.tolist()):
             hist = b.tokens[r][: p + 1] - 1
@@ -69,7 +69,7 @@ def test_pair_batches_targets_follow_their_history(low):
 
 def test_all_positions_predict_successors():
     train = [np.array([1, 2, 3, 4])]
-    (b,) = list(pair_batches(train, batch_size=4, max_history=10, low="one", all_positions=True,
+    (b,) = list(pair_batches(train, batch_size=4, max_history=10, first_target=lambda length: 1, all_positions=True,
                              rng=np.random.default_rng(0)))
     assert b.positions.tolist() == [0, 1, 2] and b.targets.tolist() == [2, 3, 4]
 

@@ -7,7 +7,8 @@ import torch
 from learn.config import EvalConfig, TrainConfig
 from learn.data.sequences import EvalSplit, Splits
 from learn.towers.model import TowerConfig, TwinTowers
-from learn.train.loop import evaluate_model, fit, make_scheduler
+from learn.train.fit import fit
+from learn.train.loop import evaluate_model, make_scheduler
 
 
 def synthetic(n_items=40, n_users=120, seed=0):
@@ -58,7 +59,7 @@ def test_early_stopping_restores_the_best_epoch(monkeypatch):
         snapshots[epoch] = {k: v.clone() for k, v in m.state_dict().items()}
         return {f"{prefix}ndcg_at_10": next(scores)}
 
-    monkeypatch.setattr("learn.train.loop.evaluate_model", fake_eval)
+    monkeypatch.setattr("learn.train.fit.evaluate_model", fake_eval)
     result = fit(model, splits, TrainConfig(epochs=6, patience=2, lr=1e-2), EvalConfig(ks=[10]), 10, progress=False)
     assert result.best_epoch == 2 and result.stopped_early and len(result.history) == 4
     for k, v in model.state_dict().items():

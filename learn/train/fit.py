@@ -1,0 +1,128 @@
+"""Fitting with early stopping: one ``FitState`` kept by the one-process loop (``fit`` below) and by
+every Ray Train worker (``learn.train.distributed``), so both stop, select and restore alike.
+
+    result = fit(model, splits, cfg.train, cfg.eval, max_history, seed=cfg.seed, on_epoch=...)
+
+After each due evaluation (every ``train.eval_every`` epochs and at the last one) the valid metric
+``selection_key`` is compared with the best so far; the best epoch's weights are kept, and after
+``train.patience`` evaluations without a better one training stops (0 = never). The best weights
+are loaded back at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from learn.config import EvalConfig, TrainConfig
+from learn.data.sequences import Splits
+from learn.train.loop import evaluate_model, make_optimizer, make_scheduler, run_epoch, steps_per_epoch
+
+OnEpoch = Callable[[int, dict[str, float]], None]
+
+
+def selection_key(eval_cfg: EvalConfig) -> str:
+    """The valid metric early stopping and best-epoch selection use."""
+    return "ndcg_at_10" if 10 in eval_cfg.ks else f"ndcg_at_{min(eval_cfg.ks)}"
+
+
+def evaluation_due(epoch: int, cfg: TrainConfig) -> bool:
+    return epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+
+
+def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_valid: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class FitState:
+    """Where a fit stands after ``epoch``; plain data, so it is also the checkpoint's content."""
+
+    key: str  # e.g. "valid_ndcg_at_10"
+    patience: int
+    epoch: int = 0
+    best_score: float = -1.0
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    best_valid: dict[str, float] = field(default_factory=dict)
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped: bool = False
+
+    @classmethod
+    def start(cls, train_cfg: TrainConfig, eval_cfg: EvalConfig) -> "FitState":
+        return cls(key=f"valid_{selection_key(eval_cfg)}", patience=train_cfg.patience)
+
+    def end_epoch(self, epoch: int, row: dict[str, float], valid: dict[str, float] | None,
+                  model: torch.nn.Module) -> bool:
+        """Record epoch ``epoch``'s ``row`` (and its valid metrics when it was evaluated); keep the
+        weights of ``model`` if they are the best so far. Returns whether training stops now."""
+        if valid is not None:
+            row.update(valid)
+            if valid[self.key] > self.best_score:
+                self.best_score, self.best_epoch, self.bad_epochs = valid[self.key], epoch, 0
+                self.best_state, self.best_valid = cpu_state(model), valid
+            else:
+                self.bad_epochs += 1
+        self.history.append(row)
+        self.epoch = epoch
+        self.stopped = self.patience > 0 and self.bad_epochs >= self.patience
+        return self.stopped
+
+    def describe(self, row: dict[str, float]) -> str:
+        nan = float("nan")
+        return (f"epoch {int(row['epoch']):3d}  loss {row['train_loss']:.4f}  {self.key} {row.get(self.key, nan):.4f}"
+                f"  recall_at_10 {row.get('valid_recall_at_10', nan):.4f}  (best epoch {self.best_epoch})")
+
+    def restore_best(self, model: torch.nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+    def result(self, seconds: float) -> FitResult:
+        return FitResult(best_epoch=self.best_epoch, best_valid=self.best_valid, history=self.history,
+                         stopped_early=self.stopped, seconds=seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FitState":
+        return cls(**data)
+
+
+def fit(model, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max_history: int, seed: int = 0,
+        on_epoch: OnEpoch | None = None, progress: bool = True) -> FitResult:
+    """Train in this process with early stopping on the valid split; the best weights are loaded back."""
+    start = time.perf_counter()
+    opt = make_optimizer(model, train_cfg)
+    sched = make_scheduler(opt, train_cfg, steps_per_epoch(splits.train, train_cfg.batch_size))
+    state = FitState.start(train_cfg, eval_cfg)
+    bar = tqdm(range(1, train_cfg.epochs + 1), desc="epochs", disable=not progress)
+    for epoch in bar:
+        loss = run_epoch(model, splits.train, train_cfg, max_history, opt, sched, seed, epoch, progress=progress,
+                         desc=f"epoch {epoch}")
+        row = {"epoch": epoch, "train_loss": loss, "lr": sched.get_last_lr()[0]}
+        valid = (evaluate_model(model, splits.valid, eval_cfg, max_history, prefix="valid_")
+                 if evaluation_due(epoch, train_cfg) else None)
+        stop = state.end_epoch(epoch, row, valid, model)
+        bar.set_postfix(loss=f"{loss:.4f}", valid=f"{row.get(state.key, float('nan')):.4f}", best=state.best_epoch)
+        print(state.describe(row), flush=True)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+        if stop:
+            break
+    state.restore_best(model)
+    return state.result(time.perf_counter() - start)

@@ -1,0 +1,135 @@
+"""The trained recipes, each defined here once: how an epoch's batches are drawn and which loss
+they train. ``train.recipe`` names a row of ``RECIPES``; the no-training floors are baselines
+(``learn.evaluate.baselines.BASELINES``), not recipes.
+
+full_softmax      one target per user and epoch, index uniform in [1, L-1] (or every position with
+                  ``train.all_positions``); softmax over every catalog item (all items through the
+                  item tower each step: the reference objective, O(catalog) per step)
+in_batch          target index uniform in [L//2, L-1] (or every position); softmax over the batch's
+                  targets, rows with the same item or of the same user masked
+dense_all_action  each sequence cut into a history and a target part; N_h history positions x N_t
+                  recency-weighted targets per user, the other users' targets as negatives
+
+A loss takes (model, batch, train config, rows): ``rows`` runs a tower over the rows of a batch
+(whole in one process, sharded and gathered under DDP: ``RowMap``).
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from learn.config import TrainConfig, TrainedRecipe
+from learn.towers.losses import dense_all_action_loss, full_softmax_loss, in_batch_softmax_loss
+from learn.towers.model import member_slices
+from learn.train.batches import DenseBatch, PairBatch, dense_batches, pair_batches
+
+Batches = Callable[..., Iterator]
+Loss = Callable[..., torch.Tensor]
+
+RowMap = Callable[..., torch.Tensor]
+"""``rows(fn, *tensors)``: ``fn`` over the rows of ``tensors`` (all cut alike on dim 0), the outputs
+concatenated on dim 0 in row order. ``whole_rows`` calls ``fn`` once; the DDP version computes only
+this worker's rows and gathers the rest, so every worker ends with the whole result."""
+
+
+def whole_rows(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    return fn(*tensors)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    batches: Batches  # (train, cfg, max_history, rng, order_rng, rank, world_size) -> batches
+    loss: Loss  # (model, batch, cfg, rows) -> scalar loss over the whole batch
+
+
+def _core(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _per_member(model, loss_fn: Loss, a: torch.Tensor, b: torch.Tensor, *rest) -> torch.Tensor:
+    """Each member trained on its own slice of the tower outputs, as if alone (an ensemble, not
+    one wide model): the mean of the members' losses."""
+    k = _core(model).cfg.members
+    return torch.stack([loss_fn(x, y, *rest) for x, y in zip(member_slices(a, k), member_slices(b, k))]).mean()
+
+
+def _user_vectors(model, batch: PairBatch, rows) -> torch.Tensor:
+    """The user vectors at every predicting position of a pair batch."""
+    def at_positions(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = model(tokens)  # ids: the (consecutive) batch rows these tokens are
+        keep = (batch.rows >= ids[0]) & (batch.rows <= ids[-1])
+        return out[batch.rows[keep] - ids[0], batch.positions[keep]]
+
+    return rows(at_positions, batch.tokens, torch.arange(batch.tokens.shape[0], device=batch.tokens.device))
+
+
+def _pair_batches(first_target: Callable[[int], int]) -> Batches:
+    def batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size):
+        return pair_batches(train, batch_size=cfg.batch_size, max_history=max_history, first_target=first_target,
+                            all_positions=cfg.all_positions, rng=rng, order_rng=order_rng, rank=rank,
+                            world_size=world_size)
+    return batches
+
+
+def _dense_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size):
+    return dense_batches(train, batch_size=cfg.batch_size, max_history=max_history, target_len=cfg.target_len,
+                         n_history=cfg.n_history, n_targets=cfg.n_targets, recency=cfg.recency_weighting,
+                         rng=rng, order_rng=order_rng, rank=rank, world_size=world_size)
+
+
+def full_softmax(model, batch: PairBatch, cfg: TrainConfig, rows) -> torch.Tensor:
+    user = _user_vectors(model, batch, rows)
+    core = _core(model)
+    items = rows(core.item_embedding, torch.arange(core.num_items, device=user.device))
+    return _per_member(model, full_softmax_loss, user, items, batch.targets, cfg.score_scale)
+
+
+def in_batch(model, batch: PairBatch, cfg: TrainConfig, rows) -> torch.Tensor:
+    user = _user_vectors(model, batch, rows)
+    targets = rows(_core(model).item_embedding, batch.targets)
+    return _per_member(model, in_batch_softmax_loss, user, targets, batch.targets, cfg.score_scale, batch.rows)
+
+
+def dense_all_action(model, batch: DenseBatch, cfg: TrainConfig, rows) -> torch.Tensor:
+    core = _core(model)
+
+    def at(out: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return out[torch.arange(out.shape[0], device=out.device).unsqueeze(1), pos]
+
+    hist = rows(lambda tokens, pos: at(model(tokens), pos), batch.hist_tokens, batch.hist_pos)
+    tgt = rows(lambda tokens, pos: at(core.target_sequence_embedding(tokens), pos), batch.tgt_tokens, batch.tgt_pos)
+    return _per_member(model, lambda h, t: dense_all_action_loss(h, batch.hist_valid, t, batch.tgt_valid,
+                                                                 batch.tgt_items, cfg.score_scale), hist, tgt)
+
+
+RECIPES: dict[str, Recipe] = {
+    "full_softmax": Recipe(_pair_batches(lambda length: 1), full_softmax),
+    "in_batch": Recipe(_pair_batches(lambda length: max(1, length // 2)), in_batch),
+    "dense_all_action": Recipe(_dense_batches, dense_all_action),
+}
+assert set(RECIPES) == set(typing.get_args(TrainedRecipe)), "learn.config.TrainedRecipe and RECIPES disagree"
+
+
+def recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"train.recipe={name!r} is not a trained recipe; known: {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
+def epoch_batches(train: list[np.ndarray], cfg: TrainConfig, max_history: int, seed: int, epoch: int,
+                  rank: int = 0, world_size: int = 1):
+    """The epoch's batches for this worker: the user order depends on (seed, epoch) only, so every
+    DDP worker shuffles alike and the shards stay disjoint; sampling within a shard is per worker."""
+    order_rng = np.random.default_rng([seed, epoch])
+    rng = np.random.default_rng([seed, epoch, rank, 1])
+    return recipe(cfg.recipe).batches(train, cfg, max_history, rng, order_rng, rank, world_size)
+
+
+def compute_loss(model, batch, cfg: TrainConfig, rows: RowMap = whole_rows) -> torch.Tensor:
+    """The recipe's loss over the whole batch; the tower outputs it needs are computed through ``rows``."""
+    return recipe(cfg.recipe).loss(model, batch, cfg, rows)
