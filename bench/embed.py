@@ -17,11 +17,15 @@ with the same model, the same --threads CPU threads in all, in one process run:
   cores, like the other rows (--vllm-bind auto keeps vLLM's default, which on a 2-core box keeps
   one core for its front end and computes on the other).
 
-items/s for the in-process loops and vLLM count encoding only (model loaded / engine started,
-one warm-up call; the engine start is reported in the notes); for Ray Data
-they count the whole call: actor start, model load in each actor, encoding, content-store
-writes (Ray itself is started beforehand). Vectors of every method are checked against
-hf_sorted (max abs difference in the JSON).
+Every row is timed the same way, from a cold start: one call builds what the row needs (tokenizer
+and model / the Ray Data actor pool, a model in each actor / the vLLM engine), embeds the texts
+and tears it down. Each row runs that call twice per round: on the whole list (``end_to_end_s``) and
+on its first --probe texts (the start-up cost, ``startup_s``). Steady-state items/s is
+(items - probe) / (end_to_end_s - startup_s): the rate once everything runs, start-up excluded by
+difference, the same for every row. Ray itself is started once beforehand (its start is reported in
+the notes). The rows run interleaved, round-robin over --rounds rounds (the row order rotates each
+round), so a change of load on a shared machine does not favour one row; each figure is the median
+over rounds. Vectors of every row are checked against hf_sorted (max abs difference in the JSON).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -46,6 +51,7 @@ from learn.config import DataConfig, EmbedConfig  # noqa: E402
 from learn.data.load import item_texts, load_dataset  # noqa: E402
 from learn.embed.hf import HFEncoder  # noqa: E402
 from learn.embed.models import encoder_id, resolve_model  # noqa: E402
+from learn.utils import atomic_write_text  # noqa: E402
 
 
 def load_catalog(data: str, limit: int | None) -> tuple[list[str], list[str]]:
@@ -60,15 +66,13 @@ def load_catalog(data: str, limit: int | None) -> tuple[list[str], list[str]]:
 
 
 @torch.inference_mode()
-def naive_hf_loop(model_path: str, texts: list[str], batch_size: int, max_tokens: int) -> tuple[np.ndarray, float]:
-    """(vectors, encode seconds): unsorted batches, tokenizer padding, masked mean pooling, L2 norm."""
+def naive_hf_loop(model_path: str, texts: list[str], batch_size: int, max_tokens: int) -> np.ndarray:
+    """Unsorted batches, tokenizer padding, masked mean pooling, L2 norm; the model loaded here."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModel.from_pretrained(model_path).eval()
     out = []
-    model(**tokenizer(texts[:8], padding=True, return_tensors="pt"))  # warm-up, not timed
-    start = time.perf_counter()
     for s in range(0, len(texts), batch_size):
         batch = tokenizer(texts[s:s + batch_size], padding=True, truncation=True, max_length=max_tokens,
                           return_tensors="pt")
@@ -76,56 +80,49 @@ def naive_hf_loop(model_path: str, texts: list[str], batch_size: int, max_tokens
         mask = batch["attention_mask"].unsqueeze(-1).float()
         mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         out.append(torch.nn.functional.normalize(mean, dim=-1).numpy())
-    return np.concatenate(out), time.perf_counter() - start
+    return np.concatenate(out)
 
 
-def hf_sorted(cfg: EmbedConfig, texts: list[str]) -> tuple[np.ndarray, float]:
-    encoder = HFEncoder.from_config(cfg)
-    encoder.encode(texts[:8], progress=False)  # warm-up, not timed
-    start = time.perf_counter()
-    vectors = encoder.encode(texts, progress=False)
-    return vectors, time.perf_counter() - start
+def hf_sorted(cfg: EmbedConfig, texts: list[str]) -> np.ndarray:
+    return HFEncoder.from_config(cfg).encode(texts, progress=False)
 
 
-def ray_data(cfg: EmbedConfig, ids: list[str], texts: list[str], actors: int, threads: int
-             ) -> tuple[np.ndarray, float]:
+def ray_data(cfg: EmbedConfig, ids: list[str], texts: list[str], actors: int, threads: int) -> np.ndarray:
+    """Into a fresh, empty content store, so every item is embedded."""
     from learn.embed.ray_data import embed_catalog_ray
     from learn.embed.store import ContentStore
 
     run_cfg = replace(cfg, executor="ray_data", num_actors=actors, cpus_per_actor=max(1.0, threads / actors))
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
-        start = time.perf_counter()
         vectors, stats = embed_catalog_ray(run_cfg, ids, texts, ContentStore(Path(tmp) / "content.parquet"),
                                            progress=False)
-        seconds = time.perf_counter() - start
     if stats["items_embedded"] != len(ids):
         raise RuntimeError(f"ray_data_{actors}: embedded {stats['items_embedded']} of {len(ids)} items")
-    return vectors, seconds
+    return vectors
 
 
-def vllm_cpu(cfg: EmbedConfig, texts: list[str], python: str, bind: str | None) -> tuple[np.ndarray, float, float]:
-    """(vectors, encode seconds, engine start seconds) with the vLLM backend."""
+def vllm_cpu(cfg: EmbedConfig, texts: list[str], python: str, bind: str | None) -> np.ndarray:
+    """The vLLM backend: engine started, texts embedded, engine closed."""
     from learn.embed.vllm_encoder import VLLMEncoder
 
     saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     if bind:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
     try:
-        start = time.perf_counter()
         encoder = VLLMEncoder.from_config(replace(cfg, backend="vllm", vllm_python=python))
-        started = time.perf_counter() - start
     finally:
         if bind and saved is None:
             del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
         elif bind:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
-    try:
-        encoder.encode(texts[:8], progress=False)  # warm-up, not timed
-        start = time.perf_counter()
-        vectors = encoder.encode(texts, progress=False)
-        return vectors, time.perf_counter() - start, started
-    finally:
-        encoder.close()
+    with encoder:
+        return encoder.encode(texts, progress=False)
+
+
+def timed(fn, ids: list[str], texts: list[str]) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    vectors = fn(ids, texts)
+    return vectors, time.perf_counter() - start
 
 
 def machine() -> str:
@@ -159,6 +156,8 @@ def main() -> None:
                          "fixed start-up costs weigh less (default 1)")
     ap.add_argument("--methods", default="naive_hf_loop,hf_sorted,ray_data_1,ray_data_2,vllm_cpu",
                     help="comma-separated subset of the rows to run (hf_sorted always runs: the reference)")
+    ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the rows (median reported)")
+    ap.add_argument("--probe", type=int, default=8, help="texts of the start-up call (its time is the start-up cost)")
     args = ap.parse_args()
     methods = set(args.methods.split(",")) | {"hf_sorted"}
 
@@ -169,71 +168,81 @@ def main() -> None:
         ids = [f"{i}#{r}" for r in range(args.repeat) for i in ids]
         texts = [t if r == 0 else f"{t} (copy {r})" for r in range(args.repeat) for t in texts]
     n = len(ids)
+    if not 0 < args.probe < n:
+        ap.error(f"--probe must be in [1, {n - 1}] (the start-up call embeds fewer texts than the whole run)")
     cfg = EmbedConfig(model=args.model, max_tokens=args.max_tokens, batch_size=args.batch_size,
                       cache_dir=args.cache_dir)
     resolved = resolve_model(args.model, cache_dir=args.cache_dir)
-    model_path = resolved.path
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    print(f"{n} items from {args.data}, model {args.model}, batch {args.batch_size}, {args.threads} threads; "
-          f"load average {load_before[0]:.2f}", flush=True)
+    print(f"{n} items from {args.data}, model {args.model}, batch {args.batch_size}, {args.threads} threads, "
+          f"{args.rounds} rounds; load average {load_before[0]:.2f}", flush=True)
 
-    seconds: dict[str, float | None] = {}
-    vectors: dict[str, np.ndarray] = {}
-    if "naive_hf_loop" in methods:
-        vectors["naive_hf_loop"], seconds["naive_hf_loop"] = naive_hf_loop(model_path, texts, args.batch_size,
-                                                                            args.max_tokens)
-    vectors["hf_sorted"], seconds["hf_sorted"] = hf_sorted(cfg, texts)
-
-    ray_rows = [k for k in (1, 2) if f"ray_data_{k}" in methods]
-    if ray_rows:
+    rows = {"naive_hf_loop": lambda i, t: naive_hf_loop(resolved.path, t, args.batch_size, args.max_tokens),
+            "hf_sorted": lambda i, t: hf_sorted(cfg, t),
+            "ray_data_1": lambda i, t: ray_data(cfg, i, t, 1, args.threads),
+            "ray_data_2": lambda i, t: ray_data(cfg, i, t, 2, args.threads),
+            "vllm_cpu": lambda i, t: vllm_cpu(cfg, t, args.vllm_python, args.vllm_bind)}
+    notes = {}
+    if "vllm_cpu" in methods and not Path(args.vllm_python).exists():
+        methods.discard("vllm_cpu")
+        notes["vllm_cpu"] = f"not run: no interpreter with vLLM at {args.vllm_python} (make vllm-env)"
+    elif "vllm_cpu" in methods:
+        notes["vllm_cpu"] = f"VLLM_CPU_OMP_THREADS_BIND={args.vllm_bind}"
+    order = [k for k in rows if k in methods]
+    if any(k.startswith("ray_data_") for k in order):
         import ray
 
+        start = time.perf_counter()
         ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
-        try:
-            for k in ray_rows:
-                vectors[f"ray_data_{k}"], seconds[f"ray_data_{k}"] = ray_data(cfg, ids, texts, k, args.threads)
-        finally:
+        notes.update({k: f"Ray started once beforehand ({time.perf_counter() - start:.1f} s)"
+                      for k in order if k.startswith("ray_data_")})
+    full: dict[str, list[float]] = {k: [] for k in order}
+    probe: dict[str, list[float]] = {k: [] for k in order}
+    vectors: dict[str, np.ndarray] = {}
+    try:
+        for r in range(args.rounds):
+            for k in order[r % len(order):] + order[:r % len(order)]:
+                probe[k].append(timed(rows[k], ids[:args.probe], texts[:args.probe])[1])
+                vectors[k], seconds = timed(rows[k], ids, texts)
+                full[k].append(seconds)
+                print(f"round {r + 1}: {k} {seconds:.2f} s (start-up call {probe[k][-1]:.2f} s)", flush=True)
+    finally:
+        if any(k.startswith("ray_data_") for k in order):
             ray.shutdown()
 
-    notes = {"naive_hf_loop": "encode only (model loaded, warmed up)",
-             "hf_sorted": "encode only (model loaded, warmed up)",
-             "ray_data_1": "end to end: actor start + model load + encode + store writes",
-             "ray_data_2": "end to end: actor start + model load + encode + store writes"}
-    notes = {k: v for k, v in notes.items() if k in seconds}
-    if "vllm_cpu" not in methods:
-        pass
-    elif Path(args.vllm_python).exists():
-        vectors["vllm_cpu"], seconds["vllm_cpu"], started = vllm_cpu(cfg, texts, args.vllm_python, args.vllm_bind)
-        notes["vllm_cpu"] = (f"encode only (engine started in {started:.1f} s, warmed up); "
-                             f"VLLM_CPU_OMP_THREADS_BIND={args.vllm_bind}")
-    else:
-        seconds["vllm_cpu"] = None
-        notes["vllm_cpu"] = f"not run: no interpreter with vLLM at {args.vllm_python} (make vllm-env)"
-
-    rate = {k: (round(n / s, 1) if s else None) for k, s in seconds.items()}
+    end_to_end = {k: statistics.median(v) for k, v in full.items()}
+    startup = {k: statistics.median(v) for k, v in probe.items()}
+    steady = {k: (round((n - args.probe) / (end_to_end[k] - startup[k]), 1) if end_to_end[k] > startup[k] else None)
+              for k in order}
     ref = vectors["hf_sorted"]
     diff = {k: float(np.abs(v - ref).max()) for k, v in vectors.items()}
     load_after = os.getloadavg()
-    result = {"items_per_s": rate, "seconds": {k: (round(s, 3) if s else None) for k, s in seconds.items()},
-              "max_abs_diff_vs_hf_sorted": diff, "items": n, "model": args.model,
-              "encoder_id": encoder_id(resolved, HFEncoder.pooling, args.max_tokens, cfg.dtype),
+    result = {"items_per_s_end_to_end": {k: round(n / s, 1) for k, s in end_to_end.items()},
+              "items_per_s_steady_state": steady,
+              "seconds": {"end_to_end": {k: round(s, 3) for k, s in end_to_end.items()},
+                          "startup": {k: round(s, 3) for k, s in startup.items()},
+                          "per_round_end_to_end": full, "per_round_startup": probe},
+              "max_abs_diff_vs_hf_sorted": diff, "items": n, "probe_items": args.probe, "rounds": args.rounds,
+              "model": args.model, "encoder_id": encoder_id(resolved, HFEncoder.pooling, args.max_tokens, cfg.dtype),
               "min_cosine_vs_hf_sorted": {k: float((v * ref).sum(1).min()) for k, v in vectors.items()},
               "batch_size": args.batch_size, "repeat": args.repeat,
               "threads": args.threads, "machine": machine(),
               "load_average": {"before": round(load_before[0], 2), "after": round(load_after[0], 2)},
               "notes": notes, "command": " ".join([Path(sys.executable).name, *sys.argv])}
 
-    print(f"\n{'method':<15} {'items/s':>9} {'seconds':>9} {'max|diff|':>10}  note")
-    for k in seconds:
-        r = f"{rate[k]:.1f}" if rate[k] else "-"
-        s = f"{seconds[k]:.2f}" if seconds[k] else "-"
-        d = f"{diff[k]:.1e}" if k in diff else "-"
-        print(f"{k:<15} {r:>9} {s:>9} {d:>10}  {notes[k]}")
+    print(f"\n{'method':<15} {'e2e items/s':>12} {'steady items/s':>15} {'e2e s':>8} {'start-up s':>11} "
+          f"{'max|diff|':>10}  note")
+    for k in order:
+        s = f"{steady[k]:.1f}" if steady[k] else "-"
+        print(f"{k:<15} {n / end_to_end[k]:12.1f} {s:>15} {end_to_end[k]:8.2f} {startup[k]:11.2f} "
+              f"{diff[k]:10.1e}  {notes.get(k, '')}")
+    for k in set(notes) - set(order):
+        print(f"{k:<15} {'-':>12} {'-':>15} {'-':>8} {'-':>11} {'-':>10}  {notes[k]}")
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after (shared machine: numbers are noisy)")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from learn.config import load_config, to_dict  # noqa: E402
 from learn.utils import atomic_write_text  # noqa: E402
 
 # conf/scientific.yaml was frozen three times (2026-11-26): one member of two layers (d_out 128), then
@@ -131,8 +132,48 @@ def row_from_summary(name: str, path: Path, overrides: list[str], data: str, con
             "metrics": {k: summary["metrics"].get(k) for k in KEYS + ["best_epoch", "epochs_run"]}}
 
 
+# set per invocation by run_row (where outputs go, threads when rows share the machine), not by the row
+PER_INVOCATION = {"output_dir", "train.num_threads"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(expected: dict, logged: dict) -> list[str]:
+    """Keys whose value in a run's logged config is not what the row's command sets (a key only one
+    side has, added or removed since the run, is not compared; data paths compare resolved)."""
+    def norm(key: str, value):
+        return str(Path(value).resolve()) if key == "data.path" and value != "demo" else value
+
+    return [k for k in expected if k in logged and k not in PER_INVOCATION
+            and norm(k, expected[k]) != norm(k, logged[k])]
+
+
+def run_of_row(name: str, overrides: list[str], data: str, config: str) -> Path | None:
+    """The newest metrics.json under runs/bench-quality/<name>/ whose run's config is what the row's
+    command sets; None (with the reason printed) when no run there matches."""
+    expected = _flat(to_dict(load_config(ROOT / config, [f"data.path={data}", *overrides])))
+    outputs = sorted((ROOT / "runs" / "bench-quality" / name).glob("*/metrics.json"),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in outputs:
+        if not config_differences(expected, _flat(json.loads(path.read_text())["config"])):
+            return path
+    if outputs:
+        newest = config_differences(expected, _flat(json.loads(outputs[0].read_text())["config"]))
+        print(f"[from-runs] {name}: none of {len(outputs)} runs matches the row's command; the newest "
+              f"({outputs[0].parent.name}) differs in {', '.join(newest)}", flush=True)
+    return None
+
+
 def rows_from_runs(previous: Path, data: str, config: str, wanted: set[str]) -> list[dict]:
-    """Rebuild rows from the newest output of each row (wall times from earlier bench JSONs)."""
+    """Rebuild rows from the run each row's command made (wall times from earlier bench JSONs)."""
     walls = {}  # run id -> measured wall time, from every earlier bench JSON beside this one
     for path in sorted(previous.parent.glob("*.json")):
         # other benches' JSONs live beside it: only rows of this bench (a run id and a wall time) count
@@ -140,13 +181,13 @@ def rows_from_runs(previous: Path, data: str, config: str, wanted: set[str]) -> 
                       if isinstance(r, dict) and "run_id" in r and "wall_s" in r})
     rows = []
     for name, _, overrides in ROWS:
-        outputs = sorted((ROOT / "runs" / "bench-quality" / name).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
-        if outputs and (not wanted or name in wanted):
-            summary = json.loads(outputs[-1].read_text())
+        found = run_of_row(name, overrides, data, config) if not wanted or name in wanted else None
+        if found is not None:
+            summary = json.loads(found.read_text())
             # no bench JSON for this row: the run's own stage times (data + embed + train + test)
             wall = walls.get(summary["run_id"], sum(v for k, v in summary["metrics"].items()
                                        if k.startswith("time_") and k.endswith("_s")))
-            rows.append(row_from_summary(name, outputs[-1], overrides, data, config, wall))
+            rows.append(row_from_summary(name, found, overrides, data, config, wall))
     return rows
 
 
@@ -172,7 +213,8 @@ def main() -> int:
     p.add_argument("--parallel", type=int, default=1,
                    help="rows run at a time; above 1 each row gets train.num_threads=1")
     p.add_argument("--from-runs", action="store_true",
-                   help="run nothing: rebuild the table from the rows' newest outputs under runs/bench-quality/")
+                   help="run nothing: rebuild the table from the outputs under runs/bench-quality/ that each row's "
+                        "command made (the newest run whose logged config matches the row's)")
     p.add_argument("--peers", default="bench/results/sasrec_recbole.json",
                    help="peer results to print under the table (written by bench/sasrec_recbole.py); skipped if absent")
     args = p.parse_args()

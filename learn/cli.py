@@ -1,98 +1,52 @@
-"""Command-line entry points.
+"""Command-line entry points. The flows themselves live in flows/ (read them top to bottom);
+``learn run|reembed|compare`` runs that flow file by path, as ``python flows/<flow>.py`` does.
 
-    learn run --config conf/default.yaml [key=value ...]      the full pipeline
+    learn run --config conf/default.yaml [key=value ...]        flows/full_pipeline.py
+    learn reembed --config conf/default.yaml [key=value ...]    flows/reembed.py
+    learn compare <model A> <model B> [--promote ...]           flows/compare.py
     learn data download --category Industrial_and_Scientific --dest data/raw
     learn data demo-snapshot --out data/demo-catalog [--without-cold]
+
+Every config key, its type and default is listed in learn/config.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import runpy
 import sys
+from pathlib import Path
+from typing import Callable
 
-from learn.config import ConfigError, load_config
+from learn.config import Config, ConfigError, load_config
 from learn.data.schema import DataError
 
+FLOWS = {"run": "full_pipeline.py", "reembed": "reembed.py", "compare": "compare.py"}
+FLOW_DIR = Path(__file__).resolve().parents[1] / "flows"
 
-def _flow_args(argv: list[str], prog: str, description: str, example: str):
-    """(parsed args, Config) for a flow taking --config, --no-progress and key=value overrides;
-    (args, None) after printing the error when the config is bad."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+
+def run_flow(argv: list[str] | None, prog: str, doc: str, run: Callable[[Config, bool], str],
+             errors: dict[type, tuple[str, int]] | None = None) -> int:
+    """The command line every config-driven flow shares: ``--config``, ``--no-progress`` and
+    ``key=value`` overrides (in any order). Exit codes: 0 done, 2 bad config, 3 bad data, and the
+    flow's own ``errors`` ({exception type: (label, code)}); the message names what is wrong."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="conf/default.yaml", help="YAML config (default: conf/default.yaml)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
-    args = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="key=value overrides (every key: learn/config.py), e.g. seed=1")
+    args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
-        return args, load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
-        return args, None
-
-
-def pipeline_main(argv: list[str], prog: str = "full_pipeline.py") -> int:
-    args, cfg = _flow_args(argv, prog, "Run the LEARN pipeline.", "seed=1 data.path=<dir>")
-    if cfg is None:
         return 2
-    from learn.pipeline import run_pipeline
-
+    handled = {DataError: ("data error", 3), **(errors or {})}
     try:
-        result = run_pipeline(cfg, progress=not args.no_progress)
-    except DataError as exc:
-        print(f"data error: {exc}", file=sys.stderr)
-        return 3
-    print(f"run {result.run_id or '(tracking off)'}; outputs in {result.output_dir}")
-    return 0
-
-
-def reembed_main(argv: list[str], prog: str = "reembed.py") -> int:
-    args, cfg = _flow_args(
-        argv, prog, "Embed new and changed catalog items with the served retriever's encoder and item tower, "
-                    "publish a new index version and move the alias onto it.",
-        "data.path=<catalog> reembed.alias=champion")
-    if cfg is None:
-        return 2
-    from learn.reembed import ReembedError, reembed
-
-    try:
-        result = reembed(cfg, progress=not args.no_progress)
-    except DataError as exc:
-        print(f"data error: {exc}", file=sys.stderr)
-        return 3
-    except ReembedError as exc:
-        print(f"reembed error: {exc}", file=sys.stderr)
-        return 4
-    state = "published" if result.published else "unchanged"
-    print(f"run {result.run_id}; {result.registered_model}@{result.alias} serves version {result.served_version} "
-          f"({state}; read version {result.source_version})")
-    return 0
-
-
-def compare_main(argv: list[str], prog: str = "compare.py") -> int:
-    p = argparse.ArgumentParser(
-        prog=prog, description="A/B: score two logged retrievers on the same split and users, with paired "
-                               "bootstrap confidence intervals; optionally promote B to `champion`.")
-    p.add_argument("a", help="run id or models:/<name>@<alias> | models:/<name>/<version>")
-    p.add_argument("b", help="run id or model URI of the challenger")
-    p.add_argument("--split", choices=["test", "valid"], default="test")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples over users")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--exclude-history", choices=["true", "false"], default=None,
-                   help="default: the mode A was trained with (eval.exclude_history)")
-    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    p.add_argument("--experiment", default="learn-compare")
-    p.add_argument("--promote", action="store_true",
-                   help="set alias champion on B when its NDCG@k gain has a 95%% CI above zero")
-    args = p.parse_args(argv)
-    from learn.tracking.ab import ComparisonError, compare_models
-
-    try:
-        compare_models(args.a, args.b, split=args.split, k=args.k, n_resamples=args.resamples, seed=args.seed,
-                       exclude_history=None if args.exclude_history is None else args.exclude_history == "true",
-                       tracking_uri=args.tracking_uri, experiment=args.experiment, promote=args.promote)
-    except (ComparisonError, DataError) as exc:
-        print(f"compare error: {exc}", file=sys.stderr)
-        return 2
+        print(run(cfg, not args.no_progress), flush=True)
+    except tuple(handled) as exc:
+        label, code = next(v for t, v in handled.items() if isinstance(exc, t))
+        print(f"{label}: {exc}", file=sys.stderr)
+        return code
     return 0
 
 
@@ -130,12 +84,20 @@ def demo_snapshot_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["run"]:
-        return pipeline_main(argv[1:], prog="learn run")
+    if argv[:1] and argv[0] in FLOWS:
+        path = FLOW_DIR / FLOWS[argv[0]]
+        if not path.is_file():
+            print(f"learn {argv[0]}: the flow {path} is not there (flows/ ships with the repository: run from a "
+                  f"checkout, or `python flows/{FLOWS[argv[0]]}`)", file=sys.stderr)
+            return 2
+        return runpy.run_path(str(path))["main"](argv[1:])
     if argv[:2] == ["data", "download"]:
         return download_main(argv[2:])
     if argv[:2] == ["data", "demo-snapshot"]:
         return demo_snapshot_main(argv[2:])
+    if argv[:1] in (["-h"], ["--help"], ["help"], ["data"]) and argv[1:] in ([], ["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     print(__doc__.strip(), file=sys.stderr)
     return 2
 

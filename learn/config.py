@@ -362,6 +362,8 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
         raise ConfigError("model.members > 1 needs an item-side stack: item tower 'c' has none")
     if not cfg.reembed.alias.strip():
         raise ConfigError("key 'reembed.alias' must be a non-empty alias name")
+    if cfg.embed.flush_seconds < 0:
+        raise ConfigError(f"key 'embed.flush_seconds' must be >= 0, got {cfg.embed.flush_seconds}")
     if not 0 < cfg.embed.vllm_memory_fraction <= 1:
         raise ConfigError(f"key 'embed.vllm_memory_fraction' must be in (0, 1], got {cfg.embed.vllm_memory_fraction}")
     if cfg.data.time_cut <= 0:

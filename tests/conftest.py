@@ -11,18 +11,28 @@ def model_cache(tmp_path_factory) -> Path:
     return Path(env) if env else tmp_path_factory.mktemp("learn-cache")
 
 
+def tiny_config(root: Path, model_cache: Path, *overrides: str):
+    """conf/tiny.yaml with every output (runs, content store, MLflow store and artifacts) under root."""
+    from learn.config import load_config
+
+    return load_config(Path(__file__).resolve().parents[1] / "conf/tiny.yaml", [
+        f"output_dir={root / 'runs'}", f"embed.cache_dir={model_cache}", f"embed.store={root / 'content.parquet'}",
+        f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}", f"tracking.artifact_location={root / 'artifacts'}",
+        *overrides])
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path, model_cache):
     """conf/tiny.yaml with every output (runs, content store, MLflow store and artifacts) under tmp_path."""
-    from learn.config import load_config
+    return lambda *overrides: tiny_config(tmp_path, model_cache, *overrides)
 
-    def make(*overrides):
-        return load_config(Path(__file__).resolve().parents[1] / "conf/tiny.yaml", [
-            f"output_dir={tmp_path / 'runs'}", f"embed.cache_dir={model_cache}",
-            f"embed.store={tmp_path / 'content.parquet'}",
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            f"tracking.artifact_location={tmp_path / 'artifacts'}", *overrides])
-    return make
+
+@pytest.fixture(scope="session")
+def demo_store(model_cache) -> str:
+    """One content store for every run over conf/tiny.yaml's demo that does not test embedding itself:
+    pass ``f"embed.store={demo_store}"``. Vectors are keyed by item, text hash and encoder id, so the
+    first run fills it and later runs (and sessions, under $LEARN_TEST_CACHE) only read it."""
+    return str(model_cache / "content" / "tiny-demo.parquet")
 
 @pytest.fixture(scope="session")
 def ray_local():

@@ -10,7 +10,6 @@ PodTemplateSpec schema. The slow test starts and stops the real local cluster (i
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import shlex
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.servers import free_ports
+from tests.servers import assert_loopback_only, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -51,9 +50,9 @@ MLFLOW_VERSION = _pin("mlflow")
 TORCH_VERSION = _pin("torch")
 
 
-def _load_docs() -> list[tuple[str, dict]]:
+def _load_docs(directory: Path = K8S) -> list[tuple[str, dict]]:
     docs = []
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc is not None:
                 docs.append((path.name, doc))
@@ -235,25 +234,41 @@ def test_core_kinds_validate_against_the_kubernetes_schema():
                        "PersistentVolumeClaim"}
 
 
-def test_kuberay_resources_use_only_known_fields():
-    kinds = set()
-    for file, doc in DOCS:
-        if doc["kind"] in KUBERAY_KINDS:
-            assert kuberay_errors(doc) == [], file
-            kinds.add(doc["kind"])
-    assert kinds == KUBERAY_KINDS
+KUBERAY_FILES = {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob", "raycronjob.yaml": "RayCronJob"}
 
 
-def test_the_kuberay_field_check_catches_typos():
-    cluster = copy.deepcopy(_one("RayCluster"))
-    cluster["spec"]["workerGroupSpecs"][0]["maxReplica"] = 4  # typo of maxReplicas
-    cluster["spec"]["headGroupSpec"]["rayStartParam"] = cluster["spec"]["headGroupSpec"].pop("rayStartParams")
-    errors = kuberay_errors(cluster)
-    assert any("unknown field 'maxReplica'" in e for e in errors), errors
-    assert any("missing required field 'rayStartParams'" in e for e in errors), errors
-    cron = copy.deepcopy(_one("RayCronJob"))
-    cron["spec"]["jobTemplate"]["shutdownAfterJobFinish"] = True
-    assert any("shutdownAfterJobFinish'" in e for e in kuberay_errors(cron))
+def kuberay_report(directory: Path = K8S) -> dict[str, list[str]]:
+    """Allow-list errors of every KubeRay resource in the manifest files under ``directory``, by file."""
+    report: dict[str, list[str]] = {}
+    for file, doc in _load_docs(directory):
+        if doc.get("kind") in KUBERAY_KINDS:
+            report.setdefault(file, []).extend(kuberay_errors(doc))
+    return report
+
+
+def test_kuberay_manifests_use_only_known_fields():
+    assert kuberay_report() == {file: [] for file in KUBERAY_FILES}
+    for file, kind in KUBERAY_FILES.items():  # each job brings its own cluster: checked against RayClusterSpec
+        assert ray_cluster_specs(_one(kind, file)), f"{file}: no cluster spec was checked"
+
+
+@pytest.mark.parametrize("file, key, typo", [
+    ("raycluster.yaml", "maxReplicas", "maxReplica"),
+    ("raycluster.yaml", "rayStartParams", "rayStartParam"),  # also a required field gone
+    ("rayjob.yaml", "shutdownAfterJobFinishes", "shutdownAfterJobFinish"),
+    ("raycronjob.yaml", "maxReplicas", "maxReplica"),  # deep: spec.jobTemplate.rayClusterSpec.workerGroupSpecs
+])
+def test_a_typo_in_a_copy_of_a_real_manifest_is_caught(tmp_path, file, key, typo):
+    shutil.copytree(K8S, tmp_path / "k8s")
+    path = tmp_path / "k8s" / file
+    text, n = re.subn(rf"^(\s+){key}:", rf"\g<1>{typo}:", path.read_text(), count=1, flags=re.M)
+    assert n == 1, f"{file} has no {key}: to mistype"
+    path.write_text(text)
+    report = kuberay_report(tmp_path / "k8s")
+    assert {f: errors for f, errors in report.items() if f != file} == {f: [] for f in KUBERAY_FILES if f != file}
+    assert any(e.endswith(f"unknown field {typo!r}") for e in report[file]), report[file]
+    if key == "rayStartParams":
+        assert any(e.endswith(f"headGroupSpec: missing required field {key!r}") for e in report[file]), report[file]
 
 
 def test_kuberay_pod_templates_validate_as_kubernetes_pod_templates():
@@ -636,6 +651,7 @@ def test_cluster_sh_up_status_submit_down(tmp_path):
                              env=job_env, capture_output=True, text=True, timeout=300)
         assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
         assert f"PROBE {mlflow_url} {Path(sys.executable).parent}" in job.stdout
+        assert_loopback_only(recorded, {ports["DASHBOARD"], ports["GCS"], ports["MLFLOW"], ports["METRICS"]})
 
         status = run("status", timeout=60)
         assert status.returncode == 0 and status.stdout.count("running, process group") == 2, status.stdout

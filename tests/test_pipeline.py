@@ -6,11 +6,14 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from learn.config import load_config
 from learn.data.schema import DataError
-from learn.pipeline import run_pipeline
+from tests.flows import run_pipeline
+from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIENTIFIC = ROOT.parent / "shared/data/amazon-unisrec/Scientific"
@@ -45,19 +48,20 @@ def test_pipeline_logs_run_and_metrics(tiny_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_beats_the_content_floor_on_demo(tiny_cfg):
+def test_training_beats_the_content_floor_on_demo(tiny_cfg, demo_store):
     """LEARN's point: aligned towers rank better than raw content similarity."""
-    floor = run_pipeline(tiny_cfg("train.recipe=content_last", "tracking.enabled=false"), progress=False)
-    trained = run_pipeline(tiny_cfg("train.epochs=12", "tracking.enabled=false", "model.d_model=64",
+    store = f"embed.store={demo_store}"
+    floor = run_pipeline(tiny_cfg("train.recipe=content_last", "tracking.enabled=false", store), progress=False)
+    trained = run_pipeline(tiny_cfg("train.epochs=12", "tracking.enabled=false", store, "model.d_model=64",
                                     "model.d_out=64", "model.d_ff=128", "train.all_positions=true"),
                            progress=False)
     assert trained.metrics["best_valid_ndcg_at_10"] > floor.metrics["best_valid_ndcg_at_10"]
 
 
 @pytest.mark.slow
-def test_flow_command_line_and_config_errors(tmp_path, model_cache):
-    env_args = [f"output_dir={tmp_path / 'runs'}", f"embed.cache_dir={model_cache}",
-                f"embed.store={tmp_path / 'c.parquet'}", "tracking.enabled=false", "train.epochs=1"]
+def test_flow_command_line_and_config_errors(tmp_path, model_cache, demo_store):
+    env_args = [f"output_dir={tmp_path / 'runs'}", f"embed.cache_dir={model_cache}", f"embed.store={demo_store}",
+                "tracking.enabled=false", "train.epochs=1"]
     ok = subprocess.run([sys.executable, "flows/full_pipeline.py", "--config", "conf/tiny.yaml", "--no-progress",
                          *env_args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -85,25 +89,88 @@ def test_scientific_floor_reproduces_published_baseline(tmp_path, model_cache):
     assert m["test_ndcg_at_10"] == pytest.approx(0.0489, abs=6e-4)
 
 
+@pytest.fixture(scope="module")
+def variant_cfg(tmp_path_factory, model_cache, demo_store):
+    """Two-epoch tiny runs logging to one module MLflow store (parameter counts are read back from it)."""
+    root = tmp_path_factory.mktemp("variants")
+    return lambda *overrides: tiny_config(root, model_cache, f"embed.store={demo_store}", "train.epochs=2",
+                                          "export.enabled=false", *overrides)
+
+
+def _run(cfg) -> tuple[dict, int | None, Path]:
+    """A run's metrics, its logged parameter count (None when untracked) and its output directory."""
+    result = run_pipeline(cfg, progress=False)
+    if result.run_id is None:
+        return result.metrics, None, result.output_dir
+    params = mlflow.MlflowClient(tracking_uri=cfg.tracking.tracking_uri).get_run(result.run_id).data.params
+    return result.metrics, int(params["model_parameters"]), result.output_dir
+
+
+@pytest.fixture(scope="module")
+def base_run(variant_cfg):
+    return _run(variant_cfg())
+
+
+def _ranking(m: dict) -> tuple:
+    return m["best_valid_ndcg_at_10"], m["best_valid_mrr"], m["test_ndcg_at_10"], m["test_mrr"]
+
+
+def _same_params(run, base, cfg) -> None:
+    assert run[1] == base[1]
+
+
+def _time_cut(run, base, cfg) -> None:
+    _same_params(run, base, cfg)
+    assert run[0]["test_users"] != base[0]["test_users"]  # a time cut, not one held-out item per user
+
+
+def _id_embedding_params(run, base, cfg) -> None:
+    # one learned d_model vector per catalog item (and the padding row) on top of the base towers
+    assert run[1] - base[1] == (cfg.data.demo.num_items + 1) * cfg.model.d_model
+
+
+def _two_stacks(run, base, cfg) -> None:
+    # a second adaptor and transformer; the two heads together are as wide as the one of the base
+    assert 1.5 * base[1] < run[1] < 2 * base[1]
+
+
+def _item_vectors_are_the_content(run, base, cfg) -> None:
+    bundle = run[2] / "bundle"
+    content = pq.read_table(bundle / "content.parquet")
+    items = pq.read_table(bundle / "item_embeddings.parquet")
+    assert content["item_id"].to_pylist() == items["item_id"].to_pylist()
+    raw, served = (np.stack(t["vector"].to_numpy(zero_copy_only=False)) for t in (content, items))
+    assert served.shape == raw.shape and raw.shape[1] != cfg.model.d_out  # d_out follows the content
+    np.testing.assert_allclose(served, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [
-    ["train.recipe=in_batch", "model.item_tower=b"],
-    ["train.recipe=dense_all_action", "data.split=time_cut", "train.n_history=4", "train.n_targets=4",
-     "train.target_len=8"],
-    ["model.item_tower=c", "model.positions=learned", "train.all_positions=true"],
-    ["model.item_id_embedding=true", "export.enabled=false"],
-    ["model.members=2"],
-], ids=["in_batch-b", "dense-time_cut", "item_tower_c", "item_id_embedding", "members"])
-def test_recipes_and_variants_run_end_to_end(tiny_cfg, overrides):
-    m = run_pipeline(tiny_cfg("tracking.enabled=false", "train.epochs=2", *overrides), progress=False).metrics
+@pytest.mark.parametrize("overrides, check", [
+    (["train.recipe=in_batch"], _same_params),
+    (["train.recipe=dense_all_action", "model.item_tower=b", "data.split=time_cut", "train.n_history=4",
+      "train.n_targets=4", "train.target_len=8"], _time_cut),
+    (["model.item_tower=c", "model.center_inputs=false", "model.positions=learned", "train.all_positions=true",
+      "export.enabled=true", "tracking.enabled=false"], _item_vectors_are_the_content),
+    (["model.item_id_embedding=true"], _id_embedding_params),
+    (["model.members=2"], _two_stacks),
+], ids=["in_batch", "dense-b-time_cut", "item_tower_c", "item_id_embedding", "members"])
+def test_recipes_and_variants_take_effect(variant_cfg, base_run, overrides, check):
+    """Each flag changes what it should: a silently ignored one would reproduce the base run exactly
+    (same seed, same data), so every variant must rank differently, and show its own mark."""
+    cfg = variant_cfg(*overrides)
+    run = _run(cfg)
+    m = run[0]
     assert m["epochs_run"] == 2 and 0 < m["test_users"]
     assert 0.0 <= m["test_ndcg_at_10"] <= m["test_ndcg_at_50"] <= 1.0
+    assert _ranking(m) != _ranking(base_run[0])
+    check(run, base_run, cfg)
 
 
 @pytest.mark.slow
-def test_same_seed_same_metrics(tiny_cfg):
-    a = run_pipeline(tiny_cfg("tracking.enabled=false", "train.epochs=2"), progress=False).metrics
-    b = run_pipeline(tiny_cfg("tracking.enabled=false", "train.epochs=2"), progress=False).metrics
+def test_same_seed_same_metrics(tiny_cfg, demo_store):
+    cfg = tiny_cfg("tracking.enabled=false", "train.epochs=2", f"embed.store={demo_store}")
+    a = run_pipeline(cfg, progress=False).metrics
+    b = run_pipeline(cfg, progress=False).metrics
     assert a["test_ndcg_at_10"] == b["test_ndcg_at_10"] and a["best_valid_mrr"] == b["best_valid_mrr"]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.servers import free_ports, stop_process_group, wait_for_http
+from tests.servers import assert_loopback_only, free_ports, stop_process_group, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
@@ -20,10 +20,13 @@ RAY = Path(sys.executable).parent / "ray"
 def ray_head(tmp_path):
     """`ray start --head --block` bound to 127.0.0.1 with its own ports and its own auth token;
     signalling that one process (its own session) stops the whole head, nothing else is touched.
-    Yields (dashboard URL, token)."""
+    Yields (dashboard URL, token, its process group, its GCS and metrics ports)."""
     gcs, dash, client, agent, agent_grpc, runtime_env, metrics, nm, om = free_ports(9)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           # single-node mode: the node address stays 127.0.0.1, so every Ray listener binds loopback
+           # (see infra/local/cluster.sh)
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     log = open(tmp_path / "head.log", "w")
     proc = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
@@ -36,7 +39,7 @@ def ray_head(tmp_path):
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     wait_for_http(f"{url}/api/version", proc, tmp_path / "head.log", "ray head", timeout_s=120)
-    yield url, env["RAY_AUTH_TOKEN"]
+    yield url, env["RAY_AUTH_TOKEN"], proc.pid, {gcs, dash, metrics}
     stop_process_group(proc)
     log.close()
 
@@ -50,7 +53,7 @@ def test_ray_job_submit_runs_the_flow_and_logs_to_mlflow(ray_head, tmp_path, mod
         "python flows/full_pipeline.py --config conf/tiny.yaml --no-progress train.epochs=1 "
         f"output_dir={tmp_path / 'runs'} embed.cache_dir={model_cache} embed.store={tmp_path / 'c.parquet'} "
         f"tracking.tracking_uri=sqlite:///{db} tracking.artifact_location={tmp_path / 'artifacts'}")
-    url, token = ray_head
+    url, token, pgid, ports = ray_head
     client = JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
     job = client.submit_job(entrypoint=entrypoint, runtime_env={
         "working_dir": str(ROOT),
@@ -63,6 +66,7 @@ def test_ray_job_submit_runs_the_flow_and_logs_to_mlflow(ray_head, tmp_path, mod
     assert run.info.status == "FINISHED"
     assert 0.0 <= run.data.metrics["test_ndcg_at_10"] <= 1.0
     assert run.data.params["data.path"] == "demo"
+    assert_loopback_only([pgid], ports)  # the head and the job's workers, still alive
 
     # the scheduled re-embedding is a job too: same catalog, so it embeds nothing and publishes nothing
     reembed = entrypoint.replace("flows/full_pipeline.py", "flows/reembed.py").replace(" train.epochs=1", "")

@@ -12,8 +12,9 @@ import pytest
 
 from learn.config import load_config
 from learn.data.demo import write_demo_snapshot
-from learn.pipeline import run_pipeline
-from learn.reembed import ReembedError, reembed
+from tests.flows import run_pipeline
+from learn.export.reembed import ReembedError
+from tests.flows import reembed
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "learn-retriever"

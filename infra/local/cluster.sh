@@ -23,6 +23,12 @@
 # Ray 2.60 turns token authentication on when a token exists; this head always uses its own token
 # (RAY_AUTH_MODE=token), kept in <state>/auth_token. It never runs `ray stop` (which would stop
 # every Ray on the machine) and never kills by name.
+#
+# Loopback only: Ray replaces `--node-ip-address 127.0.0.1` by the machine's outward address and then
+# binds GCS, raylet, object manager, workers, agents and metrics exporters to all interfaces. Ray's
+# single-node mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the default off Linux) keeps the node address
+# 127.0.0.1, and every one of those listeners then binds 127.0.0.1 (tests/test_infra.py checks each
+# listening socket of the started processes). The price: no other node can join this head.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -207,7 +213,7 @@ start_ray() {
     new_session env -u RAY_ADDRESS -u RAY_AUTH_TOKEN_PATH \
       PATH="$VENV/bin:$PATH" \
       RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$(cat "$TOKEN_FILE")" \
-      RAY_USAGE_STATS_ENABLED=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
+      RAY_USAGE_STATS_ENABLED=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
       MLFLOW_TRACKING_URI="http://$HOST:$MLFLOW_PORT" \
       "$VENV/bin/ray" start --head --block \
         --node-ip-address "$HOST" --port "$GCS_PORT" \
@@ -234,13 +240,16 @@ start_mlflow() {
   echo $! > "$MLFLOW_PIDFILE"
 }
 
-check_session() {  # the recorded PID must lead its own process group
-  local name=$1 pidfile=$2 pid pgid
+check_session() {  # the recorded PID must come to lead its own process group (setsid is an exec away)
+  local name=$1 pidfile=$2 pid pgid tries=50
   pid=$(cat "$pidfile")
-  pgid=$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ') || true
-  if [[ -n "$pgid" && "$pgid" != "$pid" ]]; then
-    die "$name (pid $pid) is in process group $pgid, not its own; not recording it"
-  fi
+  while (( tries-- > 0 )); do
+    pgid=$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ') || true
+    if [[ -z "$pgid" || "$pgid" == "$pid" ]]; then return 0; fi
+    sleep 0.1
+  done
+  cmd_down >&2 || true
+  die "$name (pid $pid) is in process group $pgid, not its own; stopped what was started"
 }
 
 print_usage_lines() {

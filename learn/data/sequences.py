@@ -8,6 +8,8 @@ time_cut       one global time point T: training sees only interactions before T
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +59,20 @@ class SequenceData:
     @property
     def num_items(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def num_interactions(self) -> int:
+        return int(sum(len(s) for s in self.seqs))
+
+    def fingerprint(self) -> str:
+        """A digest of what a model trained on this data saw: item ids and texts, and every user's
+        item sequence."""
+        h = hashlib.sha256()
+        for item_id, text in zip(self.item_ids, self.texts):
+            h.update(f"{item_id}\t{text}\n".encode())
+        for seq in self.seqs:
+            h.update(np.asarray(seq, dtype=np.int64).tobytes() + b"|")
+        return h.hexdigest()[:16]
 
     def split(self, kind: str, time_cut: float = 0.8, seed: int = 0) -> Splits:
         if kind == "leave_one_out":

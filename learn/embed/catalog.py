@@ -41,7 +41,8 @@ def embed_items(cfg: EmbedConfig, dataset_name: str, item_ids, texts: list[str],
         return np.asarray(vectors, dtype=np.float32), stats, eid
     encoder = build_encoder(cfg)
     try:
-        vectors, stats = embed_catalog(encoder, ids, texts, store, progress=progress)
+        vectors, stats = embed_catalog(encoder, ids, texts, store, progress=progress,
+                                       flush_seconds=cfg.flush_seconds, flush_rows=cfg.rows_per_flush)
     finally:
         close_encoder(encoder)
     return np.asarray(vectors, dtype=np.float32), stats, encoder.encoder_id

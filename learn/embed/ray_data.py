@@ -12,11 +12,11 @@ again, ``VLLMEncoder`` leaves batching to vLLM; so the vectors match the local o
 
 Each actor loads one encoder in ``__init__`` (``embed.num_gpus`` = ``gpus_per_actor`` per actor;
 pool size ``num_actors``, or the cluster's GPUs / ``gpus_per_actor``, or 1). The driver consumes
-the results with ``iter_batches`` as they stream in and upserts them into the content store
-every ``embed.rows_per_flush`` rows (spaced out when rewriting a big store gets slow, so writes
-stay under ~20% of the time), and once more when it stops on an error: a killed job re-run
-embeds only what is missing. Actors that die are restarted by Ray and their tasks retried; a
-result that arrives twice (a retried task) is kept once.
+the results with ``iter_batches`` as they stream in and appends them to the content store (one
+part per write) every ``embed.rows_per_flush`` rows or ``embed.flush_seconds``, whichever comes
+first, and once more when it stops on an error: a killed job re-run embeds only what is missing.
+Actors that die are restarted by Ray and their tasks retried; a result that arrives twice (a
+retried task) is kept once.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ MAX_ACTOR_RESTARTS = 8
 MAX_TASK_RETRIES = 3
 # rows per actor call, in encoder batches (the actor sorts these by token length)
 CALL_BATCHES = 4
-# flushes are spaced so that rewriting the store takes at most 1 / (1 + this) of the time
-_WRITE_SPACING = 4.0
 
 
 class EncoderActor:
@@ -78,8 +76,9 @@ def _check_cfg(embed_cfg: Any) -> None:
     if embed_cfg.gpus_per_actor < 0 or embed_cfg.cpus_per_actor < 0:
         raise ValueError(f"embed.gpus_per_actor and embed.cpus_per_actor must be >= 0, got "
                          f"{embed_cfg.gpus_per_actor} and {embed_cfg.cpus_per_actor}")
-    if embed_cfg.rows_per_flush <= 0:
-        raise ValueError(f"embed.rows_per_flush must be > 0, got {embed_cfg.rows_per_flush}")
+    if embed_cfg.rows_per_flush <= 0 or not embed_cfg.flush_seconds >= 0:
+        raise ValueError(f"embed.rows_per_flush must be > 0 and embed.flush_seconds >= 0, got "
+                         f"{embed_cfg.rows_per_flush} and {embed_cfg.flush_seconds}")
 
 
 def _model_dim(resolved: Any) -> int:
@@ -187,7 +186,8 @@ def embed_catalog_ray(embed_cfg: Any, item_ids: Sequence[Any], texts: Sequence[s
     del blocks
 
     done = np.zeros(len(groups), dtype=bool)
-    writer = StoreWriter(store, ids, hashes, eid, out, stats)
+    writer = StoreWriter(store, ids, hashes, eid, out, stats, flush_rows=embed_cfg.rows_per_flush,
+                         flush_seconds=embed_cfg.flush_seconds)
     bar = tqdm(total=n_todo, unit="item", desc="content store (ray)", disable=not progress)
     batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
     try:
@@ -205,9 +205,7 @@ def embed_catalog_ray(embed_cfg: Any, item_ids: Sequence[Any], texts: Sequence[s
                     received += len(groups[g])
                     stats["texts_encoded"] += 1
                 bar.update(received)
-                if len(writer.pending) >= embed_cfg.rows_per_flush and \
-                        writer.since_flush() >= _WRITE_SPACING * writer.write_s:
-                    writer.flush()
+                writer.maybe_flush()
             writer.flush()
             if not done.all():
                 raise RuntimeError(f"Ray Data returned {int(done.sum())} of {len(groups)} texts; "

@@ -3,38 +3,58 @@
     store = ContentStore(".cache/learn/content/demo.parquet")
     vectors, stats = embed_catalog(encoder, item_ids, texts, store)   # stats["items_reused"], ...
 
-One Parquet file, one row per (item_id, encoder_id):
-item_id string, text_hash string, encoder_id string, embedding fixed_size_list<float32>[dim].
-A stored vector is valid for an item only while both its text hash and the encoder id match, so
-edited items and a changed model/pooling/truncation are re-embedded and nothing else is. Rows of
-other encoders are kept (one store may serve several encoders of the same dimension) and never
-returned for another id. Every write replaces the file atomically (temp file + rename).
+The store named ``demo.parquet`` lives in the directory ``demo.parquet.d/``: append-only Parquet
+part files and ``manifest.json``, the committed parts in write order. A part's rows:
+item_id string, text_hash string, encoder_id string, embedding fixed_size_list<float32>[dim];
+for the same (item_id, encoder_id) the latest part wins. A stored vector is valid for an item only
+while both its text hash and the encoder id match, so edited items and a changed
+model/pooling/truncation are re-embedded and nothing else is. Rows of other encoders are kept
+(one store may serve several encoders of the same dimension) and never returned for another id.
+
+A write (``upsert``) writes one new part (temp file + rename), then, under an exclusive lock on
+``.lock``, re-reads the manifest, appends the part and swaps the manifest (temp file + rename):
+it costs O(rows written), and concurrent writers (pipeline runs, Ray Data jobs) never lose each
+other's rows. ``compact()`` merges the parts into one, dropping superseded rows, and swaps it in
+the same way. A lookup is a join on (item_id, text_hash) over the key columns; vectors are read
+only from the row groups that hold the rows found. A single-file store of the earlier format
+(``demo.parquet`` itself, same columns) becomes the first part on first use, without re-embedding.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
+import os
+import shutil
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from learn.utils import atomic_path, text_hash
+from learn.utils import atomic_path, atomic_write_text, text_hash
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("item_id", "text_hash", "encoder_id", "embedding")
-_FORMAT = b"learn.content_store/1"
+_FORMAT = b"learn.content_store/1"  # a part file; the single-file store of earlier versions is one too
+MANIFEST_FORMAT = "learn.content_store.manifest/2"
+ROW_GROUP = 65536  # rows per Parquet row group: the unit a lookup reads vectors in
+COMPACT_AT = 32  # a writer that finishes with more parts than this in the store compacts it
+MIN_CHUNK = 64  # embed_catalog: smallest number of texts per encoder call when flushing by time
+
+T = TypeVar("T")
 
 
 class ContentStoreError(ValueError):
-    """The store file is unreadable, has the wrong schema, or cannot hold the given vectors."""
+    """The store is unreadable, has the wrong schema, or cannot hold the given vectors."""
 
 
 class Encoder(Protocol):
@@ -44,100 +64,200 @@ class Encoder(Protocol):
     def encode(self, texts: list[str], progress: bool = True) -> np.ndarray: ...
 
 
-class _Rows:
-    """The store's content in memory: parallel arrays, plus the stat of the file they came from."""
-
-    def __init__(self, item_id: np.ndarray, text_hash: np.ndarray, encoder_id: np.ndarray,
-                 emb: np.ndarray, stamp: tuple | None = None) -> None:
-        self.item_id, self.text_hash, self.encoder_id, self.emb = item_id, text_hash, encoder_id, emb
-        self.stamp = stamp
-
-    @property
-    def dim(self) -> int:
-        return int(self.emb.shape[1])
-
-    def __len__(self) -> int:
-        return len(self.item_id)
-
-
-def _stamp(path: Path) -> tuple:
-    st = path.stat()
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def _strings(values: Sequence[Any]) -> np.ndarray:
     return np.asarray([str(v) for v in values], dtype=object)
 
 
+def _part_table(ids: np.ndarray, hashes: np.ndarray, encoder_ids: np.ndarray, emb: np.ndarray) -> pa.Table:
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), emb.shape[1])
+    return pa.table({"item_id": pa.array(ids, type=pa.string()), "text_hash": pa.array(hashes, type=pa.string()),
+                     "encoder_id": pa.array(encoder_ids, type=pa.string()), "embedding": vectors}
+                    ).replace_schema_metadata({b"format": _FORMAT})
+
+
 class ContentStore:
-    """A Parquet file of content vectors keyed by (item_id, encoder_id)."""
+    """Content vectors keyed by (item_id, encoder_id), in part files under ``<path>.d/``."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._cache: _Rows | None = None
+        self.root = self.path.with_name(self.path.name + ".d")
+        self._manifest_path = self.root / "manifest.json"
+        self._live: tuple[list[str], pd.DataFrame] | None = None  # (parts, live rows) of the last read
 
     def __repr__(self) -> str:
         return f"ContentStore({str(self.path)!r})"
 
-    # -- reading ------------------------------------------------------------------------------
-    def _read(self) -> _Rows | None:
-        """The file's rows (cached while the file is unchanged); None if there is no file yet."""
-        if not self.path.exists():
-            self._cache = None
-            return None
-        if self.path.is_dir():
-            raise ContentStoreError(f"content store {self.path} is a directory; give a .parquet file path")
-        stamp = _stamp(self.path)
-        if self._cache is not None and self._cache.stamp == stamp:
-            return self._cache
+    # -- manifest, lock, migration ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive across processes (flock on ``.lock``); released when the file closes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "ab") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+
+    def _read_manifest(self) -> dict[str, Any]:
+        """{"dim": int | None, "encoders": [...], "parts": [names, oldest first]}; empty if none yet."""
         try:
-            table = pq.read_table(self.path)
-        except (pa.ArrowException, OSError) as exc:
+            man = json.loads(self._manifest_path.read_bytes())
+            ok = man.get("format") == MANIFEST_FORMAT and isinstance(man.get("parts"), list)
+        except FileNotFoundError:
+            return {"format": MANIFEST_FORMAT, "dim": None, "encoders": [], "parts": []}
+        except (OSError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise ContentStoreError(f"content store {self.path}: its manifest {self._manifest_path} is unreadable "
+                                    f"or not a content store manifest; delete {self.root} to rebuild it "
+                                    f"(items get re-embedded)")
+        return man
+
+    def _manifest(self) -> dict[str, Any]:
+        """The committed manifest, after taking over a single-file store left at ``path``."""
+        if self.path.is_dir():
+            raise ContentStoreError(f"content store {self.path} is a directory; give a .parquet file path "
+                                    f"(the store keeps its parts in {self.root.name}/)")
+        if self.path.is_file():
+            self._migrate()
+        return self._read_manifest()
+
+    def _migrate(self) -> None:
+        """Make the single-file store at ``path`` the oldest part (validated, linked, not re-written)."""
+        with self._locked():
+            if not self.path.is_file():
+                return  # another process took it over meanwhile
+            keys, dim = self._read_keys(self.path, self.path)
+            man = self._read_manifest()
+            self._check_dim(man, "(the single-file store)", dim)
+            name = _part_name()
+            try:
+                os.link(self.path, self.root / name)
+            except OSError:  # no hard links on this file system
+                with atomic_path(self.root / name) as tmp:
+                    shutil.copyfile(self.path, tmp)
+            encoders = keys.column("encoder_id").unique().to_pylist()
+            self._write_manifest({**man, "dim": dim, "encoders": sorted({*man["encoders"], *encoders}),
+                                  "parts": [name, *man["parts"]]})
+            self.path.unlink()
+        log.info("content store %s: single-file store taken over as part %s", self.path, name)
+
+    def _write_manifest(self, man: dict[str, Any]) -> None:
+        atomic_write_text(self._manifest_path, json.dumps({**man, "format": MANIFEST_FORMAT}, indent=1))
+
+    def _check_dim(self, man: dict[str, Any], encoder_id: str, dim: int) -> None:
+        if man["dim"] not in (None, dim):
             raise ContentStoreError(
-                f"content store {self.path} is unreadable ({exc}); delete it to rebuild it (items get re-embedded)"
-            ) from exc
-        self._cache = self._from_table(table, stamp)
-        return self._cache
+                f"content store {self.path} holds {man['dim']}-d vectors (encoders: {', '.join(man['encoders'])}); "
+                f"encoder '{encoder_id}' gives {dim}-d. Use a separate store file per vector size (embed.store) "
+                f"or delete this one ({self.root})")
 
-    def _from_table(self, table: pa.Table, stamp: tuple) -> _Rows:
+    # -- reading ------------------------------------------------------------------------------
+    def _read_keys(self, path: Path, delete: Path) -> tuple[pa.Table, int]:
+        """A part's key columns and its dimension, validated; errors say to delete ``delete``."""
         def bad(why: str) -> ContentStoreError:
-            return ContentStoreError(f"content store {self.path} is not a valid content store: {why}; "
-                                     f"delete it to rebuild it")
+            return ContentStoreError(f"content store {self.path}: {path} is not a valid content store part: {why}; "
+                                     f"delete {delete} to rebuild it (items get re-embedded)")
 
-        missing = [c for c in COLUMNS if c not in table.column_names]
+        try:
+            schema = pq.read_schema(path)
+            missing = [c for c in COLUMNS if c not in schema.names]
+            table = None if missing else pq.read_table(path, columns=list(COLUMNS[:3]))
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowException, OSError) as exc:
+            raise ContentStoreError(f"content store {self.path}: {path} is unreadable ({exc}); delete {delete} to "
+                                    f"rebuild it (items get re-embedded)") from exc
         if missing:
             raise bad(f"missing columns {missing}")
         for c in COLUMNS[:3]:
-            ctype = table.schema.field(c).type
+            ctype = schema.field(c).type
             if not (pa.types.is_string(ctype) or pa.types.is_large_string(ctype)):
                 raise bad(f"column '{c}' has type {ctype}, expected string")
-        etype = table.schema.field("embedding").type
+        etype = schema.field("embedding").type
         if not (pa.types.is_fixed_size_list(etype) and pa.types.is_float32(etype.value_type)):
             raise bad(f"column 'embedding' has type {etype}, expected fixed_size_list<float>")
-        if any(table.column(c).null_count for c in COLUMNS):
+        if any(table.column(c).null_count for c in COLUMNS[:3]):
             raise bad("null values")
-        emb_col = table.column("embedding").combine_chunks()
-        dim = etype.list_size
-        flat = emb_col.flatten().to_numpy(zero_copy_only=False)  # respects the array's offset
-        emb = np.ascontiguousarray(flat, dtype=np.float32).reshape(len(table), dim)
-        cols = {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in COLUMNS[:3]}
-        keys = pd.MultiIndex.from_arrays([cols["item_id"], cols["encoder_id"]])
-        if keys.has_duplicates:
-            raise bad("duplicate (item_id, encoder_id) rows")
-        return _Rows(cols["item_id"], cols["text_hash"], cols["encoder_id"], emb, stamp)
+        return table, etype.list_size
+
+    def _consistent(self, read: Callable[[dict[str, Any]], T]) -> T:
+        """``read(manifest)``; again on the newer manifest if a compaction removed a part meanwhile."""
+        while True:
+            man = self._manifest()
+            try:
+                return read(man)
+            except FileNotFoundError as exc:
+                if self._read_manifest()["parts"] == man["parts"]:
+                    missing = [n for n in man["parts"] if not (self.root / n).exists()]
+                    raise ContentStoreError(f"content store {self.path}: parts {missing} listed in "
+                                            f"{self._manifest_path} are missing; delete {self.root} to rebuild it "
+                                            f"(items get re-embedded)") from exc
+
+    def _live_rows(self, man: dict[str, Any]) -> pd.DataFrame:
+        """The latest row per (item_id, encoder_id): item_id, text_hash, encoder_id, part, row."""
+        if self._live is not None and self._live[0] == man["parts"]:
+            return self._live[1]
+        frames = []
+        for i, name in enumerate(man["parts"]):
+            keys, dim = self._read_keys(self.root / name, self.root)
+            if dim != man["dim"]:
+                raise ContentStoreError(f"content store {self.path}: part {name} holds {dim}-d vectors, its manifest "
+                                        f"says {man['dim']}-d; delete {self.root} to rebuild it")
+            frame = keys.to_pandas()
+            frame["part"], frame["row"] = i, np.arange(len(frame))
+            frames.append(frame)
+        live = pd.concat(frames, ignore_index=True).drop_duplicates(["item_id", "encoder_id"], keep="last")
+        self._live = (list(man["parts"]), live)
+        return live
+
+    def _vectors(self, man: dict[str, Any], part: np.ndarray, row: np.ndarray) -> np.ndarray:
+        """Embeddings of the rows (part[i], row[i]), read one row group at a time, only the groups that
+        hold them (memory: one row group)."""
+        out = np.empty((len(part), man["dim"]), dtype=np.float32)
+        for p in np.unique(part):
+            sel = np.flatnonzero(part == p)
+            path = self.root / man["parts"][p]
+            try:
+                pf = pq.ParquetFile(path)
+                starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+                group = np.searchsorted(starts, row[sel], side="right") - 1
+                for g in np.unique(group):
+                    at = sel[group == g]
+                    col = pf.read_row_group(int(g), columns=["embedding"]).column("embedding").combine_chunks()
+                    if col.null_count:
+                        raise ContentStoreError(f"content store {self.path}: {path} has null vectors; delete "
+                                                f"{self.root} to rebuild it")
+                    flat = col.flatten().to_numpy(zero_copy_only=False)  # respects the array's offset
+                    out[at] = flat.reshape(-1, man["dim"])[row[at] - starts[g]]
+            except FileNotFoundError:
+                raise
+            except (pa.ArrowException, OSError) as exc:
+                raise ContentStoreError(f"content store {self.path}: {path} is unreadable ({exc}); delete "
+                                        f"{self.root} to rebuild it (items get re-embedded)") from exc
+        return out
+
+    def parts(self) -> list[Path]:
+        """The committed part files, oldest first."""
+        return [self.root / name for name in self._manifest()["parts"]]
 
     def load(self) -> pd.DataFrame | None:
-        """All rows as a DataFrame (embedding: one float32 array per row); None if no file yet."""
-        rows = self._read()
-        if rows is None:
-            return None
-        return pd.DataFrame({"item_id": rows.item_id, "text_hash": rows.text_hash,
-                             "encoder_id": rows.encoder_id, "embedding": list(rows.emb.copy())})
+        """All live rows as a DataFrame (embedding: one float32 array per row); None if nothing stored."""
+        def read(man: dict[str, Any]) -> pd.DataFrame | None:
+            if not man["parts"]:
+                return None
+            live = self._live_rows(man)
+            emb = self._vectors(man, live["part"].to_numpy(), live["row"].to_numpy())
+            return pd.DataFrame({"item_id": live["item_id"].to_numpy(), "text_hash": live["text_hash"].to_numpy(),
+                                 "encoder_id": live["encoder_id"].to_numpy(), "embedding": list(emb)})
+
+        return self._consistent(read)
 
     def encoder_ids(self) -> dict[str, int]:
         """Row count per encoder id held in the store."""
-        rows = self._read()
-        return {} if rows is None else dict(Counter(rows.encoder_id.tolist()))
+        def read(man: dict[str, Any]) -> dict[str, int]:
+            counts = self._live_rows(man)["encoder_id"].value_counts(sort=False) if man["parts"] else {}
+            return {str(k): int(v) for k, v in counts.items()}
+
+        return self._consistent(read)
 
     def lookup(self, item_ids: Sequence[Any], text_hashes: Sequence[str], encoder_id: str
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -147,29 +267,33 @@ class ContentStore:
         found are zero. d is the store's dimension (0 when nothing is stored yet).
         """
         ids = _strings(item_ids)
-        hashes = np.asarray(list(text_hashes), dtype=object)
+        hashes = np.asarray([str(h) for h in text_hashes], dtype=object)
         if len(ids) != len(hashes):
             raise ValueError(f"lookup: {len(ids)} item ids but {len(hashes)} text hashes")
-        rows = self._read()
-        if rows is None:
-            return np.zeros(len(ids), dtype=bool), np.zeros((len(ids), 0), dtype=np.float32)
-        sel = np.flatnonzero(rows.encoder_id == encoder_id)
-        pos = pd.Index(rows.item_id[sel]).get_indexer(ids)
-        hit = pos >= 0
-        src = sel[pos[hit]]
-        found = np.zeros(len(ids), dtype=bool)
-        found[hit] = rows.text_hash[src] == hashes[hit]
-        vectors = np.zeros((len(ids), rows.dim), dtype=np.float32)
-        vectors[found] = rows.emb[src[found[hit]]]
-        return found, vectors
+
+        def read(man: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+            found = np.zeros(len(ids), dtype=bool)
+            vectors = np.zeros((len(ids), man["dim"] or 0), dtype=np.float32)
+            if not man["parts"]:
+                return found, vectors
+            live = self._live_rows(man)
+            live = live[live["encoder_id"] == encoder_id]
+            want = pd.DataFrame({"item_id": ids, "text_hash": hashes, "pos": np.arange(len(ids))})
+            hit = want.merge(live, on=["item_id", "text_hash"], how="inner")
+            pos = hit["pos"].to_numpy()
+            found[pos] = True
+            vectors[pos] = self._vectors(man, hit["part"].to_numpy(), hit["row"].to_numpy())
+            return found, vectors
+
+        return self._consistent(read)
 
     # -- writing ------------------------------------------------------------------------------
     def upsert(self, item_ids: Sequence[Any], text_hashes: Sequence[str], encoder_id: str,
                vectors: np.ndarray) -> None:
-        """Insert or replace the rows (item_id, encoder_id); write the merged file atomically."""
+        """Insert or replace the rows (item_id, encoder_id): one new part, committed to the manifest."""
         ids = _strings(item_ids)
         hashes = np.asarray([str(h) for h in text_hashes], dtype=object)
-        vectors = np.array(vectors, dtype=np.float32)  # a copy: the in-memory cache must not alias it
+        vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != len(ids) or len(hashes) != len(ids):
             raise ValueError(f"upsert: {len(ids)} item ids, {len(hashes)} text hashes and vectors of shape "
                              f"{vectors.shape} do not line up")
@@ -182,41 +306,65 @@ class ContentStore:
             raise ValueError(f"upsert: duplicate item ids {dupes}")
         if not np.isfinite(vectors).all():
             raise ValueError("upsert: vectors hold NaN or inf")
-        old = self._read()
-        new_enc = np.full(len(ids), encoder_id, dtype=object)
-        if old is None or len(old) == 0:
-            merged = _Rows(ids, hashes, new_enc, vectors)
-        else:
-            if old.dim != vectors.shape[1]:
-                held = ", ".join(sorted(set(old.encoder_id.tolist())))
-                raise ContentStoreError(
-                    f"content store {self.path} holds {old.dim}-d vectors (encoders: {held}); encoder "
-                    f"'{encoder_id}' gives {vectors.shape[1]}-d. Use a separate store file per vector size "
-                    f"(embed.store) or delete this one"
-                )
-            # drop the old rows this upsert replaces: same item id under the same encoder
-            same_enc = old.encoder_id == encoder_id
-            replaced = np.zeros(len(old), dtype=bool)
-            replaced[same_enc] = pd.Index(ids).get_indexer(old.item_id[same_enc]) >= 0
-            keep = ~replaced
-            merged = _Rows(np.concatenate([old.item_id[keep], ids]), np.concatenate([old.text_hash[keep], hashes]),
-                           np.concatenate([old.encoder_id[keep], new_enc]),
-                           np.concatenate([old.emb[keep], vectors]))
-        self._write(merged)
+        dim = vectors.shape[1]
+        self._check_dim(self._manifest(), encoder_id, dim)  # fail before writing anything
+        name = self._write_part(_part_table(ids, hashes, np.full(len(ids), encoder_id, dtype=object), vectors))
 
-    def _write(self, rows: _Rows) -> None:
-        dim = rows.dim
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(rows.emb.reshape(-1), type=pa.float32()), dim)
-        table = pa.table(
-            {"item_id": pa.array(rows.item_id.tolist(), type=pa.string()),
-             "text_hash": pa.array(rows.text_hash.tolist(), type=pa.string()),
-             "encoder_id": pa.array(rows.encoder_id.tolist(), type=pa.string()),
-             "embedding": emb},
-        ).replace_schema_metadata({b"format": _FORMAT})
-        with atomic_path(self.path) as tmp:
-            pq.write_table(table, tmp)
-        rows.stamp = _stamp(self.path)
-        self._cache = rows
+        def append(man: dict[str, Any]) -> dict[str, Any]:
+            self._check_dim(man, encoder_id, dim)  # again: another writer may have come first
+            return {**man, "dim": dim, "encoders": sorted({*man["encoders"], encoder_id}),
+                    "parts": [*man["parts"], name]}
+
+        self._commit(name, append)
+
+    def compact(self) -> int:
+        """Merge the parts into one, dropping superseded rows (the latest write wins), and swap it in.
+        Parts that writers commit meanwhile stay, after the merged one. Returns the parts merged."""
+        def merged(man: dict[str, Any]) -> tuple[list[str], pa.Table | None]:
+            if len(man["parts"]) < 2:
+                return man["parts"], None
+            live = self._live_rows(man)
+            emb = self._vectors(man, live["part"].to_numpy(), live["row"].to_numpy())
+            return man["parts"], _part_table(*(live[c].to_numpy() for c in COLUMNS[:3]), emb)
+
+        old, table = self._consistent(merged)
+        if table is None:
+            return 0
+        name = self._write_part(table)
+        if not self._commit(name, lambda man: {**man, "parts": [name, *man["parts"][len(old):]]}
+                            if man["parts"][:len(old)] == old else None):  # None: another compaction came first
+            return 0
+        for part in old:
+            (self.root / part).unlink(missing_ok=True)
+        log.info("content store %s: %d parts compacted into %s (%d rows)", self.path, len(old), name, len(table))
+        return len(old)
+
+    def _write_part(self, table: pa.Table) -> str:
+        name = _part_name()
+        with atomic_path(self.root / name) as tmp:
+            # no dictionary for the vectors (random floats: it only slows reads and writes down)
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP, use_dictionary=["encoder_id"])
+        return name
+
+    def _commit(self, name: str, update: Callable[[dict[str, Any]], dict[str, Any] | None]) -> bool:
+        """Under the lock, swap in ``update(the current manifest)`` (None: keep it). The part ``name`` is
+        deleted unless a manifest that lists it was committed."""
+        committed = False
+        try:
+            with self._locked():
+                man = update(self._read_manifest())
+                if man is not None:
+                    self._write_manifest(man)
+                    committed = True
+        finally:
+            if not committed:
+                (self.root / name).unlink(missing_ok=True)
+        return committed
+
+
+def _part_name() -> str:
+    """Unique across processes and hosts, and sorting by creation time."""
+    return f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
 
 
 def _duplicates(ids: np.ndarray, show: int = 10) -> list[str]:
@@ -266,27 +414,31 @@ def check_vectors(vecs: np.ndarray, n: int, dim: int, who: str) -> None:
 
 
 class StoreWriter:
-    """Collects finished items of ``out`` and appends them to the store in batches; ``saving()`` writes
-    whatever is finished when the job stops on an error, so a re-run does not encode it again."""
+    """Collects finished items of ``out`` and appends them to the store: ``maybe_flush()`` writes once
+    ``flush_rows`` items are pending or ``flush_seconds`` have passed, whichever comes first (each
+    write is one new part, O(rows written)). ``saving()`` writes whatever is finished when the job
+    ends or stops on an error, so a re-run does not encode it again, and compacts a store that has
+    gathered more than ``COMPACT_AT`` parts."""
 
     def __init__(self, store: ContentStore, ids: np.ndarray, hashes: np.ndarray, eid: str, out: np.ndarray,
-                 stats: dict[str, Any]) -> None:
+                 stats: dict[str, Any], *, flush_rows: int = 2048, flush_seconds: float = 10.0) -> None:
+        if flush_rows <= 0 or not flush_seconds >= 0:
+            raise ValueError(f"flush_rows must be > 0 and flush_seconds >= 0, got {flush_rows} and {flush_seconds}")
         self.store, self.ids, self.hashes, self.eid, self.out, self.stats = store, ids, hashes, eid, out, stats
+        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self.pending: list[int] = []
         self.last_flush = time.perf_counter()
-        self.write_s = 0.0  # how long the last write took
 
     def add(self, items: Sequence[int]) -> None:
         self.pending.extend(items)
 
-    def since_flush(self) -> float:
-        return time.perf_counter() - self.last_flush
+    def maybe_flush(self) -> None:
+        if len(self.pending) >= self.flush_rows or time.perf_counter() - self.last_flush >= self.flush_seconds:
+            self.flush()
 
     def flush(self) -> None:
         if self.pending:
-            t0 = time.perf_counter()
             self.store.upsert(self.ids[self.pending], self.hashes[self.pending], self.eid, self.out[self.pending])
-            self.write_s = time.perf_counter() - t0
             self.stats["items_embedded"] += len(self.pending)
             self.pending = []
         self.last_flush = time.perf_counter()
@@ -302,18 +454,21 @@ class StoreWriter:
             except Exception as exc:  # the original error matters more
                 log.warning("could not save finished items to %s: %s", self.store.path, exc)
             raise
+        if len(self.store.parts()) > COMPACT_AT:
+            self.store.compact()
 
 
 def embed_catalog(encoder: Encoder, item_ids: Sequence[Any], texts: Sequence[str], store: ContentStore, *,
-                  progress: bool = True, chunk_size: int = 1024, checkpoint_s: float = 10.0
-                  ) -> tuple[np.ndarray, dict[str, Any]]:
+                  progress: bool = True, chunk_size: int = 1024, flush_seconds: float = 10.0,
+                  flush_rows: int = 2048) -> tuple[np.ndarray, dict[str, Any]]:
     """Content vectors for a catalog, [n, encoder.dim] float32 in input order, plus stats.
 
     Vectors whose item, text hash and encoder id are in ``store`` are reused; the rest are encoded
-    in chunks of ``chunk_size`` items. Finished chunks are written to the store every
-    ``checkpoint_s`` seconds (stretched so that rewriting a big store takes at most ~20% of the
-    time; 0: after every chunk), and whatever is finished is written when the job stops on an
-    error, so a re-run resumes where this one stopped. Items with identical text are encoded once.
+    in chunks of at most ``chunk_size`` items, sized to about a quarter of ``flush_seconds`` each.
+    Finished items are written to the store every ``flush_seconds`` (0: after every chunk) or
+    ``flush_rows`` items, whichever comes first, and whatever is finished is written when the job
+    stops on an error: a re-run resumes where this one stopped, and a kill loses at most about
+    ``flush_seconds`` of work. Items with identical text are encoded once.
 
     stats: items_total, items_reused, items_embedded, texts_encoded, embed_seconds.
     """
@@ -331,12 +486,14 @@ def embed_catalog(encoder: Encoder, item_ids: Sequence[Any], texts: Sequence[str
     start = time.perf_counter()
     from tqdm.auto import tqdm
 
-    writer = StoreWriter(store, ids, hashes, eid, out, stats)
+    writer = StoreWriter(store, ids, hashes, eid, out, stats, flush_rows=flush_rows, flush_seconds=flush_seconds)
     bar = tqdm(total=n_todo, unit="item", desc="content store", disable=not progress)
+    size, c = (chunk_size if flush_seconds == 0 else min(chunk_size, MIN_CHUNK)), 0
     try:
         with writer.saving():
-            for c in range(0, len(groups), chunk_size):
-                chunk = groups[c:c + chunk_size]
+            while c < len(groups):
+                chunk, c = groups[c:c + size], c + size
+                t0 = time.perf_counter()
                 vecs = np.asarray(encoder.encode([texts[g[0]] for g in chunk], progress=False), dtype=np.float32)
                 check_vectors(vecs, len(chunk), dim, f"encoder '{eid}'")
                 for g, v in zip(chunk, vecs):
@@ -344,10 +501,10 @@ def embed_catalog(encoder: Encoder, item_ids: Sequence[Any], texts: Sequence[str
                     writer.add(g)
                 stats["texts_encoded"] += len(chunk)
                 bar.update(sum(len(g) for g in chunk))
-                # 0: write after every chunk; else every checkpoint_s, but keep writes under ~20% of the time
-                due = 0.0 if checkpoint_s <= 0 else max(checkpoint_s, 4.0 * writer.write_s)
-                if writer.since_flush() >= due:
-                    writer.flush()
+                writer.maybe_flush()
+                if flush_seconds > 0:  # the next chunk takes about a quarter of the flush interval
+                    rate = len(chunk) / max(time.perf_counter() - t0, 1e-6)
+                    size = int(min(chunk_size, max(MIN_CHUNK, rate * flush_seconds / 4)))
     finally:
         bar.close()
         stats["embed_seconds"] = round(time.perf_counter() - start, 3)

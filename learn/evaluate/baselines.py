@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from learn.config import BaselineName
+from learn.config import BaselineName, EvalConfig
 from learn.data.sequences import EvalSplit
 
 BASELINES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -34,3 +34,16 @@ def content_user_vectors(content: np.ndarray, split: EvalSplit, how: str, max_hi
 
 def content_item_vectors(content: np.ndarray) -> torch.Tensor:
     return F.normalize(torch.as_tensor(content, dtype=torch.float32), dim=-1)
+
+
+def evaluate_baseline(name: str, content: np.ndarray, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
+                      train_popularity: np.ndarray, prefix: str) -> dict[str, float]:
+    """The baseline ``name``'s metrics on ``split`` (both history modes, segments), as for trained towers."""
+    from learn.evaluate import evaluate_both_modes
+
+    return evaluate_both_modes(
+        content_user_vectors(content, split, name, max_history), content_item_vectors(content), split,
+        ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history, chunk_size=eval_cfg.chunk_size,
+        train_popularity=train_popularity, prefix=prefix, popularity_buckets=eval_cfg.popularity_buckets,
+        history_buckets=eval_cfg.history_buckets,
+    )

@@ -1,8 +1,14 @@
 """Full-catalog ranking metrics with one target per user.
 
 Every user's target is ranked against ALL N catalog items by score = user . item (the caller has
-already normalised/scaled the vectors). Users are scored ``chunk_size`` rows at a time, so at most a
-[chunk_size, N] score matrix exists at once.
+already normalised/scaled the vectors). Users are scored ``chunk_size`` rows at a time against
+``item_block`` items at a time (near-equal spans of the catalog), so memory is
+O(chunk_size x item_block) and no [chunk_size, N] matrix exists. Each block only adds to per-user
+counts, so the ranks equal those of scoring the whole catalog at once, given that a float32 matrix
+product computes each entry the same way whatever the number of columns (true of the CPU and CUDA
+GEMMs for blocks of more than a few items; spans are near-equal, so none is tiny). The target's
+own score is taken from such a product too, never from a lone dot product, which may round
+differently and break exact ties (tests/evaluate/test_metrics.py checks this at Scientific size).
 
 Rank (0-based) is pessimistic under ties:
     rank = #items scoring above the target + #OTHER items scoring exactly the target's score.
@@ -43,6 +49,7 @@ __all__ = [
     "segment_metrics",
     "evaluate_split",
     "evaluate_both_modes",
+    "sample_users",
 ]
 
 
@@ -50,8 +57,25 @@ __all__ = [
 
 
 def _chunk_scores(user_chunk: torch.Tensor, item_emb_f32: torch.Tensor) -> torch.Tensor:
-    """[c, d] x [N, d] -> [c, N] float32 dot products. Kept separate so tests can spy on it."""
+    """[c, d] x [b, d] -> [c, b] float32 dot products. Kept separate so tests can spy on it."""
     return user_chunk.to(device=item_emb_f32.device, dtype=torch.float32) @ item_emb_f32.T
+
+
+def _item_spans(n: int, block: int) -> list[tuple[int, int]]:
+    """[0, n) cut into ceil(n / block) near-equal spans, so no span is much smaller than the rest."""
+    size = -(-n // max(1, -(-n // block)))
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _target_scores(chunk: torch.Tensor, item_f32: torch.Tensor, tgt: torch.Tensor, block: int) -> torch.Tensor:
+    """score(user i, target i) for the chunk, each taken from a [c, <=block] product of the whole
+    chunk, the same kind of call that scores the item blocks (a lone dot product may round
+    differently from a matrix product, and ties must compare equal)."""
+    out = torch.empty(len(tgt), dtype=torch.float32, device=item_f32.device)
+    for a, b in _item_spans(len(tgt), block):
+        rows = torch.arange(a, b, device=item_f32.device)
+        out[a:b] = _chunk_scores(chunk, item_f32[tgt[a:b]])[rows, rows - a]
+    return out
 
 
 def _as_index_array(a: Any, name: str) -> np.ndarray:
@@ -63,6 +87,49 @@ def _as_index_array(a: Any, name: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def _history_pairs(histories: Sequence[np.ndarray], tgt: np.ndarray, n: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (row, item) history pairs of a chunk, the target item itself left out, sorted by item."""
+    hist = [np.asarray(h) for h in histories]
+    lens = np.fromiter((len(h) for h in hist), dtype=np.int64, count=len(hist))
+    if lens.sum() == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cols = _as_index_array(np.concatenate([h for h in hist if len(h)]), "histories")
+    if cols.min() < 0 or cols.max() >= n:
+        raise ValueError(f"history index out of range [0, {n}) among users {where}")
+    rows = np.repeat(np.arange(len(hist), dtype=np.int64), lens)
+    keep = cols != tgt[rows]
+    keys = np.unique(cols[keep] * len(hist) + rows[keep])
+    return keys % len(hist), keys // len(hist)
+
+
+def _count_blocks(blocks, t_score: torch.Tensor, tgt: np.ndarray, hist_rows: np.ndarray | None,
+                  hist_cols: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pessimistic ranks of one user chunk from its item blocks ((start, end, [c, end-start] scores)).
+
+    base[i] = #items other than the target scoring >= t_score[i]; excluded[i] = how many of the
+    chunk's history pairs (sorted by item) are among them."""
+    dev = t_score.device
+    c = len(tgt)
+    base = torch.zeros(c, dtype=torch.int64, device=dev)
+    counted = None if hist_rows is None else torch.zeros(c, dtype=torch.int64, device=dev)
+    tgt_order = np.argsort(tgt, kind="stable")
+    tgt_sorted = tgt[tgt_order]
+    for a, b, scores in blocks:
+        ge = scores >= t_score[:, None]
+        base += ge.sum(1, dtype=torch.int32)
+        # the target itself is never counted
+        lo, hi = np.searchsorted(tgt_sorted, [a, b])
+        r = torch.from_numpy(tgt_order[lo:hi]).to(dev)
+        base[r] -= ge[r, torch.from_numpy(tgt_sorted[lo:hi] - a).to(dev)].long()
+        if counted is not None:
+            lo, hi = np.searchsorted(hist_cols, [a, b])
+            r = torch.from_numpy(hist_rows[lo:hi]).to(dev)
+            counted.index_add_(0, r, ge[r, torch.from_numpy(hist_cols[lo:hi] - a).to(dev)].long())
+        del scores, ge  # before the next block is scored: one block alive at a time
+    base_np = base.cpu().numpy()
+    return base_np, None if counted is None else base_np - counted.cpu().numpy()
+
+
 def target_ranks_both(
     user_emb: Any,
     item_emb: torch.Tensor | None,
@@ -70,6 +137,7 @@ def target_ranks_both(
     histories: Sequence[np.ndarray] | None,
     *,
     chunk_size: int = 2048,
+    item_block: int = 8192,
     score_fn: ScoreFn | None = None,
     need_included: bool = True,
     need_excluded: bool = True,
@@ -81,6 +149,8 @@ def target_ranks_both(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if item_block < 1:
+        raise ValueError(f"item_block must be >= 1, got {item_block}")
     targets = _as_index_array(targets, "targets")
     U = len(targets)
     if user_emb is None or len(user_emb) != U:
@@ -101,6 +171,7 @@ def target_ranks_both(
         N = item_f32.shape[0]
         if not torch.isfinite(item_f32).all():
             raise ValueError("item_emb holds NaN/inf values")
+        spans = _item_spans(N, item_block)
     else:
         item_f32 = None
         N = None if item_emb is None else int(item_emb.shape[0])
@@ -111,51 +182,41 @@ def target_ranks_both(
     with torch.inference_mode():
         for start in range(0, U, chunk_size):
             end = min(start + chunk_size, U)
-            c = end - start
+            c, where = end - start, f"{start}:{end}"
+            tgt = targets[start:end]
             if score_fn is None:
                 chunk = user_emb[start:end].detach()
                 if not torch.isfinite(chunk).all():
-                    raise ValueError(f"user_emb rows {start}:{end} hold NaN/inf values")
-                scores = _chunk_scores(chunk, item_f32)
+                    raise ValueError(f"user_emb rows {where} hold NaN/inf values")
             else:
                 scores = torch.as_tensor(score_fn(user_emb[start:end])).to(torch.float32)
                 if N is None:
                     N = scores.shape[-1]
                 if torch.isnan(scores).any():
-                    raise ValueError(f"score_fn returned NaN scores for users {start}:{end}")
-            if scores.shape != (c, N):
-                raise ValueError(f"scores for users {start}:{end} have shape {tuple(scores.shape)}, expected {(c, N)}")
-
-            tgt = targets[start:end]
+                    raise ValueError(f"score_fn returned NaN scores for users {where}")
+                if scores.shape != (c, N):
+                    raise ValueError(f"scores for users {where} have shape {tuple(scores.shape)}, expected {(c, N)}")
             if tgt.size and (tgt.min() < 0 or tgt.max() >= N):
-                raise ValueError(f"target index out of range [0, {N}) among users {start}:{end}")
-            tgt_t = torch.from_numpy(tgt).to(scores.device)
-            t_score = scores.gather(1, tgt_t.view(-1, 1))  # [c, 1]
-            # items above + ties, in one comparison; minus 1 for the target itself
-            base = ((scores >= t_score).sum(1, dtype=torch.int32) - 1).cpu().numpy().astype(np.int64)
+                raise ValueError(f"target index out of range [0, {N}) among users {where}")
+            tgt_t = torch.from_numpy(tgt)
+
+            if score_fn is not None:  # the callback scores the whole catalog: one block
+                blocks = [(0, N, scores)]
+                t_score = scores.gather(1, tgt_t.to(scores.device).view(-1, 1))[:, 0]
+            elif len(spans) == 1:
+                scores = _chunk_scores(chunk, item_f32)
+                blocks = [(0, N, scores)]
+                t_score = scores.gather(1, tgt_t.to(scores.device).view(-1, 1))[:, 0]
+            else:
+                t_score = _target_scores(chunk, item_f32, tgt_t.to(item_f32.device), item_block)
+                blocks = ((a, b, _chunk_scores(chunk, item_f32[a:b])) for a, b in spans)
+
+            pairs = _history_pairs(histories[start:end], tgt, N, where) if excl is not None else (None, None)
+            base, excluded = _count_blocks(blocks, t_score, tgt, *pairs)
             if incl is not None:
                 incl[start:end] = base
-            if excl is None:
-                continue
-
-            # distinct (user, item) history pairs in this chunk, the target item itself kept
-            hist = [np.asarray(h) for h in histories[start:end]]
-            lens = np.fromiter((len(h) for h in hist), dtype=np.int64, count=c)
-            if lens.sum() == 0:
-                excl[start:end] = base
-                continue
-            cols = _as_index_array(np.concatenate([h for h in hist if len(h)]), "histories")
-            if cols.min() < 0 or cols.max() >= N:
-                raise ValueError(f"history index out of range [0, {N}) among users {start}:{end}")
-            rows = np.repeat(np.arange(c, dtype=np.int64), lens)
-            keep = cols != tgt[rows]
-            keys = np.unique(rows[keep] * N + cols[keep])
-            rows, cols = keys // N, keys % N
-            # an excluded item counted in ``base`` iff its score >= the target's score
-            r_t = torch.from_numpy(rows).to(scores.device)
-            c_t = torch.from_numpy(cols).to(scores.device)
-            counted = (scores[r_t, c_t] >= t_score[r_t, 0]).cpu().numpy()
-            excl[start:end] = base - np.bincount(rows[counted], minlength=c)
+            if excl is not None:
+                excl[start:end] = excluded
     return incl, excl
 
 
@@ -167,6 +228,7 @@ def target_ranks(
     *,
     exclude_history: bool,
     chunk_size: int = 2048,
+    item_block: int = 8192,
     score_fn: ScoreFn | None = None,
 ) -> np.ndarray:
     """0-based pessimistic rank of each user's target among all N catalog items.
@@ -175,7 +237,7 @@ def target_ranks(
     targets [U] catalog indices, histories: per user catalog indices (needed for exclusion).
     score_fn(user_emb[start:end]) -> [c, N] scores replaces the dot product when given (item_emb
     may then be None); user_emb may then be anything sliceable of length U, e.g. np.arange(U) to
-    hand the callback the row indices of the chunk.
+    hand the callback the row indices of the chunk; its [c, N] scores are then counted as one block.
     """
     incl, excl = target_ranks_both(
         user_emb,
@@ -183,6 +245,7 @@ def target_ranks(
         targets,
         histories,
         chunk_size=chunk_size,
+        item_block=item_block,
         score_fn=score_fn,
         need_included=not exclude_history,
         need_excluded=exclude_history,
@@ -368,6 +431,7 @@ def evaluate_split(
     popularity_buckets: int = 3,
     history_buckets: Sequence[int] = (3, 5, 10, 20),
     score_fn: ScoreFn | None = None,
+    item_block: int = 8192,
 ) -> dict[str, float]:
     """Rank ``split``'s targets and return prefixed metrics: {prefix}users, {prefix}recall_at_K,
     {prefix}ndcg_at_K, {prefix}mrr, plus segment keys (at segment_k, default min(ks)) when
@@ -379,6 +443,7 @@ def evaluate_split(
         split.histories,
         exclude_history=exclude_history,
         chunk_size=chunk_size,
+        item_block=item_block,
         score_fn=score_fn,
     )
     m = _all_metrics(ranks, split, ks, train_popularity, segment_k, popularity_buckets, history_buckets)
@@ -399,6 +464,7 @@ def evaluate_both_modes(
     popularity_buckets: int = 3,
     history_buckets: Sequence[int] = (3, 5, 10, 20),
     score_fn: ScoreFn | None = None,
+    item_block: int = 8192,
 ) -> dict[str, float]:
     """Like ``evaluate_split`` for both history modes from one scoring pass.
 
@@ -406,10 +472,24 @@ def evaluate_both_modes(
     "_excl_hist" when exclude_history=False is configured, "_incl_hist" when it is True.
     """
     incl, excl = target_ranks_both(
-        user_emb, item_emb, split.targets, split.histories, chunk_size=chunk_size, score_fn=score_fn
+        user_emb, item_emb, split.targets, split.histories, chunk_size=chunk_size, item_block=item_block,
+        score_fn=score_fn,
     )
     main, other, suffix = (excl, incl, "_incl_hist") if exclude_history else (incl, excl, "_excl_hist")
     args = (split, ks, train_popularity, segment_k, popularity_buckets, history_buckets)
     out = {f"{prefix}{key}": v for key, v in _all_metrics(main, *args).items()}
     out.update({f"{prefix}{key}{suffix}": v for key, v in _all_metrics(other, *args).items() if key != "users"})
     return out
+
+
+def sample_users(split: EvalSplit, max_users: int | None, seed: int) -> EvalSplit:
+    """A fixed seeded sample of ``max_users`` rows of ``split`` (kept in their order), or the split
+    itself when max_users is 0/None or covers it. Same seed, same rows: validation during training
+    (``eval.valid_max_users``) scores the same users every epoch."""
+    if max_users is not None and max_users < 0:
+        raise ValueError(f"eval.valid_max_users must be >= 0 (0 or null = all users), got {max_users}")
+    if not max_users or max_users >= len(split):
+        return split
+    rows = np.sort(np.random.default_rng(seed).choice(len(split), size=max_users, replace=False))
+    return EvalSplit(users=np.asarray(split.users)[rows], histories=[split.histories[i] for i in rows],
+                     targets=np.asarray(split.targets)[rows])

@@ -1,6 +1,6 @@
 """Serving bundle: one directory with everything a retriever needs, checksummed as a whole.
 
-    summary = write_bundle(model, item_ids, content, "runs/x/bundle", info={"run_id": ...})
+    summary = write_bundle(model, item_ids, content, "runs/x/bundle", info=BundleInfo(...))
     bundle = load_bundle("runs/x/bundle")          # verifies every checksum first
     vectors, unknown = bundle.user_vectors([["i1", "i7"]], max_history=40)
     ids, scores = bundle.index.search(vectors, k=10)
@@ -64,6 +64,65 @@ INDEX_PARAM_KEYS = ("nlist", "nprobe", "hnsw_m", "ef_search", "num_threads")
 BATCH = 4096
 SPOT_CHECK_ROWS = 64
 SPOT_CHECK_ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """What a bundle was made from, as ``manifest.json``'s ``info`` (beside the facts the writers
+    record themselves: ``RESERVED_INFO``). Written by :meth:`to_json`, read by :meth:`from_manifest`.
+
+    ``dataset``, ``dataset_fingerprint``, ``run_id``, ``config`` and ``max_history`` describe the
+    training run behind the towers; a re-embedded bundle keeps its source's and adds
+    ``catalog_fingerprint``, ``source_model_version`` and ``reembed_run_id``. ``config`` and
+    ``max_history`` are None only in re-embedded bundles written before they were carried over
+    (:meth:`require_config` says so where the config is needed)."""
+
+    encoder_id: str
+    dataset: str
+    dataset_fingerprint: str
+    run_id: str | None
+    max_history: int | None
+    config: dict[str, Any] | None
+    catalog_fingerprint: str | None = None
+    source_model_version: str | None = None
+    reembed_run_id: str | None = None
+
+    _REQUIRED = ("encoder_id", "dataset", "dataset_fingerprint", "run_id")
+    _OPTIONAL = ("max_history", "config", "catalog_fingerprint", "source_model_version", "reembed_run_id")
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's info keys; the re-embedding keys only where set."""
+        out = {k: getattr(self, k) for k in (*self._REQUIRED, "max_history", "config")}
+        out.update({k: getattr(self, k) for k in self._OPTIONAL[2:] if getattr(self, k) is not None})
+        return out
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], where: str = MANIFEST) -> "BundleInfo":
+        """The info of a manifest; :class:`ArtifactError` naming ``where`` and the missing or bad key."""
+        info = manifest.get("info") if isinstance(manifest, dict) else None
+        if not isinstance(info, dict):
+            raise ArtifactError(f"{where}: no 'info' table")
+        missing = [k for k in cls._REQUIRED if k not in info]
+        if missing:
+            raise ArtifactError(f"{where}: info lacks {missing}")
+        types = {"encoder_id": str, "dataset": str, "dataset_fingerprint": str, "run_id": (str, type(None)),
+                 "max_history": (int, type(None)), "config": (dict, type(None)),
+                 "catalog_fingerprint": (str, type(None)), "source_model_version": (str, type(None)),
+                 "reembed_run_id": (str, type(None))}
+        values = {k: info.get(k) for k in types}
+        for key, tp in types.items():
+            if not isinstance(values[key], tp) or isinstance(values[key], bool):
+                raise ArtifactError(f"{where}: info key {key!r} has the bad value {values[key]!r}")
+        return cls(**values)
+
+    def require_config(self, what: str) -> dict[str, Any]:
+        """The training config, or an ArtifactError saying that ``what`` needs it and this bundle lacks it."""
+        if self.config is None:
+            raise ArtifactError(f"{what} needs the training config, and this bundle (trained in run "
+                                f"{self.run_id}, re-embedded from version {self.source_model_version}) was "
+                                f"written without one; re-embed from the trained version "
+                                f"(reembed.model_version) to carry it over")
+        return self.config
 
 
 @dataclass
@@ -181,15 +240,14 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 # -- writing ------------------------------------------------------------------------------------
-def _start_bundle(out_dir: str | Path, info: dict[str, Any], index_params: dict[str, Any] | None,
-                  recall_queries: int, who: str) -> tuple[Path, dict[str, Any], Path]:
+def _start_bundle(out_dir: str | Path, info: BundleInfo, index_params: dict[str, Any] | None,
+                  recall_queries: int) -> tuple[Path, dict[str, Any], Path]:
     """Check the arguments both writers share and make the hidden temp directory beside ``out_dir``.
 
     Returns (absolute out_dir, index params, temp dir)."""
-    clash = sorted(set(info) & set(RESERVED_INFO))
-    if clash:
-        raise ValueError(f"info keys {clash} are reserved: {who} records them itself")
-    json.dumps(info)  # fail before any work if info is not JSON-serialisable
+    if not isinstance(info, BundleInfo):
+        raise TypeError(f"info must be a BundleInfo, got {type(info).__name__}")
+    json.dumps(info.to_json())  # fail before any work if the config is not JSON-serialisable
     params = dict(index_params or {})
     unknown = sorted(set(params) - set(INDEX_PARAM_KEYS))
     if unknown:
@@ -207,21 +265,20 @@ def _start_bundle(out_dir: str | Path, info: dict[str, Any], index_params: dict[
 
 
 def write_bundle(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray, out_dir: str | Path,
-                 info: dict[str, Any], index_kind: str = "auto", flat_max_items: int = 100_000,
+                 info: BundleInfo, index_kind: str = "auto", flat_max_items: int = 100_000,
                  index_params: dict[str, Any] | None = None, recall_queries: int = 1000,
                  seed: int = 0) -> BundleSummary:
     """Export ``model``'s towers, embed the catalog (``item_ids`` with raw ``content`` [N, d_llm],
     catalog order) with the exported item tower, index it, and publish all of it at ``out_dir``.
 
-    ``info`` (JSON-serialisable, e.g. run id and data version) goes into the manifest with the
-    bundle's own facts. ``index_params`` are passed to :func:`build_index` (nlist, nprobe, hnsw_m,
+    ``info`` (what the bundle was made from) goes into the manifest with the bundle's own facts. ``index_params`` are passed to :func:`build_index` (nlist, nprobe, hnsw_m,
     ef_search, num_threads). Recall@10 of the index against exact search is measured on
     ``recall_queries`` noisy item vectors (1.0 for a flat index, which is exact). An existing
     bundle at ``out_dir`` is replaced; any other non-empty directory there is refused.
     """
     cfg = model.cfg
     ids, content = _check_catalog(item_ids, content, cfg.d_llm)
-    out_dir, params, tmp = _start_bundle(out_dir, info, index_params, recall_queries, "write_bundle")
+    out_dir, params, tmp = _start_bundle(out_dir, info, index_params, recall_queries)
     try:
         paths = export_towers(model, tmp)
         tower_id = file_sha256(paths["state"])
@@ -235,7 +292,7 @@ def write_bundle(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray
 
 
 def _finish_bundle(tmp: Path, out_dir: Path, ids: list[str], content: np.ndarray, embeddings: np.ndarray,
-                   tower_id: str, d_llm: int, d_out: int, info: dict[str, Any], index_kind: str,
+                   tower_id: str, d_llm: int, d_out: int, info: BundleInfo, index_kind: str,
                    flat_max_items: int, params: dict[str, Any], recall_queries: int, seed: int) -> BundleSummary:
     """Tables, index, provenance and manifest into ``tmp`` (which holds the towers), then publish it."""
     pq.write_table(_vector_table(ids, content), tmp / CONTENT)
@@ -252,7 +309,7 @@ def _finish_bundle(tmp: Path, out_dir: Path, ids: list[str], content: np.ndarray
 
     files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     full_info = {
-        **info,
+        **info.to_json(),
         "bundle_format": BUNDLE_FORMAT,
         "tower_id": tower_id,
         "d_llm": d_llm,
@@ -272,7 +329,7 @@ def _finish_bundle(tmp: Path, out_dir: Path, ids: list[str], content: np.ndarray
 
 
 def rebuild_bundle(source: "Bundle", item_ids: Sequence[str], content: np.ndarray, embeddings: np.ndarray,
-                   out_dir: str | Path, info: dict[str, Any], index_kind: str = "auto",
+                   out_dir: str | Path, info: BundleInfo, index_kind: str = "auto",
                    flat_max_items: int = 100_000, index_params: dict[str, Any] | None = None,
                    recall_queries: int = 1000, seed: int = 0) -> BundleSummary:
     """A new bundle with ``source``'s towers (files copied byte for byte: same tower id) over a new
@@ -283,7 +340,7 @@ def rebuild_bundle(source: "Bundle", item_ids: Sequence[str], content: np.ndarra
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     if embeddings.shape != (len(ids), source.config.d_out) or not np.isfinite(embeddings).all():
         raise ValueError(f"embeddings must be finite [{len(ids)}, {source.config.d_out}], got {embeddings.shape}")
-    out_dir, params, tmp = _start_bundle(out_dir, info, index_params, recall_queries, "rebuild_bundle")
+    out_dir, params, tmp = _start_bundle(out_dir, info, index_params, recall_queries)
     try:
         for name in (USER_TOWER, ITEM_TOWER, TOWERS_STATE, TOWER_CONFIG):
             shutil.copyfile(source.directory / name, tmp / name)
@@ -306,6 +363,7 @@ class Bundle:
 
     directory: Path
     manifest: dict[str, Any]
+    info: BundleInfo
     config: TowerConfig
     item_ids: list[str]
     id_to_row: dict[str, int]
@@ -419,6 +477,7 @@ def load_bundle(directory: str | Path) -> Bundle:
         raise ArtifactError(f"{MANIFEST}: info lacks bundle keys {[k for k in RESERVED_INFO if k not in (info or {})]}")
     if info["bundle_format"] != BUNDLE_FORMAT:
         raise ArtifactError(f"{MANIFEST}: bundle format {info['bundle_format']!r}, expected {BUNDLE_FORMAT!r}")
+    bundle_info = BundleInfo.from_manifest(manifest, str(directory / MANIFEST))
 
     # provenance: the towers, the item embeddings and the index were made together
     tower_id = info["tower_id"]
@@ -476,7 +535,7 @@ def load_bundle(directory: str | Path) -> Bundle:
         raise ArtifactError(f"{CONTENT}: item ids are not unique")
 
     user_tower, item_tower = _load_tower(directory, USER_TOWER), _load_tower(directory, ITEM_TOWER)
-    bundle = Bundle(directory=directory, manifest=manifest, config=config, item_ids=content_ids,
+    bundle = Bundle(directory=directory, manifest=manifest, info=bundle_info, config=config, item_ids=content_ids,
                     id_to_row=id_to_row, content=content, item_embeddings=embeddings, index=index,
                     user_tower=user_tower, item_tower=item_tower)
     # spot check: the stored embeddings are what this item tower computes for this content

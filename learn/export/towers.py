@@ -108,12 +108,21 @@ def export_towers(model: TwinTowers, out_dir: str | Path) -> dict[str, Path]:
     for key, ep in (("user_tower", user_ep), ("item_tower", item_ep)):
         with atomic_path(paths[key]) as tmp, open(tmp, "wb") as fh:
             torch.export.save(ep, fh)
+    save_tower_weights(model, out_dir)
+    return paths
+
+
+def save_tower_weights(model: TwinTowers, out_dir: str | Path) -> dict[str, Path]:
+    """The weights without the catalog (``towers_state.pt``) and the config (``tower_config.json``):
+    the one weights format, read back by :func:`load_twin_towers`. Returns {"state", "config"}."""
+    out_dir = Path(out_dir)
+    paths = {"state": out_dir / TOWERS_STATE, "config": out_dir / TOWER_CONFIG}
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     assert "content" not in state  # non-persistent: the catalog lives with the content store
     with atomic_path(paths["state"]) as tmp:
         torch.save(state, tmp)
     with atomic_path(paths["config"]) as tmp:
-        tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return paths
 
 
@@ -127,11 +136,11 @@ def load_item_tower(path: str | Path) -> nn.Module:
     return torch.export.load(str(path)).module()
 
 
-def load_twin_towers(out_dir: str | Path, content: torch.Tensor) -> TwinTowers:
-    """Rebuild a ``TwinTowers`` from ``export_towers`` output and a catalog's content vectors
-    (trained centring statistics are kept)."""
+def load_twin_towers(out_dir: str | Path, content: torch.Tensor, id_known: torch.Tensor | None = None) -> TwinTowers:
+    """Rebuild a ``TwinTowers`` from ``save_tower_weights`` output and a catalog's content vectors
+    (trained centring statistics are kept; ``id_known`` for towers with item ID embeddings)."""
     out_dir = Path(out_dir)
     cfg = TowerConfig(**json.loads((out_dir / TOWER_CONFIG).read_text(encoding="utf-8")))
-    model = TwinTowers(cfg, content)
+    model = TwinTowers(cfg, content, id_known=id_known)
     model.load_state_dict(torch.load(out_dir / TOWERS_STATE, map_location="cpu", weights_only=True))
     return model.eval()

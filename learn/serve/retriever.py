@@ -10,9 +10,11 @@ Input column ``history``: catalog item ids, oldest first. Params ``k`` (default 
 ``unknown_item_ids`` (history ids not in the catalog: skipped and reported, never an error; a
 history with no known item gets empty results).
 
-The bundle directory is the model's one artifact and is verified (every sha256) on each load.
-The ``learn`` package travels with the model (``code_paths``); torch, faiss, pyarrow and pandas
-must be installed where it is loaded (they are the model's pip requirements).
+The model is logged from code (``retriever_model.py``; nothing is pickled). On each load the bundle
+directory, the model's one artifact, is verified (every sha256), and so is the model's code file
+(its sha256 is in the model metadata). The ``learn`` package travels with the model
+(``code_paths``); torch, faiss, pyarrow and pandas must be installed where it is loaded (they are
+the model's pip requirements).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec
 
 import learn
 from learn.export.bundle import Bundle, load_bundle
+from learn.export.manifest import ArtifactError
 from learn.index.faiss_index import MISSING_ID
+from learn.utils import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,9 @@ BUNDLE_ARTIFACT = "bundle"
 DEFAULT_K = 10
 DEFAULT_MAX_HISTORY = 40
 OUTPUT_COLUMNS = ("item_ids", "scores", "unknown_item_ids")
-REQUIREMENTS = ("mlflow", "cloudpickle", "torch", "numpy", "pandas", "pyarrow", "faiss-cpu")
+REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "faiss-cpu")
+MODEL_CODE = Path(__file__).with_name("retriever_model.py")  # what MLflow runs to build the model
+CODE_SHA256 = "model_code_sha256"  # model metadata key: the sha256 of MODEL_CODE as logged
 
 
 def retriever_signature() -> ModelSignature:
@@ -110,19 +116,14 @@ class Retriever(PythonModel):
         self.max_history = bundle.check_max_history(self.max_history)
         self.bundle = bundle
 
-    def __getstate__(self) -> dict[str, Any]:
-        # only the settings are pickled with the model; the bundle is an artifact loaded on load
-        return {"max_history": self.max_history}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.max_history = state["max_history"]
-        self.bundle = None
-
     def load_context(self, context: PythonModelContext) -> None:
-        """Load (and verify) the bundle artifact; ``model_config['max_history']`` overrides the default."""
+        """Verify the model's code file, load (and verify) the bundle artifact;
+        ``model_config['max_history']`` overrides the default."""
         config = context.model_config or {}
         self.max_history = config.get("max_history", self.max_history)
-        self._attach(load_bundle(context.artifacts[BUNDLE_ARTIFACT]))
+        bundle_dir = Path(context.artifacts[BUNDLE_ARTIFACT])
+        _check_model_code(bundle_dir.parent.parent)  # MLflow keeps artifacts in <model>/artifacts/
+        self._attach(load_bundle(bundle_dir))
 
     def retrieve(self, histories: list[list[str]], k: int = DEFAULT_K,
                  exclude_history: bool = False) -> tuple[list[list[str]], list[list[float]], list[list[str]]]:
@@ -160,6 +161,21 @@ class Retriever(PythonModel):
                             columns=list(OUTPUT_COLUMNS))
 
 
+def _check_model_code(model_dir: Path) -> None:
+    """The model's copy of ``retriever_model.py`` must hash to the sha256 logged in its metadata
+    (a damaged file that still runs, e.g. one cut before its ``set_model`` line, would otherwise
+    make MLflow hand back whatever model the process loaded before)."""
+    code = model_dir / MODEL_CODE.name
+    expected = (mlflow.models.Model.load(str(model_dir)).metadata or {}).get(CODE_SHA256)
+    if not code.is_file() or expected is None:
+        raise ArtifactError(f"{model_dir} is not a retriever logged by log_retriever: no {code.name} or no "
+                            f"{CODE_SHA256} in its metadata")
+    actual = file_sha256(code)
+    if actual != expected:
+        raise ArtifactError(f"{code}: sha256 mismatch, expected {expected}, got {actual}; the model's code file "
+                            f"is damaged, log the retriever again")
+
+
 def _requirements() -> list[str]:
     reqs = []
     for dist in REQUIREMENTS:
@@ -181,9 +197,10 @@ def log_retriever(bundle_dir: str | Path, name: str = "retriever", registered_mo
     max_history = bundle.check_max_history(max_history)
     info = bundle.manifest["info"]
     metadata = {key: info[key] for key in ("tower_id", "n_items", "d_out", "index_kind", "index_recall_at_10_vs_flat")}
+    metadata[CODE_SHA256] = file_sha256(MODEL_CODE)
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=Retriever(max_history),
+        python_model=str(MODEL_CODE),
         artifacts={BUNDLE_ARTIFACT: str(Path(bundle_dir).absolute())},
         signature=retriever_signature(),
         input_example=pd.DataFrame({HISTORY: [bundle.item_ids[:2]]}),  # also a load-and-predict check

@@ -1,30 +1,32 @@
 """MLflow logging for a pipeline run.
 
 The store is ``tracking.tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI``, else a sqlite file
-``mlflow.db`` in the working directory. Only rank 0 logs (``enabled=False`` elsewhere).
+``mlflow.db`` in the working directory. Only rank 0 logs (``enabled=False`` elsewhere). Credentials in
+the URI never reach MLflow's URI, params, tags or logged dicts (see ``learn.secrets``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from learn.secrets import MASK, export_credentials, is_secret_key, redact, redact_uri
+
 DEFAULT_URI = "sqlite:///mlflow.db"
-_SECRET = re.compile(r"(^|[._])(password|secret|token|api_key|access_key)$", re.I)
-_URL_CREDENTIALS = re.compile(r"(//)[^/@\s]+@")
 
 
 def resolve_uri(configured: str | None) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The store URI without credentials: a ``user:password@`` in it goes to MLflow's
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of this process (sent as basic auth)."""
+    return export_credentials(configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
 
 
 def _param_value(key: str, value: Any) -> str:
-    if _SECRET.search(key):
-        return "***"
-    text = "null" if value is None else _URL_CREDENTIALS.sub(r"\1***@", str(value))
+    if is_secret_key(key):
+        return MASK
+    text = "null" if value is None else redact_uri(str(value))
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
@@ -72,13 +74,17 @@ class Tracker:
         if clean:
             self._mlflow.log_metrics(clean, step=step)
 
+    def log_epoch(self, epoch: int, row: dict[str, float]) -> None:
+        """One training epoch's row (loss, lr, valid metrics) at step = epoch."""
+        self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self._mlflow is not None:
-            self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+            self._mlflow.set_tags({k: redact_uri(str(v)) for k, v in tags.items()})
 
     def log_dict(self, data: dict, name: str) -> None:
         if self._mlflow is not None:
-            self._mlflow.log_dict(data, name)
+            self._mlflow.log_dict(redact(data), name)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         if self._mlflow is not None:

@@ -37,7 +37,7 @@ import math
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,7 +60,7 @@ WorkerHook = Callable[[int, int], None]  # (epoch, world rank), called on every 
 class MlflowTarget:
     """An MLflow run the driver holds open; rank 0 logs per-epoch metrics into it."""
 
-    tracking_uri: str
+    tracking_uri: str = field(repr=False)  # may carry credentials: never printed
     run_id: str
 
 
@@ -159,7 +159,9 @@ def _log_missing_epochs(target: MlflowTarget, history: list[dict[str, float]]) -
     checkpoint and its logging, e.g. the group torn down for another rank's error)."""
     from mlflow import MlflowClient
 
-    logged = {m.step for m in MlflowClient(tracking_uri=target.tracking_uri).get_metric_history(
+    from learn.tracking.mlflow_run import resolve_uri
+
+    logged = {m.step for m in MlflowClient(tracking_uri=resolve_uri(target.tracking_uri)).get_metric_history(
         target.run_id, "train_loss")}
     missing = [row for row in history if int(row["epoch"]) not in logged]
     if missing:

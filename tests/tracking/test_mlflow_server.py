@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from learn.export.manifest import ArtifactError, verify_manifest
-from learn.pipeline import run_pipeline
-from learn.tracking.ab import ComparisonError, compare_models
+from tests.flows import run_pipeline
+from learn.evaluate.ab import ComparisonError
+from tests.flows import compare_models
 from tests.servers import free_ports, stop_process_group, wait_for_http
 
 
@@ -37,7 +38,8 @@ def mlflow_server(tmp_path):
 @pytest.mark.slow
 def test_pipeline_over_http_logs_bundle_registers_retriever_and_compares(mlflow_server, tiny_cfg, tmp_path):
     over_http = ["tracking.artifact_location=null", f"tracking.tracking_uri={mlflow_server}"]
-    first = run_pipeline(tiny_cfg(*over_http, "train.epochs=1"), progress=False)
+    # A is all but untrained (one epoch at a vanishing learning rate), B is trained: B clearly wins
+    first = run_pipeline(tiny_cfg(*over_http, "train.epochs=1", "train.lr=1e-7"), progress=False)
     second = run_pipeline(tiny_cfg(*over_http, "train.epochs=4", "model.d_model=64", "model.d_out=64",
                                    "model.d_ff=128", "train.all_positions=true"), progress=False)
 
@@ -71,17 +73,21 @@ def test_pipeline_over_http_logs_bundle_registers_retriever_and_compares(mlflow_
     assert [len(ids) for ids in out["item_ids"]] == [5, 5]
     assert list(out["unknown_item_ids"][1]) == ["no-such-item"]
 
-    # A/B on the same users; the bigger model is better on this demo, by a margin the CI resolves
+    # A/B on the same users: trained B beats untrained A by a margin the CI resolves -> promoted
     result = compare_models(first.run_id, "models:/learn-retriever@challenger", tracking_uri=mlflow_server,
                             n_resamples=500, promote=True)
     assert result["a_ndcg_at_10"] == pytest.approx(first.metrics["test_ndcg_at_10"], abs=1e-6)
     assert result["b_ndcg_at_10"] == pytest.approx(second.metrics["test_ndcg_at_10"], abs=1e-6)
-    assert result["delta_ndcg_at_10_ci_low"] <= result["delta_ndcg_at_10"] <= result["delta_ndcg_at_10_ci_high"]
-    if result["promoted"]:
-        assert client.get_model_version_by_alias("learn-retriever", "champion").version == version.version
-    else:
-        with pytest.raises(mlflow.exceptions.MlflowException):
-            client.get_model_version_by_alias("learn-retriever", "champion")
+    assert 0 < result["delta_ndcg_at_10_ci_low"] <= result["delta_ndcg_at_10"] <= result["delta_ndcg_at_10_ci_high"]
+    assert result["promoted"] == 1.0
+    assert client.get_model_version_by_alias("learn-retriever", "champion").version == version.version
+    # the other way round B (the untrained first version) is worse: not promoted, champion stays
+    first_version = client.get_run(first.run_id).data.tags["registered_model_version"]
+    assert first_version != version.version
+    reverse = compare_models(second.run_id, f"models:/learn-retriever/{first_version}", tracking_uri=mlflow_server,
+                             n_resamples=500, promote=True, log=False)
+    assert reverse["delta_ndcg_at_10"] < 0 and reverse["promoted"] == 0.0
+    assert client.get_model_version_by_alias("learn-retriever", "champion").version == version.version
     logged = client.get_run(result["comparison_run_id"]).data.metrics
     assert logged["delta_recall_at_10"] == pytest.approx(result["delta_recall_at_10"])
     with pytest.raises(ComparisonError, match="does not exist"):

@@ -1,0 +1,116 @@
+"""Every read of the MLflow model registry and every alias move, in one place.
+
+A reference names a retriever: a run id (its logged ``retriever``), ``models:/<name>@<alias>`` or
+``models:/<name>/<version>``. Aliases: ``challenger`` is the newest trained version; ``champion``
+the one that serves. A model's first trained version gets both (there is nothing to compare it
+with); later trained versions get ``challenger`` only, and ``champion`` moves on a won A/B
+comparison (flows/compare.py) or a re-embedding of the champion (flows/reembed.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from learn.export.bundle import Bundle, load_bundle
+from learn.serve.retriever import BUNDLE_ARTIFACT, log_retriever
+from learn.tracking.mlflow_run import resolve_uri
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+class RegistryError(ValueError):
+    """A reference does not resolve, or a registered retriever cannot be fetched."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    ref: str  # as given
+    model_uri: str  # what to download or load
+    run_id: str  # the run that logged the retriever
+    registered: tuple[str, str] | None  # (name, version) when it is a registered version
+
+
+def client(tracking_uri: str | None = None) -> mlflow.MlflowClient:
+    """A client on the configured store (``tracking_uri``, else $MLFLOW_TRACKING_URI, else sqlite)."""
+    return mlflow.MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+
+
+def resolve(client: mlflow.MlflowClient, ref: str) -> Reference:
+    """The model URI, run and registry entry of a run id or a ``models:/`` URI."""
+    if ref.startswith("models:/"):
+        body = ref[len("models:/"):]
+        try:
+            if "@" in body:
+                name, alias = body.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, version = body.rsplit("/", 1)
+                mv = client.get_model_version(name, version)
+        except (MlflowException, ValueError) as exc:
+            message = exc.message if isinstance(exc, MlflowException) else str(exc)
+            raise RegistryError(f"model reference {ref!r} does not resolve on {client.tracking_uri}: "
+                                f"{message}") from None
+        return Reference(ref, f"models:/{mv.name}/{mv.version}", mv.run_id, (mv.name, str(mv.version)))
+    try:
+        client.get_run(ref)
+    except MlflowException:
+        raise RegistryError(f"run {ref!r} does not exist in the tracking store {client.tracking_uri}") from None
+    versions = client.search_model_versions(f"run_id='{ref}'")
+    registered = (versions[0].name, str(versions[0].version)) if versions else None
+    return Reference(ref, f"runs:/{ref}/retriever", ref, registered)
+
+
+def fetch_bundle(reference: Reference, dest: Path, progress: bool = True) -> Bundle:
+    """Download the retriever of ``reference`` into ``dest`` (kept as a cache: an earlier complete
+    download is reused) and load its bundle, verified; ArtifactError for a bad bundle."""
+    if not (dest / "MLmodel").is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not progress:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=reference.model_uri, dst_path=str(dest))
+        except (MlflowException, OSError) as exc:
+            raise RegistryError(f"cannot download the retriever of {reference.ref} ({reference.model_uri}): "
+                                f"{exc}") from None
+    return load_bundle(dest / "artifacts" / BUNDLE_ARTIFACT)
+
+
+def publish_version(client: mlflow.MlflowClient, bundle_dir: Path, name: str, max_history: int,
+                    tags: dict[str, str] | None = None) -> str:
+    """Log a retriever over ``bundle_dir`` into the active run, register it as a new version of
+    ``name`` and tag that version; returns the version. Moves no alias."""
+    info = log_retriever(bundle_dir, name="retriever", registered_model_name=name, max_history=max_history)
+    version = str(info.registered_model_version)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, version, key, value)
+    return version
+
+
+def move_alias(client: mlflow.MlflowClient, name: str, alias: str, version: str) -> None:
+    """Point ``models:/<name>@<alias>`` at ``version``: the one switch clients see."""
+    client.set_registered_model_alias(name, alias, str(version))
+
+
+def has_alias(client: mlflow.MlflowClient, name: str, alias: str) -> bool:
+    try:
+        client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return False
+    return True
+
+
+def register_trained(client: mlflow.MlflowClient, bundle_dir: Path, name: str, max_history: int) -> tuple[str, list[str]]:
+    """Publish a freshly trained bundle as ``challenger``, and as ``champion`` too when the model
+    has no champion yet (its first version). Returns (version, the aliases moved onto it)."""
+    first = not has_alias(client, name, CHAMPION)
+    version = publish_version(client, bundle_dir, name, max_history)
+    aliases = [CHALLENGER, CHAMPION] if first else [CHALLENGER]
+    for alias in aliases:
+        move_alias(client, name, alias, version)
+    return version, aliases
