@@ -161,7 +161,3 @@ class HFEncoder:
                 out[idx] = self._embed_batch([ids[i] for i in idx])
                 bar.update(len(idx))
         return out
-
-    def encode_unsorted(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
-        """Batches in input order, padding to each batch's longest text (benchmark baseline)."""
-        return self.encode(texts, progress, sort_by_length=False)

@@ -102,13 +102,7 @@ class TwinTowers(nn.Module):
                 raise ValueError(f"item ID embeddings need num_id_items = catalog size ({content.shape[0]}) and "
                                  f"id_known [{content.shape[0]}] bool")
             self.register_buffer("id_known", torch.cat([torch.zeros(1, dtype=torch.bool), id_known.bool()]))
-        # member 0 lives on the module itself (the parameter names of a one-member model), the
-        # others in ``members``
-        _build_stack(self, cfg)
-        self.members = nn.ModuleList()
-        for _ in range(cfg.members - 1):
-            _build_stack(member := nn.Module(), cfg)
-            self.members.append(member)
+        self.stacks = nn.ModuleList(Stack(cfg) for _ in range(cfg.members))  # the ensemble's members
 
     @classmethod
     def from_config(cls, m: ModelConfig, content: np.ndarray | torch.Tensor,
@@ -125,11 +119,6 @@ class TwinTowers(nn.Module):
     @property
     def num_items(self) -> int:
         return self.content.shape[0] - 1
-
-    def set_content(self, content: torch.Tensor) -> None:
-        """Swap in a new catalog (e.g. after re-embedding); centring statistics stay as trained."""
-        padded = torch.cat([torch.zeros(1, content.shape[1], device=content.device), content.float()], 0)
-        self.content = padded.to(self.content_mean.device)
 
     def center_vectors(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Raw content vectors [..., d_llm] -> centred, rescaled inputs; ``valid`` ([...] bool,
@@ -166,10 +155,8 @@ class TwinTowers(nn.Module):
             mask = ~torch.eye(L, dtype=torch.bool, device=x.device)
         else:
             mask = torch.triu(torch.ones(L, L, dtype=torch.bool, device=x.device), diagonal=1)
-        outs = [_run_stack(stack, inputs, ids, mask, self_only, user) for stack in (self, *self.members)]
-        if len(outs) == 1:
-            return outs[0]
-        return torch.cat(outs, -1) / len(outs) ** 0.5
+        outs = [stack(inputs, ids, mask, self_only, user) for stack in self.stacks]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, -1) / len(outs) ** 0.5
 
     def encode_sequence(self, tokens: torch.Tensor, self_only: bool = False, user: bool = False) -> torch.Tensor:
         """[B, L] tokens (0 = pad, right-padded) -> [B, L, d_out]: ``encode_vectors`` on their content."""
@@ -217,41 +204,43 @@ class TwinTowers(nn.Module):
         return torch.cat(out)
 
 
-def _build_stack(module: nn.Module, cfg: TowerConfig) -> None:
-    """One member's layers, set as attributes of ``module``: adaptor, optional positions and ID
-    embedding, input norm and dropout, the causal transformer and the output head(s)."""
-    width = cfg.d_out // cfg.members
-    module.adaptor = nn.Linear(cfg.d_llm, cfg.d_model)
-    module.positions = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.positions == "learned" else None
-    module.in_norm = nn.LayerNorm(cfg.d_model)
-    module.in_drop = nn.Dropout(cfg.dropout)
-    layer = nn.TransformerEncoderLayer(
-        cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu", batch_first=True, norm_first=False
-    )
-    module.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
-    module.head = nn.Linear(cfg.d_model, width)
-    module.user_head = nn.Linear(cfg.d_model, width) if cfg.user_head == "separate" else None
-    module.id_embedding = None
-    if cfg.num_id_items:
-        module.id_embedding = nn.Embedding(cfg.num_id_items + 1, cfg.d_model, padding_idx=0)
-        nn.init.zeros_(module.id_embedding.weight)  # training starts from the content-only model
+class Stack(nn.Module):
+    """One member: adaptor, optional positions and ID embedding, input norm and dropout, the causal
+    post-LN transformer and the output head(s); outputs are L2-normalised, d_out / members wide."""
 
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        width = cfg.d_out // cfg.members
+        self.adaptor = nn.Linear(cfg.d_llm, cfg.d_model)
+        self.positions = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.in_norm = nn.LayerNorm(cfg.d_model)
+        self.in_drop = nn.Dropout(cfg.dropout)
+        layer = nn.TransformerEncoderLayer(
+            cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu", batch_first=True, norm_first=False
+        )
+        self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.head = nn.Linear(cfg.d_model, width)
+        self.user_head = nn.Linear(cfg.d_model, width) if cfg.user_head == "separate" else None
+        self.id_embedding = None
+        if cfg.num_id_items:  # the item-ID ablation
+            self.id_embedding = nn.Embedding(cfg.num_id_items + 1, cfg.d_model, padding_idx=0)
+            nn.init.zeros_(self.id_embedding.weight)  # training starts from the content-only model
 
-def _run_stack(stack: nn.Module, inputs: torch.Tensor, ids: torch.Tensor | None, mask: torch.Tensor,
-               self_only: bool, user: bool) -> torch.Tensor:
-    """One member over centred inputs [B, L, d_llm] -> normalised [B, L, d_out / members]."""
-    h = stack.adaptor(inputs)
-    if stack.id_embedding is not None:
-        h = h + stack.id_embedding(ids)
-    if stack.positions is not None:
-        h = h + stack.positions(torch.arange(inputs.shape[1], device=inputs.device))
-    h = stack.in_drop(stack.in_norm(h))
-    # Sequences are right-padded, so under the causal (or self-only) mask a real position never
-    # sees padding and no key-padding mask is needed; outputs at padded positions are unused.
-    # The explicit causality hint avoids a data-dependent mask comparison (matters for export).
-    h = stack.encoder(h, mask=mask, is_causal=not self_only)
-    head = stack.user_head if (user and stack.user_head is not None) else stack.head
-    return F.normalize(head(h), dim=-1)
+    def forward(self, inputs: torch.Tensor, ids: torch.Tensor | None, mask: torch.Tensor, self_only: bool,
+                user: bool) -> torch.Tensor:
+        """Centred inputs [B, L, d_llm] -> normalised [B, L, d_out / members]."""
+        h = self.adaptor(inputs)
+        if self.id_embedding is not None:
+            h = h + self.id_embedding(ids)
+        if self.positions is not None:
+            h = h + self.positions(torch.arange(inputs.shape[1], device=inputs.device))
+        h = self.in_drop(self.in_norm(h))
+        # Sequences are right-padded, so under the causal (or self-only) mask a real position never
+        # sees padding and no key-padding mask is needed; outputs at padded positions are unused.
+        # The explicit causality hint avoids a data-dependent mask comparison (matters for export).
+        h = self.encoder(h, mask=mask, is_causal=not self_only)
+        head = self.user_head if (user and self.user_head is not None) else self.head
+        return F.normalize(head(h), dim=-1)
 
 
 def member_slices(vectors: torch.Tensor, members: int) -> list[torch.Tensor]:

@@ -61,7 +61,7 @@ def test_unit_norm_and_input_order(minilm, encoded):
     perm = [3, 0, 5, 1, 4, 2]
     np.testing.assert_allclose(minilm.encode([TEXTS[i] for i in perm], progress=False), got[perm], atol=1e-5)
     # the naive baseline (input-order batches) gives the same vectors
-    np.testing.assert_allclose(minilm.encode_unsorted(TEXTS, progress=False), got, atol=1e-5)
+    np.testing.assert_allclose(minilm.encode(TEXTS, progress=False, sort_by_length=False), got, atol=1e-5)
 
 
 def test_padding_side_does_not_matter(minilm, encoded):

@@ -11,6 +11,7 @@ import torch
 
 from learn.export import ItemTower, UserTower, export_towers, load_item_tower, load_twin_towers, load_user_tower
 from learn.towers.model import TowerConfig, TwinTowers, pad_histories
+from tests.fakes import swap_catalog
 
 N_ITEMS = 30
 MAX_LEN = 12
@@ -77,9 +78,9 @@ def test_exported_towers_match_the_model(exported, combo):
 def test_towers_in_process_match_model_and_leave_it_untouched():
     model = make("b", "learned", "separate").train()
     user, item = UserTower(model), ItemTower(model)
-    assert model.training and model.encoder.training  # wrappers have their own eval flags
-    assert not user.training and not user.towers.encoder.training
-    assert user.towers.adaptor.weight is model.adaptor.weight  # weights are shared, not copied
+    assert model.training and model.stacks[0].encoder.training  # wrappers have their own eval flags
+    assert not user.training and not user.towers.stacks[0].encoder.training
+    assert user.towers.stacks[0].adaptor.weight is model.stacks[0].adaptor.weight  # weights are shared, not copied
     assert "towers.content" not in dict(user.named_buffers())
     tokens = pad_histories([np.array([1, 2, 3]), np.array([4])], MAX_LEN)
     model.eval()
@@ -91,7 +92,7 @@ def test_export_keeps_training_mode_and_works_under_no_grad(tmp_path):
     model = make("a", "learned").train()
     with torch.no_grad():
         paths = export_towers(model, tmp_path)
-    assert model.training and model.encoder.layers[0].training
+    assert model.training and model.stacks[0].encoder.layers[0].training
     model.eval()
     tokens = pad_histories([np.array([3, 1, 4, 1, 5]), np.array([9, 2])], MAX_LEN)
     got = load_user_tower(paths["user_tower"])(*vectors(model, tokens))
@@ -105,14 +106,14 @@ def test_export_writes_config_and_catalog_free_state(exported):
     )  # nothing half-written left behind
     assert TowerConfig(**json.loads(paths["config"].read_text())) == model.cfg
     state = torch.load(paths["state"], weights_only=True)
-    assert "content" not in state and "content_mean" in state and "user_head.weight" in state
+    assert "content" not in state and "content_mean" in state and "stacks.0.user_head.weight" in state
     ep = torch.export.load(str(paths["user_tower"]))
     assert not [k for k in (*ep.state_dict, *ep.constants) if k.endswith(".content")]
     other = torch.randn(7, 16)  # a different catalog: centring statistics stay as trained
     rebuilt = load_twin_towers(paths["state"].parent, other)
     torch.testing.assert_close(rebuilt.content_mean, model.content_mean)
     reference = copy.deepcopy(model)
-    reference.set_content(other)
+    swap_catalog(reference, other)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.all_item_embeddings(), reference.all_item_embeddings())
 
@@ -124,7 +125,7 @@ def test_new_items_go_through_the_item_tower(exported, variant):
     torch.manual_seed(5)
     new = torch.randn(6, 16) + 3.0  # items that were never in the training catalog
     reference = copy.deepcopy(model)
-    reference.set_content(new)  # the eager model with these as its catalog
+    swap_catalog(reference, new)  # the eager model with these as its catalog
     with torch.no_grad():
         expected = reference.all_item_embeddings()
         known = model.all_item_embeddings()
@@ -185,7 +186,7 @@ def test_fresh_process_reproduces_outputs_without_learn(exported, combo, tmp_pat
         user_cases.append((x, lengths, model.user_embedding(tokens).detach()))
     new = torch.randn(4, 16) + 3.0
     reference = copy.deepcopy(model)
-    reference.set_content(new)
+    swap_catalog(reference, new)
     with torch.no_grad():
         item_cases = [(model.content[1:2].clone(), model.all_item_embeddings()[:1]),
                       (model.content[1:].clone(), model.all_item_embeddings()),

@@ -24,23 +24,26 @@ def trio(**kw):
     pair = TwinTowers(config(2, 8, **kw), content).eval()
     a, b = TwinTowers(config(1, 4, **kw), content).eval(), TwinTowers(config(1, 4, **kw), content).eval()
     state = pair.state_dict()
-    a.load_state_dict({k: v for k, v in state.items() if not k.startswith("members.")})
-    b.load_state_dict({**{k: v for k, v in state.items() if k.startswith("content_") or k == "id_known"},
-                       **{k[len("members.0."):]: v for k, v in state.items() if k.startswith("members.0.")}})
+    shared = {k: v for k, v in state.items() if not k.startswith("stacks.")}
+    for one, member in ((a, "stacks.0."), (b, "stacks.1.")):
+        one.load_state_dict({**shared, **{"stacks.0." + k[len(member):]: v for k, v in state.items()
+                                          if k.startswith(member)}})
     return pair, a, b
 
 
-def test_one_member_keeps_the_parameter_names_of_earlier_bundles():
-    names = set(TwinTowers(config(), torch.randn(N_ITEMS, D_LLM)).state_dict())
-    assert not any(n.startswith("members.") for n in names)
-    assert {"adaptor.weight", "head.weight", "encoder.layers.0.linear1.weight"} <= names
+def test_every_member_is_one_stack_module():
+    names = set(TwinTowers(config(2, 8), torch.randn(N_ITEMS, D_LLM)).state_dict())
+    for m in (0, 1):
+        assert {f"stacks.{m}.adaptor.weight", f"stacks.{m}.head.weight",
+                f"stacks.{m}.encoder.layers.0.linear1.weight"} <= names
+    assert not any(n.startswith("stacks.2.") for n in names)
 
 
 @pytest.mark.parametrize("user_head", ["shared", "separate"])
 def test_outputs_are_the_members_concatenated_and_scores_their_mean_cosine(user_head):
     pair, a, b = trio(user_head=user_head)
     # members start from different weights: an ensemble, not copies
-    assert not torch.allclose(pair.adaptor.weight, pair.members[0].adaptor.weight)
+    assert not torch.allclose(pair.stacks[0].adaptor.weight, pair.stacks[1].adaptor.weight)
     tokens = pad_histories([np.array([3, 1, 4]), np.array([1, 5, 9, 2, 6]), np.array([7])], 16)
     with torch.no_grad():
         users, items = pair.user_embedding(tokens), pair.all_item_embeddings()
@@ -72,7 +75,8 @@ def test_each_member_is_trained_on_its_own_loss(recipe, extra):
     torch.testing.assert_close(loss, (alone[0] + alone[1]) / 2, atol=1e-5, rtol=0)
     loss.backward()
     alone[1].backward()
-    torch.testing.assert_close(pair.members[0].adaptor.weight.grad, b.adaptor.weight.grad / 2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pair.stacks[1].adaptor.weight.grad, b.stacks[0].adaptor.weight.grad / 2, atol=1e-6,
+                               rtol=0)
 
 
 def test_exported_ensemble_matches_the_model(tmp_path):

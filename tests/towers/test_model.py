@@ -95,12 +95,12 @@ def test_item_id_embedding_only_for_items_seen_in_training():
     with_ids = TwinTowers(cfg, content, id_known=known).eval()
     plain = TwinTowers(TowerConfig(**{**cfg.to_dict(), "num_id_items": 0}), content).eval()
     missing, unexpected = plain.load_state_dict(with_ids.state_dict(), strict=False)
-    assert not missing and set(unexpected) == {"id_embedding.weight", "id_known"}
+    assert not missing and set(unexpected) == {"stacks.0.id_embedding.weight", "id_known"}
     # starts as the content-only model (zero ID vectors)
     items = torch.arange(n)
     torch.testing.assert_close(with_ids.item_embedding(items), plain.item_embedding(items))
     with torch.no_grad():
-        with_ids.id_embedding.weight[1:].normal_()  # row 0 is the "no ID" row: stays zero
+        with_ids.stacks[0].id_embedding.weight[1:].normal_()  # row 0 is the "no ID" row: stays zero
     emb, ref = with_ids.item_embedding(items), plain.item_embedding(items)
     assert (emb[:8] - ref[:8]).abs().max() > 1e-3  # seen items: content + their ID vector
     torch.testing.assert_close(emb[8:], ref[8:])  # cold items: content only
@@ -108,7 +108,7 @@ def test_item_id_embedding_only_for_items_seen_in_training():
     with_ids.train()
     logits = with_ids.user_embedding(torch.tensor([[1, 2, 3]])) @ with_ids.item_embedding(items).T
     torch.nn.functional.cross_entropy(logits, torch.tensor([4])).backward()
-    grad = with_ids.id_embedding.weight.grad
+    grad = with_ids.stacks[0].id_embedding.weight.grad
     assert grad[1:9].abs().sum() > 0 and grad[9:].abs().sum() == 0 and grad[0].abs().sum() == 0
 
 

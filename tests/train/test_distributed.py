@@ -82,7 +82,7 @@ def test_sharded_rows_under_ddp_give_the_one_process_steps(tmp_path):
         for got in ranks:
             assert got["losses"] == pytest.approx(losses, abs=ATOL), name
             assert_same_weights(got["state"], model.state_dict(), name)
-        assert model.state_dict()["adaptor.weight"].ne(model_for(content).state_dict()["adaptor.weight"]).any()
+        assert model.state_dict()["stacks.0.adaptor.weight"].ne(model_for(content).state_dict()["stacks.0.adaptor.weight"]).any()
 
 
 # patience 1: one process stops after epoch 3 (valid NDCG@10 0.190, 0.240, 0.235; best epoch 2), so
