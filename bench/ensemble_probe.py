@@ -4,7 +4,7 @@ would do on valid and test, from the towers the quality rows already wrote (no t
     python bench/ensemble_probe.py --data ../shared/data/amazon-unisrec/Scientific \\
         --combo learn_fs_minilm --combo learn_fs_minilm,learn_fs_minilm_seed1 --weights 0,0.1,0.2
 
-Each ``--combo`` names rows of bench/quality.py (the newest ``runs/bench-quality/<row>/*/towers.pt``
+Each ``--combo`` names rows of bench/quality.py (the newest ``runs/bench-quality/<row>/*/towers/``
 of each; all on the same encoder). Score of item i for a user = mean over the combo's models of
 cos(user, item) + w * cos(content of the user's last item, content of i) + p * popularity(i), with
 popularity(i) = log(1 + training interactions of i) / log(1 + the most popular item's), computed as
@@ -31,23 +31,24 @@ from learn.evaluate.baselines import content_item_vectors, content_user_vectors 
 from learn.evaluate.metrics import metrics_from_ranks, target_ranks_both  # noqa: E402
 from learn.data.load import load_sequences  # noqa: E402
 from learn.embed.catalog import embed_items  # noqa: E402
-from learn.towers.model import TowerConfig, TwinTowers  # noqa: E402
+from learn.export.towers import load_twin_towers  # noqa: E402
+from learn.towers.model import TwinTowers  # noqa: E402
 from learn.train.loop import user_embeddings  # noqa: E402
 from learn.utils import atomic_write_text  # noqa: E402
 
 
 def load_row(name: str, content: np.ndarray, popularity: np.ndarray, encoder_id: str) -> TwinTowers:
-    found = sorted((ROOT / "runs" / "bench-quality" / name).glob("*/towers.pt"), key=lambda p: p.stat().st_mtime)
+    found = sorted((ROOT / "runs" / "bench-quality" / name).glob("*/towers/towers_state.pt"),
+                   key=lambda p: p.stat().st_mtime)
     if not found:
-        raise SystemExit(f"row {name}: no runs/bench-quality/{name}/*/towers.pt (run bench/quality.py --only {name})")
-    saved = torch.load(found[-1], weights_only=True)
-    if saved["encoder_id"] != encoder_id:
-        raise SystemExit(f"row {name} was trained on {saved['encoder_id']}, the probe embeds with {encoder_id}")
-    cfg = TowerConfig(**saved["config"])
-    known = torch.as_tensor(popularity > 0) if cfg.num_id_items else None
-    model = TwinTowers(cfg, torch.as_tensor(content), id_known=known)
-    model.load_state_dict(saved["state_dict"], strict=False)  # the catalog buffer is not saved
-    return model.eval()
+        raise SystemExit(f"row {name}: no runs/bench-quality/{name}/*/towers/ (run bench/quality.py --only {name})")
+    run_dir = found[-1].parents[1]
+    trained_on = json.loads((run_dir / "metrics.json").read_text())["encoder_id"]
+    if trained_on != encoder_id:
+        raise SystemExit(f"row {name} was trained on {trained_on}, the probe embeds with {encoder_id}")
+    ids = json.loads((run_dir / "towers" / "tower_config.json").read_text())["num_id_items"]
+    known = torch.as_tensor(popularity > 0) if ids else None
+    return load_twin_towers(run_dir / "towers", torch.as_tensor(content), id_known=known)
 
 
 def main() -> None:

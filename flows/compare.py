@@ -67,8 +67,7 @@ def compare_models(a_ref: str, b_ref: str, *, data: str | None = None, split: st
         exclude_history = ev_cfg.eval.exclude_history
 
     # both ranked over the common catalog, paired over users
-    ranks, top, counts = common_catalog_ranks(bundles, ev, ev_data, k, exclude_history, ev_cfg.eval.chunk_size,
-                                              ev_name)
+    ranks, top, counts = common_catalog_ranks(bundles, ev, ev_data, k, exclude_history, ev_cfg.eval, ev_name)
     result: dict[str, Any] = compare_ranks(ranks["a"], ranks["b"], k=k, n_resamples=n_resamples, seed=seed)
     result[f"top{k}_overlap"] = topk_overlap(top["a"], top["b"])
     result.update({key: float(v) for key, v in counts.items()})

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from learn.secrets import redact
+
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or gives a value of the wrong type."""
@@ -344,7 +346,7 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
                 "model.d_out", "train.eval_every", "train.n_history", "train.n_targets", "train.target_len",
                 "eval.popularity_buckets", "train.score_scale", "data.demo.num_items", "data.demo.num_users",
                 "export.flat_max_items", "export.recall_queries", "train.num_workers", "embed.rows_per_flush",
-                "model.members"]
+                "model.members", "eval.item_block"]
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"key '{key}' must be > 0, got {flat[key]}")
@@ -362,6 +364,8 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
         raise ConfigError("model.members > 1 needs an item-side stack: item tower 'c' has none")
     if not cfg.reembed.alias.strip():
         raise ConfigError("key 'reembed.alias' must be a non-empty alias name")
+    if cfg.eval.valid_max_users is not None and cfg.eval.valid_max_users < 0:
+        raise ConfigError(f"key 'eval.valid_max_users' must be >= 0 (0 or null: every user), got {cfg.eval.valid_max_users}")
     if cfg.embed.flush_seconds < 0:
         raise ConfigError(f"key 'embed.flush_seconds' must be >= 0, got {cfg.embed.flush_seconds}")
     if not 0 < cfg.embed.vllm_memory_fraction <= 1:
@@ -433,8 +437,6 @@ def config_from_dict(data: dict, where: str = "saved config") -> Config:
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """``{"train.lr": 1e-3, ...}`` for logging as params; credentials redacted (``learn.secrets.redact``)."""
-    from learn.secrets import redact
-
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -447,6 +449,4 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     """The config as plain data for saving (manifests, metrics.json); credentials redacted."""
-    from learn.secrets import redact
-
     return redact(dataclasses.asdict(cfg))

@@ -7,7 +7,7 @@ from learn.config import ConfigError, config_from_dict, flatten, load_config, to
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "conf").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")))
 def test_every_shipped_config_loads(name):
     cfg = load_config(ROOT / "conf" / name)
     assert cfg.eval.ks
@@ -93,3 +93,8 @@ def test_the_recipe_tables_cover_every_recipe_name():
     assert set(RECIPES) == set(typing.get_args(TrainedRecipe))
     assert set(BASELINES) == set(typing.get_args(BaselineName))
     assert set(typing.get_args(RecipeName)) == set(RECIPES) | set(BASELINES)
+
+
+def test_the_scientific_config_is_its_latest_freeze():
+    latest = sorted((ROOT / "conf" / "scientific").glob("*.yaml"))[-1]
+    assert to_dict(load_config(ROOT / "conf/scientific.yaml")) == to_dict(load_config(latest)), latest.name

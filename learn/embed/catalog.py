@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from learn.config import EmbedConfig
+from learn.embed.backends import build_encoder, close_encoder
+from learn.embed.models import configured_encoder
+from learn.embed.store import ContentStore, embed_catalog
 
 
 def content_store_path(cfg: EmbedConfig, dataset_name: str) -> Path:
@@ -27,13 +30,9 @@ def content_store_path(cfg: EmbedConfig, dataset_name: str) -> Path:
 def embed_items(cfg: EmbedConfig, dataset_name: str, item_ids, texts: list[str],
                 progress: bool = True) -> tuple[np.ndarray, dict, str]:
     """(content vectors [N, d] in catalog order, embedding counts, encoder id)."""
-    from learn.embed.backends import build_encoder, close_encoder
-    from learn.embed.store import ContentStore, embed_catalog
-
     store = ContentStore(content_store_path(cfg, dataset_name))
     ids = [str(i) for i in item_ids]
     if cfg.executor == "ray_data":
-        from learn.embed.models import configured_encoder
         from learn.embed.ray_data import embed_catalog_ray
 
         _, eid = configured_encoder(cfg)

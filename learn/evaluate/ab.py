@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from learn.config import Config, config_from_dict
+from learn.config import Config, EvalConfig, config_from_dict
 from learn.data.load import load_sequences
 from learn.data.schema import DataError
 from learn.data.sequences import EvalSplit, SequenceData, Splits
@@ -122,7 +122,7 @@ def check_no_leak(bundle: Bundle, cfg: Config, who: str, ev_cfg: Config, ev_data
 
 
 def common_catalog_ranks(bundles: dict[str, Bundle], ev: EvalSplit, ev_data: SequenceData, k: int,
-                         exclude_history: bool, chunk_size: int, ev_name: str):
+                         exclude_history: bool, eval_cfg: EvalConfig, ev_name: str):
     """Each model's target ranks and top-k rows over the catalog every bundle and the evaluation data
     hold, on the users both can score (the module docstring's rules). Returns (ranks, top, counts)."""
     ids = [str(i) for i in ev_data.item_ids]
@@ -151,7 +151,7 @@ def common_catalog_ranks(bundles: dict[str, Bundle], ev: EvalSplit, ev_data: Seq
         items = bundle.item_embeddings[[bundle.id_to_row[i] for i in common]]
         users = vectors[m][rows]
         ranks[m] = target_ranks(users, items, cols, common_histories, exclude_history=exclude_history,
-                                chunk_size=chunk_size)
+                                chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block)
         top[m] = top_k_rows(users, items, k)
     counts["users_scored"] = len(rows)
     return ranks, top, counts

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from learn.config import BaselineName, EvalConfig
 from learn.data.sequences import EvalSplit
+from learn.evaluate.metrics import evaluate_both_modes
 
 BASELINES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "content_mean": lambda history_vectors: history_vectors.mean(0),
@@ -39,11 +40,10 @@ def content_item_vectors(content: np.ndarray) -> torch.Tensor:
 def evaluate_baseline(name: str, content: np.ndarray, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
                       train_popularity: np.ndarray, prefix: str) -> dict[str, float]:
     """The baseline ``name``'s metrics on ``split`` (both history modes, segments), as for trained towers."""
-    from learn.evaluate import evaluate_both_modes
-
     return evaluate_both_modes(
         content_user_vectors(content, split, name, max_history), content_item_vectors(content), split,
         ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history, chunk_size=eval_cfg.chunk_size,
+        item_block=eval_cfg.item_block,
         train_popularity=train_popularity, prefix=prefix, popularity_buckets=eval_cfg.popularity_buckets,
         history_buckets=eval_cfg.history_buckets,
     )

@@ -5,10 +5,11 @@ already normalised/scaled the vectors). Users are scored ``chunk_size`` rows at 
 ``item_block`` items at a time (near-equal spans of the catalog), so memory is
 O(chunk_size x item_block) and no [chunk_size, N] matrix exists. Each block only adds to per-user
 counts, so the ranks equal those of scoring the whole catalog at once, given that a float32 matrix
-product computes each entry the same way whatever the number of columns (true of the CPU and CUDA
-GEMMs for blocks of more than a few items; spans are near-equal, so none is tiny). The target's
-own score is taken from such a product too, never from a lone dot product, which may round
-differently and break exact ties (tests/evaluate/test_metrics.py checks this at Scientific size).
+product computes each entry the same way whatever its number of columns (so on CPU for products of
+more than a few rows and columns; spans are near-equal, so none is tiny). The target's own score
+is taken from such a product too, never from a lone dot product, which rounds differently and
+would break exact ties (tests/evaluate/test_metrics.py checks equality at Scientific size).
+A catalog within one block is scored exactly as before, in one product.
 
 Rank (0-based) is pessimistic under ties:
     rank = #items scoring above the target + #OTHER items scoring exactly the target's score.
@@ -56,9 +57,27 @@ __all__ = [
 # ----------------------------------------------------------------------------------------- ranks
 
 
-def _chunk_scores(user_chunk: torch.Tensor, item_emb_f32: torch.Tensor) -> torch.Tensor:
-    """[c, d] x [b, d] -> [c, b] float32 dot products. Kept separate so tests can spy on it."""
-    return user_chunk.to(device=item_emb_f32.device, dtype=torch.float32) @ item_emb_f32.T
+def _chunk_scores(user_chunk: torch.Tensor, item_emb_f32: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """[c, d] x [b, d] -> [c, b] float32 dot products (into ``out`` when given). Kept separate so
+    tests can spy on it."""
+    return torch.mm(user_chunk.to(device=item_emb_f32.device, dtype=torch.float32), item_emb_f32.T, out=out)
+
+
+def _reused(buf: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+    """A contiguous [shape] view of ``buf``, (re)allocated only when it is too small: a block's
+    output lands in pages already touched instead of a fresh allocation per block."""
+    n = shape[0] * shape[1]
+    flat = torch.empty(n, dtype=dtype, device=device) if buf is None or buf.numel() < n else buf.view(-1)
+    return flat[:n].view(shape)
+
+
+def _score_blocks(chunk: torch.Tensor, item_f32: torch.Tensor, spans: list[tuple[int, int]]):
+    """(start, end, [c, end - start] scores) per item span, written into one reused buffer."""
+    buf = None
+    for a, b in spans:
+        buf = _reused(buf, (len(chunk), b - a), torch.float32, item_f32.device)
+        yield a, b, _chunk_scores(chunk, item_f32[a:b], out=buf)
 
 
 def _item_spans(n: int, block: int) -> list[tuple[int, int]]:
@@ -87,7 +106,8 @@ def _as_index_array(a: Any, name: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _history_pairs(histories: Sequence[np.ndarray], tgt: np.ndarray, n: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _history_pairs(histories: Sequence[np.ndarray], tgt: np.ndarray, n: int,
+                   where: str) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (row, item) history pairs of a chunk, the target item itself left out, sorted by item."""
     hist = [np.asarray(h) for h in histories]
     lens = np.fromiter((len(h) for h in hist), dtype=np.int64, count=len(hist))
@@ -114,8 +134,9 @@ def _count_blocks(blocks, t_score: torch.Tensor, tgt: np.ndarray, hist_rows: np.
     counted = None if hist_rows is None else torch.zeros(c, dtype=torch.int64, device=dev)
     tgt_order = np.argsort(tgt, kind="stable")
     tgt_sorted = tgt[tgt_order]
+    ge = None
     for a, b, scores in blocks:
-        ge = scores >= t_score[:, None]
+        ge = torch.ge(scores, t_score[:, None], out=_reused(ge, tuple(scores.shape), torch.bool, dev))
         base += ge.sum(1, dtype=torch.int32)
         # the target itself is never counted
         lo, hi = np.searchsorted(tgt_sorted, [a, b])
@@ -125,7 +146,6 @@ def _count_blocks(blocks, t_score: torch.Tensor, tgt: np.ndarray, hist_rows: np.
             lo, hi = np.searchsorted(hist_cols, [a, b])
             r = torch.from_numpy(hist_rows[lo:hi]).to(dev)
             counted.index_add_(0, r, ge[r, torch.from_numpy(hist_cols[lo:hi] - a).to(dev)].long())
-        del scores, ge  # before the next block is scored: one block alive at a time
     base_np = base.cpu().numpy()
     return base_np, None if counted is None else base_np - counted.cpu().numpy()
 
@@ -209,7 +229,7 @@ def target_ranks_both(
                 t_score = scores.gather(1, tgt_t.to(scores.device).view(-1, 1))[:, 0]
             else:
                 t_score = _target_scores(chunk, item_f32, tgt_t.to(item_f32.device), item_block)
-                blocks = ((a, b, _chunk_scores(chunk, item_f32[a:b])) for a, b in spans)
+                blocks = _score_blocks(chunk, item_f32, spans)
 
             pairs = _history_pairs(histories[start:end], tgt, N, where) if excl is not None else (None, None)
             base, excluded = _count_blocks(blocks, t_score, tgt, *pairs)

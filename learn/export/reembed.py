@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from learn import registry
+from learn.export.bundle import load_bundle
+from learn.export.manifest import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ def catalog_fingerprint(item_ids: list[str], text_hashes: list[str], encoder_id:
 def served_bundle(client: Any, name: str, alias: str, version: str | None, cache: Path,
                    progress: bool = True) -> tuple[str, Any]:
     """(version, loaded Bundle) of what ``name@alias`` (or ``name/version``) serves."""
-    from learn.export.manifest import ArtifactError
-
     try:
         ref = registry.resolve(client, f"models:/{name}/{version}" if version else f"models:/{name}@{alias}")
     except registry.RegistryError as exc:
@@ -79,9 +79,6 @@ def new_item_recall(bundle: Any, histories: list[list[str]], targets: list[str],
 
 def finished_bundle(bundle_dir: Path, fingerprint: str) -> Any:
     """The finished bundle for this fingerprint if one is already there (a restarted run reuses it), else None."""
-    from learn.export.bundle import load_bundle
-    from learn.export.manifest import ArtifactError
-
     if not (bundle_dir / "manifest.json").is_file():
         return None
     try:

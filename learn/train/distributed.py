@@ -48,6 +48,9 @@ import torch.distributed as dist
 from learn.config import EvalConfig, TrainConfig
 from learn.data.sequences import EvalSplit, Splits
 from learn.towers.model import TowerConfig, TwinTowers
+from learn.secrets import with_env_credentials
+from learn.tracking.mlflow_run import resolve_uri
+from learn.evaluate.metrics import sample_users
 from learn.train.fit import FitResult, FitState, cpu_state, evaluation_due
 from learn.train.loop import evaluate_model, make_optimizer, make_scheduler, run_epoch, steps_per_epoch
 from learn.train.recipes import whole_rows
@@ -130,8 +133,6 @@ def absolute_tracking_uri(uri: str) -> str:
     """Workers may run in another directory: make a relative sqlite file or local path absolute.
     Workers may not share this process's environment either: a server URI carries this process's
     MLflow credentials (in memory only; ``_log_to_mlflow`` moves them back out of the URI)."""
-    from learn.secrets import with_env_credentials
-
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     if "://" not in uri and not uri.startswith("file:"):
@@ -143,8 +144,6 @@ def _log_to_mlflow(target: MlflowTarget, rows: list[dict[str, float]]) -> None:
     """Each row's metrics at step = its epoch, in one batch."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
-
-    from learn.tracking.mlflow_run import resolve_uri
 
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, int(row["epoch"])) for row in rows for k, v in row.items()
@@ -158,8 +157,6 @@ def _log_missing_epochs(target: MlflowTarget, history: list[dict[str, float]]) -
     """After a restart: log the checkpointed epochs the run lacks (a failure between an epoch's
     checkpoint and its logging, e.g. the group torn down for another rank's error)."""
     from mlflow import MlflowClient
-
-    from learn.tracking.mlflow_run import resolve_uri
 
     logged = {m.step for m in MlflowClient(tracking_uri=resolve_uri(target.tracking_uri)).get_metric_history(
         target.run_id, "train_loss")}
@@ -267,7 +264,8 @@ def fit_distributed(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, e
     if tracking is not None:
         tracking = MlflowTarget(absolute_tracking_uri(tracking.tracking_uri), tracking.run_id)
     spec = _Spec(tower=copy.deepcopy(model.cfg), content=model.content[1:].detach().cpu().numpy(),
-                 init_state=cpu_state(model), train=splits.train, valid=splits.valid, train_cfg=train_cfg,
+                 init_state=cpu_state(model), train=splits.train,
+                 valid=sample_users(splits.valid, eval_cfg.valid_max_users, seed), train_cfg=train_cfg,
                  eval_cfg=eval_cfg, max_history=max_history, seed=seed, tracking=tracking, hook=worker_hook)
     if not ray.is_initialized():
         ray.init()

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from learn.config import EvalConfig, TrainConfig
 from learn.data.sequences import Splits
+from learn.evaluate.metrics import sample_users
 from learn.train.loop import evaluate_model, make_optimizer, make_scheduler, run_epoch, steps_per_epoch
 
 OnEpoch = Callable[[int, dict[str, float]], None]
@@ -110,12 +111,13 @@ def fit(model, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max
     opt = make_optimizer(model, train_cfg)
     sched = make_scheduler(opt, train_cfg, steps_per_epoch(splits.train, train_cfg.batch_size))
     state = FitState.start(train_cfg, eval_cfg)
+    valid_split = sample_users(splits.valid, eval_cfg.valid_max_users, seed)  # fixed for the whole fit
     bar = tqdm(range(1, train_cfg.epochs + 1), desc="epochs", disable=not progress)
     for epoch in bar:
         loss = run_epoch(model, splits.train, train_cfg, max_history, opt, sched, seed, epoch, progress=progress,
                          desc=f"epoch {epoch}")
         row = {"epoch": epoch, "train_loss": loss, "lr": sched.get_last_lr()[0]}
-        valid = (evaluate_model(model, splits.valid, eval_cfg, max_history, prefix="valid_")
+        valid = (evaluate_model(model, valid_split, eval_cfg, max_history, prefix="valid_")
                  if evaluation_due(epoch, train_cfg) else None)
         stop = state.end_epoch(epoch, row, valid, model)
         bar.set_postfix(loss=f"{loss:.4f}", valid=f"{row.get(state.key, float('nan')):.4f}", best=state.best_epoch)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from learn.config import EvalConfig, TrainConfig
 from learn.data.sequences import EvalSplit
+from learn.evaluate.metrics import evaluate_both_modes
 from learn.towers.model import TwinTowers, pad_histories
 from learn.train.recipes import RowMap, compute_loss, epoch_batches, whole_rows
 
@@ -108,13 +109,12 @@ def user_embeddings(model: TwinTowers, histories: list[np.ndarray], max_history:
 
 def evaluate_model(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
                    train_popularity: np.ndarray | None = None, prefix: str = "") -> dict[str, float]:
-    from learn.evaluate import evaluate_both_modes
-
     users = user_embeddings(model, split.histories, max_history)
     items = model.all_item_embeddings()
     return evaluate_both_modes(
         users, items, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
-        chunk_size=eval_cfg.chunk_size, train_popularity=train_popularity, prefix=prefix,
+        chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block, train_popularity=train_popularity,
+        prefix=prefix,
         popularity_buckets=eval_cfg.popularity_buckets, history_buckets=eval_cfg.history_buckets,
     )
 

@@ -248,9 +248,9 @@ def test_scoring_is_chunked(monkeypatch):
     rows_seen = []
     real = M._chunk_scores
 
-    def spy(user_chunk, item_emb):
+    def spy(user_chunk, item_emb, out=None):
         rows_seen.append(user_chunk.shape[0])
-        return real(user_chunk, item_emb)
+        return real(user_chunk, item_emb, out)
 
     monkeypatch.setattr(M, "_chunk_scores", spy)
     users, items, targets, histories = tie_heavy_case(U=50)
@@ -261,7 +261,8 @@ def test_scoring_is_chunked(monkeypatch):
 
     # item blocks: every product is at most [chunk_size, item_block], never [chunk, N]
     shapes = []
-    monkeypatch.setattr(M, "_chunk_scores", lambda u, it: shapes.append((len(u), len(it))) or real(u, it))
+    monkeypatch.setattr(M, "_chunk_scores",
+                        lambda u, it, out=None: shapes.append((len(u), len(it))) or real(u, it, out))
     items50 = np.random.default_rng(0).integers(-1, 2, size=(50, 3))
     targets50 = np.random.default_rng(1).integers(0, 50, size=50)
     want = ref_ranks(users @ items50.T, targets50, histories, True)

@@ -77,3 +77,13 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0)
     assert lrs[9] == pytest.approx(1.0) and lrs[-1] < 0.01
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_validation_may_score_a_fixed_user_sample():
+    splits, content = synthetic()
+    model = model_for(content)
+    result = fit(model, splits, TrainConfig(epochs=2, lr=1e-2, patience=0), EvalConfig(ks=[10], valid_max_users=25),
+                 10, progress=False)
+    assert [row["valid_users"] for row in result.history] == [25, 25]
+    test = evaluate_model(model, splits.test, EvalConfig(ks=[10], valid_max_users=25), 10, prefix="test_")
+    assert test["test_users"] == len(splits.test)  # the test split is always scored whole
