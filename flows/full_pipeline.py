@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,19 +61,22 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     timer = StageTimer()
-    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name,
+    # data: sequences, split, popularity -- read and checked before a run exists, so bad input
+    # leaves no failed run behind
+    with timer("data"):
+        raw, data = load_sequences(cfg.data)
+        if cfg.data.split == "time_cut" and not raw.has_clock:
+            raise DataError(f"data.split=time_cut needs real timestamps, but {raw.source or raw.name} has "
+                            f"only an order; use data.split=leave_one_out")
+        splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
+        popularity = splits.train_popularity(data.num_items)
+    # a distinct, readable run name unless tracking.run_name gives one (uuid4: not the seeded RNGs)
+    run_name = cfg.tracking.run_name or f"{data.name}-{cfg.train.recipe}-{uuid.uuid4().hex[:6]}"
+    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment, run_name,
                       system_metrics=cfg.tracking.system_metrics, artifact_location=cfg.tracking.artifact_location)
     with tracker:
         tracker.log_params(flatten(cfg))
-
-        # data: sequences, split, popularity; counts and the dataset's fingerprint go to the run
-        with timer("data"):
-            raw, data = load_sequences(cfg.data)
-            if cfg.data.split == "time_cut" and not raw.has_clock:
-                raise DataError(f"data.split=time_cut needs real timestamps, but {raw.source or raw.name} has "
-                                f"only an order; use data.split=leave_one_out")
-            splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
-            popularity = splits.train_popularity(data.num_items)
+        # counts and the dataset's fingerprint go to the run
         print(f"[data] {data.name}: {data.num_items} items, {len(data.seqs)} users, {data.num_interactions} "
               f"interactions; {raw.drops.summary()}; split {splits.kind}: valid {len(splits.valid)}, test "
               f"{len(splits.test)}", flush=True)

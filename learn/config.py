@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 # Trained recipes (learn/train/recipes.py, RECIPES) and no-training baselines on the raw content
 # vectors (learn/evaluate/baselines.py, BASELINES); a test holds the three lists together.
-TrainedRecipe = Literal["full_softmax", "in_batch", "dense_all_action"]
+TrainedRecipe = Literal["full_softmax", "sampled_softmax", "in_batch", "dense_all_action"]
 BaselineName = Literal["content_mean", "content_last"]
 RecipeName = Literal[TrainedRecipe, BaselineName]
 
@@ -144,6 +144,12 @@ class TrainConfig:
     use_gpu: bool = False
     max_failures: int = 1  # Ray Train restarts from the latest checkpoint this many times
     storage_path: str | None = None  # Ray Train checkpoints; null = <output_dir>/ray
+    # sampled_softmax recipe: the batch's targets plus num_negatives items drawn per step from
+    # negative_sampler (uniform | popularity: by training interactions | mixed: half of each), every
+    # logit corrected by the log of its expected count when logq_correction is on
+    num_negatives: int = 1024
+    negative_sampler: Literal["uniform", "popularity", "mixed"] = "mixed"
+    logq_correction: bool = True
     # dense_all_action recipe
     n_history: int = 10
     n_targets: int = 10
@@ -313,6 +319,9 @@ _ONLY_UNDER = {
     "train.n_targets": ("train.recipe", "dense_all_action"),
     "train.target_len": ("train.recipe", "dense_all_action"),
     "train.recency_weighting": ("train.recipe", "dense_all_action"),
+    "train.num_negatives": ("train.recipe", "sampled_softmax"),
+    "train.negative_sampler": ("train.recipe", "sampled_softmax"),
+    "train.logq_correction": ("train.recipe", "sampled_softmax"),
 }
 
 
@@ -346,7 +355,7 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
                 "model.d_out", "train.eval_every", "train.n_history", "train.n_targets", "train.target_len",
                 "eval.popularity_buckets", "train.score_scale", "data.demo.num_items", "data.demo.num_users",
                 "export.flat_max_items", "export.recall_queries", "train.num_workers", "embed.rows_per_flush",
-                "model.members", "eval.item_block"]
+                "model.members", "eval.item_block", "train.num_negatives"]
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"key '{key}' must be > 0, got {flat[key]}")

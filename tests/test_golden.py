@@ -19,6 +19,7 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny.json"
 RECIPES = {
     "full_softmax": ["train.recipe=full_softmax"],
     "in_batch": ["train.recipe=in_batch"],
+    "sampled_softmax": ["train.recipe=sampled_softmax", "train.num_negatives=32", "train.all_positions=true"],
     "in_batch_all_positions": ["train.recipe=in_batch", "train.all_positions=true"],
     "dense_all_action": ["train.recipe=dense_all_action", "train.n_history=4", "train.n_targets=4",
                          "train.target_len=8"],

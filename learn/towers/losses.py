@@ -1,4 +1,4 @@
-"""The three training losses. Score = scale * cosine (vectors arrive L2-normalised)."""
+"""The training losses. Score = scale * cosine (vectors arrive L2-normalised)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,37 @@ def full_softmax_loss(user: torch.Tensor, all_items: torch.Tensor, targets: torc
     """Softmax over the whole catalog. user [B, d], all_items [N, d], targets [B] catalog indices."""
     logits = scale * user @ all_items.T
     return F.cross_entropy(logits, targets)
+
+
+def sampled_softmax_loss(
+    user: torch.Tensor, target_vecs: torch.Tensor, targets: torch.Tensor, neg_vecs: torch.Tensor,
+    negatives: torch.Tensor, scale: float, owners: torch.Tensor | None = None,
+    target_log_q: torch.Tensor | None = None, neg_log_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax over the batch's targets plus a shared pool of sampled negatives: O(P x (P + M) x d),
+    whatever the catalog size. user [P, d], target_vecs [P, d] with catalog indices targets [P];
+    neg_vecs [M, d] with catalog indices negatives [M].
+
+    Row i's positive is its own target (column i). Masked: other rows' targets that are the same
+    item or belong to the same user (``owners``), as in-batch does; in-batch targets that are also
+    in the pool (each item is a negative once); pool entries equal to the row's own target. With
+    ``target_log_q`` [P] / ``neg_log_q`` [M] (log of each column's expected count in the candidate
+    set) every logit is corrected by it (logQ correction). With the whole catalog as the pool and
+    no correction this is exactly ``full_softmax_loss``."""
+    inb = scale * user @ target_vecs.T
+    pool = scale * user @ neg_vecs.T
+    if target_log_q is not None:
+        inb = inb - target_log_q.unsqueeze(0)
+    if neg_log_q is not None:
+        pool = pool - neg_log_q.unsqueeze(0)
+    hit = targets.unsqueeze(1) == negatives.unsqueeze(0)  # [P, M]: row's target among the pool
+    masked = targets.unsqueeze(1) == targets.unsqueeze(0)
+    if owners is not None:
+        masked |= owners.unsqueeze(1) == owners.unsqueeze(0)
+    masked |= hit.any(1).unsqueeze(0)  # column j's item is already a pool negative
+    masked.fill_diagonal_(False)
+    logits = torch.cat([inb.masked_fill(masked, float("-inf")), pool.masked_fill(hit, float("-inf"))], 1)
+    return F.cross_entropy(logits, torch.arange(len(targets), device=logits.device))
 
 
 def in_batch_softmax_loss(

@@ -31,6 +31,43 @@ class PairBatch:
 
 
 @dataclass
+class SampledBatch(PairBatch):
+    """A pair batch with the step's shared pool of sampled negatives and the logQ terms."""
+
+    negatives: torch.Tensor  # [M] catalog indices (drawn with replacement)
+    neg_log_q: torch.Tensor  # [M] log of each pool entry's expected count in the pool
+    target_log_q: torch.Tensor  # [P] log of each target's expected count among the batch's targets
+
+
+class NegativeSampler:
+    """Draws sampled-softmax negatives: ``uniform`` over the catalog, by training ``popularity``
+    (the distribution the batch's targets come from), or their even ``mixed`` mixture. The
+    cumulative table is built once (O(catalog)); a draw of M items costs O(M log catalog)."""
+
+    def __init__(self, popularity: np.ndarray, kind: str):
+        counts = np.asarray(popularity, dtype=np.float64)
+        if counts.sum() <= 0:
+            raise ValueError("negative sampling needs at least one training interaction")
+        self.target_p = counts / counts.sum()
+        uniform = np.full(len(counts), 1.0 / len(counts))
+        self.p = {"uniform": uniform, "popularity": self.target_p, "mixed": 0.5 * (uniform + self.target_p)}[kind]
+        self.cdf = np.cumsum(self.p)
+        self.cdf[-1] = 1.0
+
+    def draw(self, m: int, rng: np.random.Generator) -> np.ndarray:
+        return np.minimum(np.searchsorted(self.cdf, rng.random(m), side="right"), len(self.cdf) - 1)
+
+    def attach(self, batch: PairBatch, m: int, rng: np.random.Generator) -> SampledBatch:
+        """``batch`` with a freshly drawn pool of ``m`` negatives and the logQ terms of every column."""
+        negatives = self.draw(m, rng)
+        targets = batch.targets.numpy()
+        return SampledBatch(**vars(batch), negatives=torch.as_tensor(negatives, dtype=torch.long),
+                            neg_log_q=torch.as_tensor(np.log(m * self.p[negatives]), dtype=torch.float32),
+                            target_log_q=torch.as_tensor(np.log(len(targets) * self.target_p[targets]),
+                                                         dtype=torch.float32))
+
+
+@dataclass
 class DenseBatch:
     hist_tokens: torch.Tensor  # [B, Lh]
     hist_pos: torch.Tensor  # [B, N_h] positions into hist_tokens (valid where hist_valid)

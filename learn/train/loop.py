@@ -71,8 +71,9 @@ def run_epoch(model, train: list[np.ndarray], cfg: TrainConfig, max_history: int
     own batches); ``rows`` instead shares each whole batch's rows out (see ``RowMap``)."""
     total, n = 0.0, 0
     steps = steps_per_epoch(train, cfg.batch_size, world_size)
-    bar = tqdm(epoch_batches(train, cfg, max_history, seed, epoch, rank, world_size), total=steps, desc=desc,
-               disable=not progress, leave=False)
+    core = model.module if hasattr(model, "module") else model
+    bar = tqdm(epoch_batches(train, cfg, max_history, seed, epoch, rank, world_size, core.num_items), total=steps,
+               desc=desc, disable=not progress, leave=False)
     for batch in bar:
         if device is not None:
             batch = batch_to(batch, device)

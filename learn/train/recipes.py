@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from learn.config import TrainConfig, TrainedRecipe
-from learn.towers.losses import dense_all_action_loss, full_softmax_loss, in_batch_softmax_loss
+from learn.towers.losses import dense_all_action_loss, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
 from learn.towers.model import member_slices
-from learn.train.batches import DenseBatch, PairBatch, dense_batches, pair_batches
+from learn.train.batches import DenseBatch, NegativeSampler, PairBatch, SampledBatch, dense_batches, pair_batches
 
 Batches = Callable[..., Iterator]
 Loss = Callable[..., torch.Tensor]
@@ -43,7 +43,7 @@ def whole_rows(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch
 
 @dataclass(frozen=True)
 class Recipe:
-    batches: Batches  # (train, cfg, max_history, rng, order_rng, rank, world_size) -> batches
+    batches: Batches  # (train, cfg, max_history, rng, order_rng, rank, world_size, num_items) -> batches
     loss: Loss  # (model, batch, cfg, rows) -> scalar loss over the whole batch
 
 
@@ -51,11 +51,11 @@ def _core(model):
     return model.module if hasattr(model, "module") else model
 
 
-def _per_member(model, loss_fn: Loss, a: torch.Tensor, b: torch.Tensor, *rest) -> torch.Tensor:
+def _per_member(model, loss_fn: Loss, *vectors: torch.Tensor) -> torch.Tensor:
     """Each member trained on its own slice of the tower outputs, as if alone (an ensemble, not
-    one wide model): the mean of the members' losses."""
+    one wide model): the mean of the members' losses. ``loss_fn`` takes one slice of each of ``vectors``."""
     k = _core(model).cfg.members
-    return torch.stack([loss_fn(x, y, *rest) for x, y in zip(member_slices(a, k), member_slices(b, k))]).mean()
+    return torch.stack([loss_fn(*parts) for parts in zip(*(member_slices(v, k) for v in vectors))]).mean()
 
 
 def _user_vectors(model, batch: PairBatch, rows) -> torch.Tensor:
@@ -69,14 +69,23 @@ def _user_vectors(model, batch: PairBatch, rows) -> torch.Tensor:
 
 
 def _pair_batches(first_target: Callable[[int], int]) -> Batches:
-    def batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size):
+    def batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size, num_items):
         return pair_batches(train, batch_size=cfg.batch_size, max_history=max_history, first_target=first_target,
                             all_positions=cfg.all_positions, rng=rng, order_rng=order_rng, rank=rank,
                             world_size=world_size)
     return batches
 
 
-def _dense_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size):
+def _sampled_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size, num_items):
+    """Full-softmax pair batches (target index uniform in [1, L-1]), each with its negative pool."""
+    popularity = np.bincount(np.concatenate([s for s in train if len(s)]), minlength=num_items)
+    sampler = NegativeSampler(popularity, cfg.negative_sampler)
+    for batch in _pair_batches(lambda length: 1)(train, cfg, max_history, rng, order_rng, rank, world_size,
+                                                 num_items):
+        yield sampler.attach(batch, cfg.num_negatives, rng)
+
+
+def _dense_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size, num_items):
     return dense_batches(train, batch_size=cfg.batch_size, max_history=max_history, target_len=cfg.target_len,
                          n_history=cfg.n_history, n_targets=cfg.n_targets, recency=cfg.recency_weighting,
                          rng=rng, order_rng=order_rng, rank=rank, world_size=world_size)
@@ -86,13 +95,25 @@ def full_softmax(model, batch: PairBatch, cfg: TrainConfig, rows) -> torch.Tenso
     user = _user_vectors(model, batch, rows)
     core = _core(model)
     items = rows(core.item_embedding, torch.arange(core.num_items, device=user.device))
-    return _per_member(model, full_softmax_loss, user, items, batch.targets, cfg.score_scale)
+    return _per_member(model, lambda u, i: full_softmax_loss(u, i, batch.targets, cfg.score_scale), user, items)
+
+
+def sampled_softmax(model, batch: SampledBatch, cfg: TrainConfig, rows) -> torch.Tensor:
+    user = _user_vectors(model, batch, rows)
+    core = _core(model)
+    targets = rows(core.item_embedding, batch.targets)
+    negatives = rows(core.item_embedding, batch.negatives)
+    correct = cfg.logq_correction
+    return _per_member(model, lambda u, t, n: sampled_softmax_loss(
+        u, t, batch.targets, n, batch.negatives, cfg.score_scale, batch.rows,
+        batch.target_log_q if correct else None, batch.neg_log_q if correct else None), user, targets, negatives)
 
 
 def in_batch(model, batch: PairBatch, cfg: TrainConfig, rows) -> torch.Tensor:
     user = _user_vectors(model, batch, rows)
     targets = rows(_core(model).item_embedding, batch.targets)
-    return _per_member(model, in_batch_softmax_loss, user, targets, batch.targets, cfg.score_scale, batch.rows)
+    return _per_member(model, lambda u, t: in_batch_softmax_loss(u, t, batch.targets, cfg.score_scale, batch.rows),
+                       user, targets)
 
 
 def dense_all_action(model, batch: DenseBatch, cfg: TrainConfig, rows) -> torch.Tensor:
@@ -109,6 +130,7 @@ def dense_all_action(model, batch: DenseBatch, cfg: TrainConfig, rows) -> torch.
 
 RECIPES: dict[str, Recipe] = {
     "full_softmax": Recipe(_pair_batches(lambda length: 1), full_softmax),
+    "sampled_softmax": Recipe(_sampled_batches, sampled_softmax),
     "in_batch": Recipe(_pair_batches(lambda length: max(1, length // 2)), in_batch),
     "dense_all_action": Recipe(_dense_batches, dense_all_action),
 }
@@ -122,12 +144,14 @@ def recipe(name: str) -> Recipe:
 
 
 def epoch_batches(train: list[np.ndarray], cfg: TrainConfig, max_history: int, seed: int, epoch: int,
-                  rank: int = 0, world_size: int = 1):
+                  rank: int = 0, world_size: int = 1, num_items: int | None = None):
     """The epoch's batches for this worker: the user order depends on (seed, epoch) only, so every
     DDP worker shuffles alike and the shards stay disjoint; sampling within a shard is per worker."""
     order_rng = np.random.default_rng([seed, epoch])
     rng = np.random.default_rng([seed, epoch, rank, 1])
-    return recipe(cfg.recipe).batches(train, cfg, max_history, rng, order_rng, rank, world_size)
+    if num_items is None:
+        num_items = 1 + max((int(s.max()) for s in train if len(s)), default=0)
+    return recipe(cfg.recipe).batches(train, cfg, max_history, rng, order_rng, rank, world_size, num_items)
 
 
 def compute_loss(model, batch, cfg: TrainConfig, rows: RowMap = whole_rows) -> torch.Tensor:
