@@ -23,6 +23,8 @@ CASES = {
     "full_softmax": TrainConfig(recipe="full_softmax", batch_size=17, lr=3e-3),
     "all_positions": TrainConfig(recipe="full_softmax", batch_size=17, lr=3e-3, all_positions=True),
     "in_batch": TrainConfig(recipe="in_batch", batch_size=17, lr=3e-3),
+    "sampled_softmax": TrainConfig(recipe="sampled_softmax", batch_size=17, lr=3e-3, all_positions=True,
+                                   num_negatives=24),
     "dense": TrainConfig(recipe="dense_all_action", batch_size=17, lr=3e-3, n_history=3, n_targets=3,
                          target_len=5),
 }
