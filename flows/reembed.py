@@ -47,8 +47,7 @@ from learn import registry  # noqa: E402
 from learn.cli import run_flow  # noqa: E402
 from learn.config import Config, flatten  # noqa: E402
 from learn.data.load import load_sequences  # noqa: E402
-from learn.embed.catalog import embed_items  # noqa: E402
-from learn.embed.models import configured_encoder  # noqa: E402
+from learn.embed.catalog import check_before_run, embed_items  # noqa: E402
 from learn.export.bundle import load_bundle, rebuild_bundle  # noqa: E402
 from learn.export.reembed import (FINGERPRINT_TAG, SOURCE_TAG, ReembedError, ReembedResult,  # noqa: E402
                                   catalog_fingerprint, finished_bundle, item_vectors, new_item_recall,
@@ -69,10 +68,11 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
     out_root = Path(cfg.output_dir) / "reembed"
     start = time.perf_counter()
 
-    # 1-2. the served retriever, and an encoder that makes comparable vectors
+    # 1-2. the served retriever, and an encoder that makes comparable vectors (and a readable store)
     source_version, source = served_bundle(client, name, cfg.reembed.alias, cfg.reembed.model_version,
                                            out_root / "served", progress)
-    _, eid = configured_encoder(cfg.embed)
+    _, data = load_sequences(cfg.data)
+    eid = check_before_run(cfg.embed, data.name)
     if source.info.encoder_id != eid:
         raise ReembedError(
             f"encoder mismatch: {name} version {source_version} was trained on vectors of '{source.info.encoder_id}', "
@@ -82,7 +82,6 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
     max_history = source.info.max_history or cfg.data.max_history
 
     # 3. the current catalog against the served one
-    _, data = load_sequences(cfg.data)
     ids = [str(i) for i in data.item_ids]
     fingerprint = catalog_fingerprint(ids, [text_hash(t) for t in data.texts], eid, source.tower_id)
     new_ids = [i for i in ids if i not in source.id_to_row]

@@ -40,7 +40,8 @@ def run_flow(argv: list[str] | None, prog: str, doc: str, run: Callable[[Config,
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    handled = {DataError: ("data error", 3), **(errors or {})}
+    # a ConfigError found while running (e.g. embed.model resolves to nothing) is still a bad config
+    handled = {ConfigError: ("config error", 2), DataError: ("data error", 3), **(errors or {})}
     try:
         print(run(cfg, not args.no_progress), flush=True)
     except tuple(handled) as exc:
@@ -95,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         return download_main(argv[2:])
     if argv[:2] == ["data", "demo-snapshot"]:
         return demo_snapshot_main(argv[2:])
-    if argv[:1] in (["-h"], ["--help"], ["help"], ["data"]) and argv[1:] in ([], ["-h"], ["--help"]):
+    if argv in (["-h"], ["--help"], ["help"], ["data", "-h"], ["data", "--help"]):
         print(__doc__.strip())
         return 0
+    # no command, an unknown one, or `learn data` without its subcommand
+    if argv:
+        print(f"learn: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
     print(__doc__.strip(), file=sys.stderr)
     return 2
 

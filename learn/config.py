@@ -9,6 +9,7 @@ anything else is a ``ConfigError`` naming the key (and the file it came from).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -248,14 +249,19 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: key '{key}' expects an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: key '{key}' expects a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: key '{key}' expects a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: key '{key}' expects a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -390,6 +396,9 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
         raise ConfigError(
             f"key 'model.d_model' ({cfg.model.d_model}) must be divisible by 'model.n_heads' ({cfg.model.n_heads})"
         )
+    for key in ("seed", "data.demo.seed"):
+        if flat[key] < 0:
+            raise ConfigError(f"key '{key}' must be >= 0 (a random seed), got {flat[key]}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"key 'train.lr' must be > 0, got {cfg.train.lr}")
     if not cfg.eval.ks or any(k <= 0 for k in cfg.eval.ks):

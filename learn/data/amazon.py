@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from learn.data.files import PAPER_TEMPLATE
-from learn.data.schema import DataError, DropReport, RawDataset
+from learn.data.schema import DataError, DropReport, RawDataset, is_missing_text
 
 
 def meta_path(directory: str | Path, category: str) -> Path:
@@ -68,12 +68,14 @@ def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def clean(value: Any) -> str:
-    """HTML entities unescaped, whitespace collapsed; lists joined with ', '; None -> ''."""
+    """HTML entities unescaped, whitespace collapsed; lists joined with ', '; None and the
+    missing-text literals ("NaN", "None", "null": ``is_missing_text``) -> ''."""
     if value is None:
         return ""
     if isinstance(value, (list, tuple)):
         return ", ".join(t for t in (clean(v) for v in value) if t)
-    return " ".join(html.unescape(str(value)).split())
+    text = " ".join(html.unescape(str(value)).split())
+    return "" if is_missing_text(text) else text
 
 
 def _read_meta(path: Path, drops: DropReport) -> dict[str, tuple[Any, Any, Any]]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from learn.data.schema import DataError, DropReport, RawDataset
+from learn.data.schema import DataError, DropReport, RawDataset, is_missing_text
 
 log = logging.getLogger(__name__)
 
@@ -197,33 +197,36 @@ def id_values(table: Table, col: str, role: str) -> list[str]:
 
 
 def text_value(v: Any) -> str:
-    """A text field as a stripped string; nulls are empty, lists are joined with ', '."""
+    """A text field as a stripped string; nulls and missing-text literals ("NaN", "None", "null":
+    ``is_missing_text``) are empty, lists are joined with ', '."""
     if _is_null(v):
         return ""
-    if isinstance(v, str):
-        return v.strip()
     if isinstance(v, (list, tuple)):
         return ", ".join(t for t in (text_value(x) for x in v) if t)
-    return str(v).strip()
+    s = (v if isinstance(v, str) else str(v)).strip()
+    return "" if is_missing_text(s) else s
 
 
-def to_epoch_seconds(v: Any) -> int | None:
-    """int / float / ISO-8601 string / datetime -> int epoch seconds; None if null; ValueError if bad."""
+def to_epoch_seconds(v: Any) -> int | float | None:
+    """int / float / ISO-8601 string / datetime -> epoch seconds: an int when whole, else a float
+    (sub-second order is kept); None if null; ValueError if bad."""
     if _is_null(v):
         return None
     if isinstance(v, bool):
         raise ValueError("a boolean is not a timestamp")
     if isinstance(v, numbers.Integral):
+        if not -(2**63) <= int(v) < 2**63:
+            raise ValueError("out of the int64 range")
         return int(v)
     if isinstance(v, numbers.Real):
         f = float(v)
         if not math.isfinite(f):
             raise ValueError("not a finite number")
-        return math.floor(f)
+        return int(f) if f.is_integer() else f
     if isinstance(v, dt.datetime):
         if v.tzinfo is None:  # naive datetimes are read as UTC
             v = v.replace(tzinfo=dt.timezone.utc)
-        return math.floor(v.timestamp())
+        return to_epoch_seconds(v.timestamp())
     if isinstance(v, dt.date):
         return to_epoch_seconds(dt.datetime(v.year, v.month, v.day))
     if isinstance(v, str):
@@ -340,7 +343,7 @@ def read_files(
     source = f"{items_path} + {interactions_path}"
     has_clock = True
     if timestamp_col is not None and timestamp_col in tb.columns:
-        stamps = np.empty(len(tb), dtype=np.int64)
+        stamps = []
         for i, v in enumerate(tb.columns[timestamp_col]):
             try:
                 t = to_epoch_seconds(v)
@@ -354,7 +357,10 @@ def read_files(
                     f"{tb.at(i)}: timestamp column '{timestamp_col}' is empty; every row needs a timestamp "
                     f"(or leave the column out entirely to use the row order)"
                 )
-            stamps[i] = t
+            stamps.append(t)
+        # whole seconds stay int64; any fraction makes the column float64 seconds (order kept)
+        whole = all(isinstance(t, int) for t in stamps)
+        stamps = np.asarray(stamps, dtype=np.int64 if whole else np.float64)
     else:
         # no clock in the file: the row order is the time order
         has_clock = False
@@ -381,7 +387,6 @@ def read_files(
             "timestamp": stamps[has_item],
         }
     ).reset_index(drop=True)
-    interactions["timestamp"] = interactions["timestamp"].astype(np.int64)
 
     if name is None:
         parent = items_path.resolve().parent.name

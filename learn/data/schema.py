@@ -3,9 +3,13 @@
 A ``RawDataset`` is two tables:
   items         item_id (str, unique, non-empty) + text fields (str); ``text`` is the rendered
                 text the encoder reads (see ``render_texts``)
-  interactions  user_id (str), item_id (str), timestamp (int64; an ordinal where the source has
-                no clock, e.g. UniSRec files)
-plus a ``DropReport`` that counts every row a reader removed, by reason.
+  interactions  user_id (str), item_id (str), timestamp (int64 seconds, or float64 where the source
+                has sub-second times; an ordinal where the source has no clock, e.g. UniSRec files)
+plus a ``DropReport`` that counts every row a reader removed, by reason, and every row kept but
+changed (e.g. put back into time order).
+
+A text value that is empty, whitespace or one of the literals in ``MISSING_TEXT`` ("NaN", "None",
+"null", any case; what a dataframe export writes for a missing value) is missing text, never text.
 """
 
 from __future__ import annotations
@@ -21,12 +25,25 @@ class DataError(ValueError):
     """Bad input. The message names the file, the line/row or key, and what was expected."""
 
 
+MISSING_TEXT = frozenset({"nan", "none", "null"})
+
+
+def is_missing_text(text: str) -> bool:
+    """True for an empty or whitespace text and for the literals of ``MISSING_TEXT`` (any case)."""
+    return text.strip().lower() in MISSING_TEXT or not text.strip()
+
+
 @dataclass
 class DropReport:
-    """Rows removed while reading, by reason. Nothing is removed without a count here."""
+    """Rows removed while reading, by reason. Nothing is removed without a count here.
+
+    ``changed``: rows kept but altered, by kind (e.g. ``reordered_timestamps``: rows whose timestamp
+    goes back in time against their user's previous row in file order, put into time order); they
+    are reported and logged as metrics under their own names, and not part of ``total``."""
 
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    changed: dict[str, int] = field(default_factory=dict)
 
     def add(self, reason: str, n: int, examples: list[str] | None = None) -> None:
         if n <= 0:
@@ -36,21 +53,27 @@ class DropReport:
             kept = self.examples.setdefault(reason, [])
             kept.extend(str(e) for e in examples[: max(0, 5 - len(kept))])
 
+    def set_changed(self, kind: str, n: int) -> None:
+        """Record that ``n`` rows were kept but altered (set, not added: rebuilding counts once)."""
+        if n > 0:
+            self.changed[kind] = int(n)
+        else:
+            self.changed.pop(kind, None)
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
     def metrics(self) -> dict[str, int]:
-        return {f"dropped_{k}": v for k, v in sorted(self.counts.items())}
+        return {**{f"dropped_{k}": v for k, v in sorted(self.counts.items())}, **dict(sorted(self.changed.items()))}
 
     def summary(self) -> str:
-        if not self.counts:
-            return "no rows dropped"
         parts = []
         for reason, n in sorted(self.counts.items()):
             ex = self.examples.get(reason)
             parts.append(f"{reason}: {n}" + (f" (e.g. {', '.join(ex)})" if ex else ""))
-        return "dropped " + "; ".join(parts)
+        text = "dropped " + "; ".join(parts) if parts else "no rows dropped"
+        return "; ".join([text, *(f"{kind}: {n}" for kind, n in sorted(self.changed.items()))])
 
 
 @dataclass

@@ -53,7 +53,7 @@ class SequenceData:
     texts: list[str]  # catalog index -> text the encoder reads
     user_ids: np.ndarray  # user index -> user id
     seqs: list[np.ndarray]  # user index -> catalog indices, chronological
-    times: list[np.ndarray]  # user index -> timestamps (int64), same order
+    times: list[np.ndarray]  # user index -> timestamps (int64, or float64 sub-second seconds), same order
     drops: DropReport
 
     @property
@@ -95,7 +95,8 @@ def build_sequences(ds: RawDataset, texts: pd.Series, unsorted: str = "sort") ->
     """Group interactions by user in time order (stable: ties keep file order).
 
     ``unsorted="fail"``: a user whose timestamps go backwards in file order is an error naming the
-    row (for logs that must be append-only); ``"sort"`` orders them by time.
+    row (for logs that must be append-only); ``"sort"`` orders them by time and counts those rows
+    as ``reordered_timestamps`` in ``ds.drops`` (reported and logged, nothing is dropped).
     """
     items = ds.items
     if len(items) == 0:
@@ -119,25 +120,24 @@ def build_sequences(ds: RawDataset, texts: pd.Series, unsorted: str = "sort") ->
     if ts.isna().any():
         row = int(np.flatnonzero(ts.isna().to_numpy())[0])
         raise DataError(f"{ds.source or ds.name}: interaction row {row} has no timestamp")
-    frame = pd.DataFrame(
-        {"user": inter["user_id"].astype(str), "item": codes, "ts": ts.astype(np.int64), "row": np.arange(len(inter))}
-    )
-    if unsorted == "fail":
-        by_user = frame.sort_values(["user", "row"], kind="stable")
-        back = (by_user["user"].to_numpy()[1:] == by_user["user"].to_numpy()[:-1]) & (
-            np.diff(by_user["ts"].to_numpy()) < 0)
-        if back.any():
-            r = by_user.iloc[int(np.flatnonzero(back)[0]) + 1]
-            raise DataError(
-                f"{ds.source or ds.name}: interaction row {int(r['row'])} (user {r['user']!r}) has timestamp "
-                f"{int(r['ts'])}, earlier than that user's previous row; the log must be in time order "
-                f"(or set data.unsorted_timestamps=sort)"
-            )
+    ts = ts.astype(np.float64 if pd.api.types.is_float_dtype(ts) else np.int64)  # floats keep sub-second order
+    frame = pd.DataFrame({"user": inter["user_id"].astype(str), "item": codes, "ts": ts, "row": np.arange(len(inter))})
+    by_user = frame.sort_values(["user", "row"], kind="stable")
+    back = (by_user["user"].to_numpy()[1:] == by_user["user"].to_numpy()[:-1]) & (
+        np.diff(by_user["ts"].to_numpy()) < 0)
+    if unsorted == "fail" and back.any():
+        r = by_user.iloc[int(np.flatnonzero(back)[0]) + 1]
+        raise DataError(
+            f"{ds.source or ds.name}: interaction row {int(r['row'])} (user {r['user']!r}) has timestamp "
+            f"{r['ts']}, earlier than that user's previous row; the log must be in time order "
+            f"(or set data.unsorted_timestamps=sort)"
+        )
+    ds.drops.set_changed("reordered_timestamps", int(back.sum()))
     frame = frame.sort_values(["user", "ts", "row"], kind="stable")
     user_ids, starts = np.unique(frame["user"].to_numpy(dtype=object), return_index=True)
     bounds = list(starts) + [len(frame)]
     item_col = frame["item"].to_numpy(np.int64)
-    ts_col = frame["ts"].to_numpy(np.int64)
+    ts_col = frame["ts"].to_numpy()
     seqs = [item_col[bounds[i] : bounds[i + 1]] for i in range(len(user_ids))]
     times = [ts_col[bounds[i] : bounds[i + 1]] for i in range(len(user_ids))]
     return SequenceData(

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from learn.data.files import decode_utf8
-from learn.data.schema import DataError, DropReport, RawDataset
+from learn.data.schema import DataError, DropReport, RawDataset, is_missing_text
 
 INTER_COLUMNS = ("user_id:token", "item_id_list:token_seq", "item_id:token")
 TEXT_COLUMNS = ("item_id:token", "text:token_seq")
@@ -119,6 +119,7 @@ def read_text(path: Path) -> tuple[dict[str, str], dict[str, int]]:
                 f"{path}: line {lineno}: expected 2 tab-separated columns (item_id, text), found {len(cols)}"
             )
         asin, text = cols[0].strip(), " ".join(cols[1].split())
+        text = "" if is_missing_text(text) else text  # "NaN", "None", "null": no text
         if not asin:
             raise DataError(f"{path}: line {lineno}: empty item id")
         if asin in texts and texts[asin] != text:
@@ -264,12 +265,13 @@ def read_unisrec(path: str | Path) -> RawDataset:
     drops = DropReport()
 
     mapping = read_item2index(directory / f"{name}.item2index")
-    texts, _ = read_text(directory / f"{name}.text")
+    texts, where = read_text(directory / f"{name}.text")
     missing = [a for a in mapping["item_id"] if not texts.get(a)]
     if missing:
+        line = f"line {where[missing[0]]}: " if missing[0] in where else ""
         raise DataError(
-            f"{directory / (name + '.text')}: {len(missing)} catalog item(s) of {name}.item2index have no text "
-            f"(e.g. '{missing[0]}'); every catalog item needs a text"
+            f"{directory / (name + '.text')}: {line}{len(missing)} catalog item(s) of {name}.item2index have no "
+            f"text (e.g. '{missing[0]}'); every catalog item needs a text (empty, NaN, None or null is none)"
         )
     catalog = set(mapping["item_id"])
     extra = [a for a in texts if a not in catalog]

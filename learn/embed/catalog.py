@@ -27,6 +27,15 @@ def content_store_path(cfg: EmbedConfig, dataset_name: str) -> Path:
     return Path(cfg.cache_dir) / "content" / f"{dataset_name}-{slug}.parquet"
 
 
+def check_before_run(cfg: EmbedConfig, dataset_name: str) -> str:
+    """What can fail before any embedding, checked before a flow opens its run: the encoder resolves
+    (``ConfigError`` naming ``embed.model`` otherwise) and the content store reads
+    (``ContentStoreError``). Returns the encoder id."""
+    encoder_id = configured_encoder(cfg)[1]
+    ContentStore(content_store_path(cfg, dataset_name)).verify()
+    return encoder_id
+
+
 def embed_items(cfg: EmbedConfig, dataset_name: str, item_ids, texts: list[str],
                 progress: bool = True) -> tuple[np.ndarray, dict, str]:
     """(content vectors [N, d] in catalog order, embedding counts, encoder id)."""

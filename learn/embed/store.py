@@ -39,6 +39,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from learn.data.schema import DataError
 from learn.utils import atomic_path, atomic_write_text, text_hash
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,9 @@ MIN_CHUNK = 64  # embed_catalog: smallest number of texts per encoder call when 
 T = TypeVar("T")
 
 
-class ContentStoreError(ValueError):
-    """The store is unreadable, has the wrong schema, or cannot hold the given vectors."""
+class ContentStoreError(DataError):
+    """The store is unreadable, has the wrong schema, or cannot hold the given vectors (bad data on
+    disk: the CLI exits 3 with the message, as for any DataError)."""
 
 
 class Encoder(Protocol):
@@ -238,6 +240,16 @@ class ContentStore:
     def parts(self) -> list[Path]:
         """The committed part files, oldest first."""
         return [self.root / name for name in self._manifest()["parts"]]
+
+    def verify(self) -> None:
+        """Cheap check that the store is readable (its manifest, and every part's Parquet footer),
+        so a flow refuses a corrupt store before it starts a run; ``ContentStoreError`` names the file."""
+        for part in self.parts():
+            try:
+                pq.read_metadata(part)
+            except (OSError, pa.ArrowException) as exc:
+                raise ContentStoreError(f"content store {self.path}: part {part} is unreadable ({exc}); delete "
+                                        f"{self.root} to rebuild it (items get re-embedded)") from None
 
     def load(self) -> pd.DataFrame | None:
         """All live rows as a DataFrame (embedding: one float32 array per row); None if nothing stored."""

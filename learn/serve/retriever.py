@@ -6,7 +6,8 @@
     model.predict(pd.DataFrame({"history": [["i1", "i7"], ["i3"]]}), params={"k": 20})
 
 Input column ``history``: catalog item ids, oldest first. Params ``k`` (default 10) and
-``exclude_history`` (default False). Output columns ``item_ids`` and ``scores`` (best first) and
+``exclude_history`` (default False); any other param is an error (also through
+``mlflow.pyfunc.load_model``, which on its own would drop it with a warning: see ``_refuse_dropped_params``). Output columns ``item_ids`` and ``scores`` (best first) and
 ``unknown_item_ids`` (history ids not in the catalog: skipped and reported, never an error; a
 history with no known item gets empty results).
 
@@ -19,8 +20,10 @@ the model's pip requirements).
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,6 +51,12 @@ OUTPUT_COLUMNS = ("item_ids", "scores", "unknown_item_ids")
 REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "faiss-cpu")
 MODEL_CODE = Path(__file__).with_name("retriever_model.py")  # what MLflow runs to build the model
 CODE_SHA256 = "model_code_sha256"  # model metadata key: the sha256 of MODEL_CODE as logged
+PARAMS = ("k", "exclude_history")
+# MLflow's pyfunc (3.17) removes params missing from the signature's ParamSchema before ``predict``,
+# logging only this warning (mlflow.models.utils._enforce_params_schema); there is no strict mode
+_MLFLOW_PARAMS_LOGGER = "mlflow.models.utils"
+_DROPPED_PARAMS = re.compile(r"Unrecognized params (\[.*?\]) are ignored for inference\. "
+                             r"Supported params are: (\{.*?\})\.", re.DOTALL)
 
 
 def retriever_signature() -> ModelSignature:
@@ -67,11 +76,31 @@ def retriever_signature() -> ModelSignature:
     )
 
 
+def _unknown_params(names) -> ValueError:
+    return ValueError(f"unknown params {sorted(map(str, names))}; the retriever takes 'k' and 'exclude_history'")
+
+
+def _refuse_dropped_params(record: logging.LogRecord) -> bool:
+    """A logging filter on MLflow's params warning: when the params MLflow is about to drop belong
+    to a model whose params are the retriever's, raise instead, so ``predict(df, params={"kk": 5})``
+    fails naming ``kk`` rather than running with the defaults. Every other record passes. (It acts
+    while that logger emits warnings, MLflow's default.)"""
+    match = _DROPPED_PARAMS.match(record.getMessage())
+    if match:
+        try:
+            dropped, supported = ast.literal_eval(match[1]), ast.literal_eval(match[2])
+        except (ValueError, SyntaxError):
+            return True
+        if supported == set(PARAMS):
+            raise _unknown_params(dropped)
+    return True
+
+
 def _check_params(params: dict[str, Any] | None) -> tuple[int, bool]:
     params = dict(params or {})
-    unknown = sorted(set(params) - {"k", "exclude_history"})
+    unknown = set(params) - set(PARAMS)
     if unknown:
-        raise ValueError(f"unknown params {unknown}; the retriever takes 'k' and 'exclude_history'")
+        raise _unknown_params(unknown)
     k = params.get("k", DEFAULT_K)
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"param 'k' must be an int >= 1, got {k!r}")
@@ -119,6 +148,7 @@ class Retriever(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         """Verify the model's code file, load (and verify) the bundle artifact;
         ``model_config['max_history']`` overrides the default."""
+        logging.getLogger(_MLFLOW_PARAMS_LOGGER).addFilter(_refuse_dropped_params)  # once: addFilter dedups
         config = context.model_config or {}
         self.max_history = config.get("max_history", self.max_history)
         bundle_dir = Path(context.artifacts[BUNDLE_ARTIFACT])

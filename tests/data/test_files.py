@@ -82,7 +82,9 @@ def test_timestamps_ints_floats_iso_and_datetimes(tmp_path):
     ]
     items = write(tmp_path / "items.csv", ITEMS)
     ds = read_files(items, write(tmp_path / "interactions.csv", rows))
-    assert ds.interactions["timestamp"].tolist() == [1577836800, 1577836800, 1577840400, 1577836800, 17]
+    # a fraction is kept (float64 seconds), not floored
+    assert ds.interactions["timestamp"].tolist() == [1577836800, 1577836800, 1577840400, 1577836800.9, 17]
+    assert str(ds.interactions["timestamp"].dtype) == "float64"
     # native Parquet timestamps and JSON floats
     table = pa.table({"user_id": ["u", "u"], "item_id": ["i2", "i3"],
                       "timestamp": pa.array([pd.Timestamp("2021-06-01 12:00"), pd.Timestamp("2021-06-02")],
@@ -91,7 +93,7 @@ def test_timestamps_ints_floats_iso_and_datetimes(tmp_path):
     ds = read_files(items, tmp_path / "inter.parquet")
     assert ds.interactions["timestamp"].tolist() == [1622548800, 1622592000]
     ds = read_files(items, write(tmp_path / "f.jsonl", [{"user_id": "u", "item_id": "i2", "timestamp": 12.7}]))
-    assert ds.interactions["timestamp"].tolist() == [12]
+    assert ds.interactions["timestamp"].tolist() == [12.7]
 
 
 def test_missing_timestamp_column_uses_row_order(tmp_path):

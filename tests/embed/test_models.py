@@ -63,8 +63,13 @@ def test_local_dir_without_model_is_an_error(tmp_path):
         resolve_model("")
 
 
-def test_hub_id_passes_through():
+def test_hub_id_passes_through(monkeypatch):
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda spec, **kw: asked.append((spec, kw["revision"])))
     r = resolve_model("Qwen/Qwen3-Embedding-0.6B", revision="abc123")
+    assert asked[0] == ("Qwen/Qwen3-Embedding-0.6B", "abc123")  # resolved on the (stand-in) hub first
     assert r == ResolvedModel("Qwen/Qwen3-Embedding-0.6B", "Qwen/Qwen3-Embedding-0.6B", "abc123", "hub",
                               "hf:Qwen/Qwen3-Embedding-0.6B@abc123")
     assert not r.is_local
