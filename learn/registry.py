@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from learn.export.bundle import Bundle, load_bundle
 from learn.serve.retriever import BUNDLE_ARTIFACT, log_retriever
-from learn.tracking.mlflow_run import resolve_uri
+from learn.tracking.mlflow_run import prepare_store, resolve_uri
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -38,7 +38,9 @@ class Reference:
 
 def client(tracking_uri: str | None = None) -> mlflow.MlflowClient:
     """A client on the configured store (``tracking_uri``, else $MLFLOW_TRACKING_URI, else sqlite)."""
-    return mlflow.MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+    uri = resolve_uri(tracking_uri)
+    prepare_store(uri)
+    return mlflow.MlflowClient(tracking_uri=uri)
 
 
 def resolve(client: mlflow.MlflowClient, ref: str) -> Reference:
@@ -58,12 +60,17 @@ def resolve(client: mlflow.MlflowClient, ref: str) -> Reference:
                                 f"{message}") from None
         return Reference(ref, f"models:/{mv.name}/{mv.version}", mv.run_id, (mv.name, str(mv.version)))
     try:
-        client.get_run(ref)
+        run = client.get_run(ref)
     except MlflowException:
         raise RegistryError(f"run {ref!r} does not exist in the tracking store {client.tracking_uri}") from None
     versions = client.search_model_versions(f"run_id='{ref}'")
     registered = (versions[0].name, str(versions[0].version)) if versions else None
-    return Reference(ref, f"runs:/{ref}/retriever", ref, registered)
+    # MLflow 3 keeps a run's logged model apart from the run's artifacts: address it by its model id
+    logged = [m for m in client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id='{ref}'")
+              if m.name == "retriever"]
+    if not logged:
+        raise RegistryError(f"run {ref!r} logged no retriever (a baseline run, or export.enabled=false)")
+    return Reference(ref, f"models:/{logged[0].model_id}", ref, registered)
 
 
 def fetch_bundle(reference: Reference, dest: Path, progress: bool = True) -> Bundle:
