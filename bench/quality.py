@@ -5,7 +5,7 @@ metrics as JSON plus a Markdown table.
     python bench/quality.py --data <dir> --only floor_mean_minilm,learn_fs_minilm   # some rows
     python bench/quality.py --data <dir> --parallel 2     # two rows at a time, one torch thread each
 
-Each row is `python flows/full_pipeline.py --config conf/scientific.yaml data.path=<dir> <overrides>`
+Each row is `python flows/full_pipeline.py --config <the row's freeze> data.path=<dir> <overrides>`
 run as its own process (the command printed in the table is exactly what ran, including
 `train.num_threads=1` when rows share the machine). Wall time is the whole command, embedding
 included unless the content store already held the vectors.
@@ -30,72 +30,67 @@ sys.path.insert(0, str(ROOT))
 from learn.config import load_config, to_dict  # noqa: E402
 from learn.utils import atomic_write_text  # noqa: E402
 
-# conf/scientific.yaml was frozen three times (2026-11-26): one member of two layers (d_out 128), then
-# 2 members of two layers, then 4 members of one layer. Rows that ran against an earlier version carry
-# the overrides that restore it (a row's own settings come after them and win), so every command below
-# reproduces its row with the current file.
-MEMBER_1 = ["model.members=1", "model.n_layers=2"]
-MEMBERS_2 = ["model.members=2", "model.d_out=256", "model.n_layers=2"]
-D_OUT_128 = ["model.d_out=128"]
+# conf/scientific.yaml was frozen three times (2026-11-26), each freeze kept as a dated file: one member
+# of two layers (d_out 128), then 2 members of two layers, then 4 members of one layer. Every row names
+# the freeze it ran against, so its command reproduces it as it is.
+FREEZE_1 = "conf/scientific/2026-11-26-1-one-member.yaml"
+FREEZE_2 = "conf/scientific/2026-11-26-2-two-members.yaml"
+FREEZE_3 = "conf/scientific/2026-11-26-3-four-one-layer-members.yaml"
+LATEST = "conf/scientific.yaml"  # the floors: a baseline ignores the towers' settings
 TPL_PRODUCT = ['data.text_template="Product: {text}"', "embed.store=.cache/learn/content/Scientific-minilm-tpl-product.parquet"]
+SAMPLED = ["train.recipe=sampled_softmax", "train.num_negatives=1024"]
 
-ROWS: list[tuple[str, str, list[str]]] = [
-    ("floor_last_minilm", "no training: user = last item, MiniLM", ["train.recipe=content_last"]),
-    ("floor_mean_minilm", "no training: history mean vs raw content, MiniLM", ["train.recipe=content_mean"]),
-    ("learn_fs_minilm", "LEARN full softmax, MiniLM", [*MEMBER_1, *D_OUT_128]),
-    ("learn_ib_minilm", "LEARN in-batch, MiniLM", [*MEMBER_1, *D_OUT_128, "train.recipe=in_batch", "train.batch_size=256"]),
-    ("floor_last_smollm2", "no training: user = last item, SmolLM2", ["embed.model=smollm2", "train.recipe=content_last"]),
-    ("floor_mean_smollm2", "no training: history mean vs raw content, SmolLM2",
-     ["embed.model=smollm2", "train.recipe=content_mean"]),
-    ("learn_fs_smollm2", "LEARN full softmax, SmolLM2", [*MEMBER_1, *D_OUT_128, "embed.model=smollm2"]),
-    ("learn_ib_smollm2", "LEARN in-batch, SmolLM2", [*MEMBER_1, *D_OUT_128, "embed.model=smollm2", "train.recipe=in_batch",
+ROWS: list[tuple[str, str, str, list[str]]] = [
+    ("floor_last_minilm", "no training: user = last item, MiniLM", LATEST, ["train.recipe=content_last"]),
+    ("floor_mean_minilm", "no training: history mean vs raw content, MiniLM", LATEST, ["train.recipe=content_mean"]),
+    ("learn_fs_minilm", "LEARN full softmax, MiniLM", FREEZE_1, []),
+    ("learn_ib_minilm", "LEARN in-batch, MiniLM", FREEZE_1, ["train.recipe=in_batch", "train.batch_size=256"]),
+    ("floor_last_smollm2", "no training: user = last item, SmolLM2", LATEST, ["embed.model=smollm2", "train.recipe=content_last"]),
+    ("floor_mean_smollm2", "no training: history mean vs raw content, SmolLM2", LATEST, ["embed.model=smollm2", "train.recipe=content_mean"]),
+    ("learn_fs_smollm2", "LEARN full softmax, SmolLM2", FREEZE_1, ["embed.model=smollm2"]),
+    ("learn_ib_smollm2", "LEARN in-batch, SmolLM2", FREEZE_1, ["embed.model=smollm2", "train.recipe=in_batch",
                                                     "train.batch_size=256"]),
-    ("learn_fs_minilm_seed1", "LEARN full softmax, MiniLM, seed 1", [*MEMBER_1, *D_OUT_128, "seed=1"]),
+    ("learn_fs_minilm_seed1", "LEARN full softmax, MiniLM, seed 1", FREEZE_1, ["seed=1"]),
     # levers, each against learn_fs_minilm (the frozen config), read on valid NDCG@10
-    ("lever_shared_head", "lever: shared output head (as in the paper)", [*MEMBER_1, *D_OUT_128, "model.user_head=shared"]),
-    ("lever_ib_shared_head", "lever: in-batch with the shared head",
-     [*MEMBER_1, *D_OUT_128, "train.recipe=in_batch", "train.batch_size=256", "model.user_head=shared"]),
-    ("lever_shared_head_dropout0", "lever: shared head, dropout 0", [*MEMBER_1, *D_OUT_128, "model.user_head=shared", "model.dropout=0.0"]),
+    ("lever_shared_head", "lever: shared output head (as in the paper)", FREEZE_1, ["model.user_head=shared"]),
+    ("lever_ib_shared_head", "lever: in-batch with the shared head", FREEZE_1, ["train.recipe=in_batch", "train.batch_size=256", "model.user_head=shared"]),
+    ("lever_shared_head_dropout0", "lever: shared head, dropout 0", FREEZE_1, ["model.user_head=shared", "model.dropout=0.0"]),
     # LEARN's ablation: item tower (c) = no alignment on the item side (raw centred content vectors)
-    ("ablation_item_tower_c", "ablation: item tower (c), raw content items, MiniLM",
-     [*MEMBER_1, "model.item_tower=c", "model.d_out=384"]),
+    ("ablation_item_tower_c", "ablation: item tower (c), raw content items, MiniLM", FREEZE_1, ["model.item_tower=c", "model.d_out=384"]),
     # more levers against learn_fs_minilm, read on valid NDCG@10 (2026-11-26)
-    ("lever_scale_10", "lever: score scale 10", [*MEMBER_1, *D_OUT_128, "train.score_scale=10"]),
-    ("lever_scale_30", "lever: score scale 30", [*MEMBER_1, *D_OUT_128, "train.score_scale=30"]),
-    ("lever_dropout_03", "lever: dropout 0.3", [*MEMBER_1, *D_OUT_128, "model.dropout=0.3"]),
-    ("lever_dmodel_256", "lever: d_model 256, d_ff 1024, d_out 256",
-     [*MEMBER_1, "model.d_model=256", "model.d_ff=1024", "model.d_out=256"]),
-    ("lever_positions", "lever: learned position embeddings", [*MEMBER_1, *D_OUT_128, "model.positions=learned"]),
-    ("lever_item_tower_b", "lever: item tower (b), targets encoded alone in training too", [*MEMBER_1, *D_OUT_128, "model.item_tower=b"]),
-    ("lever_lr_1e3", "lever: learning rate 1e-3", [*MEMBER_1, *D_OUT_128, "train.lr=0.001"]),
-    ("lever_layers_1", "lever: 1 transformer layer", ["model.members=1", *D_OUT_128, "model.n_layers=1"]),
-    ("lever_dout_64", "lever: output dimension 64", [*MEMBER_1, "model.d_out=64"]),
-    ("lever_dense", "lever: dense all-action recipe", [*MEMBER_1, *D_OUT_128, "train.recipe=dense_all_action"]),
+    ("lever_scale_10", "lever: score scale 10", FREEZE_1, ["train.score_scale=10"]),
+    ("lever_scale_30", "lever: score scale 30", FREEZE_1, ["train.score_scale=30"]),
+    ("lever_dropout_03", "lever: dropout 0.3", FREEZE_1, ["model.dropout=0.3"]),
+    ("lever_dmodel_256", "lever: d_model 256, d_ff 1024, d_out 256", FREEZE_1, ["model.d_model=256", "model.d_ff=1024", "model.d_out=256"]),
+    ("lever_positions", "lever: learned position embeddings", FREEZE_1, ["model.positions=learned"]),
+    ("lever_lr_1e3", "lever: learning rate 1e-3", FREEZE_1, ["train.lr=0.001"]),
+    ("lever_layers_1", "lever: 1 transformer layer", FREEZE_1, ["model.n_layers=1"]),
+    ("lever_dout_64", "lever: output dimension 64", FREEZE_1, ["model.d_out=64"]),
+    ("lever_dense", "lever: dense all-action recipe", FREEZE_1, ["train.recipe=dense_all_action", "train.all_positions=false"]),
     # dense with item tower (b): targets encoded alone in training, as every item is served
-    ("lever_dense_b", "lever: dense all-action recipe, item tower (b)",
-     [*MEMBER_1, *D_OUT_128, "train.recipe=dense_all_action", "model.item_tower=b"]),
-    ("lever_tokens_64", "lever: token budget 64", [*MEMBER_1, *D_OUT_128, "embed.max_tokens=64"]),
-    ("lever_layers_4", "lever: 4 transformer layers", ["model.members=1", *D_OUT_128, "model.n_layers=4"]),
-    ("lever_wd_01", "lever: weight decay 0.1", [*MEMBER_1, *D_OUT_128, "train.weight_decay=0.1"]),
-    ("lever_history_20", "lever: history length 20", [*MEMBER_1, *D_OUT_128, "data.max_history=20"]),
-    ("lever_members_2", "lever: 2-member ensemble (128 dims each), trained and exported as one pair of towers",
-     MEMBERS_2),
-    ("lever_members_2_seed1", "2-member ensemble, seed 1 (the second freeze's seed spread)",
-     [*MEMBERS_2, "seed=1"]),
+    ("lever_dense_b", "lever: dense all-action recipe, item tower (b)", FREEZE_1, ["train.recipe=dense_all_action", "model.item_tower=b",
+                                                                                             "train.all_positions=false"]),
+    ("lever_tokens_64", "lever: token budget 64", FREEZE_1, ["embed.max_tokens=64"]),
+    ("lever_layers_4", "lever: 4 transformer layers", FREEZE_1, ["model.n_layers=4"]),
+    ("lever_wd_01", "lever: weight decay 0.1", FREEZE_1, ["train.weight_decay=0.1"]),
+    ("lever_history_20", "lever: history length 20", FREEZE_1, ["data.max_history=20"]),
+    ("lever_members_2", "lever: 2-member ensemble (128 dims each), trained and exported as one pair of towers", FREEZE_2, []),
+    ("lever_members_2_seed1", "2-member ensemble, seed 1 (the second freeze's seed spread)", FREEZE_2, ["seed=1"]),
     # the text template (UniSRec files have one text field: title, categories, brand): a prefix.
     # Its vectors get their own content store: the store keeps one vector per (item, encoder)
     # and would otherwise re-embed (overwrite) the default template's vectors.
-    ("floor_last_minilm_tpl_product", "no training: user = last item, MiniLM, template 'Product: {text}'",
-     ["train.recipe=content_last", *TPL_PRODUCT]),
-    ("lever_tpl_product", "lever: text template 'Product: {text}'", [*MEMBER_1, *D_OUT_128, *TPL_PRODUCT]),
+    ("floor_last_minilm_tpl_product", "no training: user = last item, MiniLM, template 'Product: {text}'", LATEST, ["train.recipe=content_last", *TPL_PRODUCT]),
+    ("lever_tpl_product", "lever: text template 'Product: {text}'", FREEZE_1, [*TPL_PRODUCT]),
     # 4 members of one layer each (the third freeze): about the training cost of 2 members of two layers
-    ("lever_members_4_layers_1", "lever: 4-member ensemble of 1-layer members (64 dims each)",
-     ["model.members=4", "model.d_out=256", "model.n_layers=1"]),
-    ("lever_members_4_layers_1_seed1", "4-member ensemble of 1-layer members, seed 1 (the frozen config's seed spread)",
-     ["model.members=4", "model.d_out=256", "model.n_layers=1", "seed=1"]),
+    ("lever_members_4_layers_1", "lever: 4-member ensemble of 1-layer members (64 dims each)", FREEZE_3, []),
+    ("lever_members_4_layers_1_seed1", "4-member ensemble of 1-layer members, seed 1 (the frozen config's seed spread)", FREEZE_3, ["seed=1"]),
+    # sampled softmax (batch targets + 1,024 sampled negatives per step, logQ-corrected) on the third freeze
+    ("learn_sampled_mixed", "LEARN sampled softmax, 1,024 mixed negatives (uniform + popularity), logQ", FREEZE_3, SAMPLED),
+    ("learn_sampled_mixed_seed1", "LEARN sampled softmax, mixed negatives, seed 1", FREEZE_3, [*SAMPLED, "seed=1"]),
+    ("learn_sampled_popularity", "LEARN sampled softmax, 1,024 popularity negatives, logQ", FREEZE_3,
+     [*SAMPLED, "train.negative_sampler=popularity"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
-    ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM",
-     [*MEMBER_1, *D_OUT_128, "model.item_id_embedding=true", "export.enabled=false"]),
+    ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM", FREEZE_1, ["model.item_id_embedding=true", "export.enabled=false"]),
 ]
 
 PEER_LABELS = {"peer_sasrec_recbole": "peer: SASRec on item ids, RecBole 1.2.1, run here"}
@@ -105,7 +100,7 @@ KEYS = ["test_ndcg_at_10", "test_recall_at_10", "test_ndcg_at_10_excl_hist", "te
         "best_valid_recall_at_10_excl_hist"]
 
 
-def run_row(name: str, overrides: list[str], data: str, config: str) -> dict:
+def run_row(name: str, config: str, overrides: list[str], data: str) -> dict:
     print(f"== {name}: {' '.join(overrides)}", flush=True)
     out_dir = ROOT / "runs" / "bench-quality" / name
     cmd = [sys.executable, "flows/full_pipeline.py", "--config", config, "--no-progress", f"data.path={data}",
@@ -156,7 +151,7 @@ def config_differences(expected: dict, logged: dict) -> list[str]:
             and norm(k, expected[k]) != norm(k, logged[k])]
 
 
-def run_of_row(name: str, overrides: list[str], data: str, config: str) -> Path | None:
+def run_of_row(name: str, config: str, overrides: list[str], data: str) -> Path | None:
     """The newest metrics.json under runs/bench-quality/<name>/ whose run's config is what the row's
     command sets; None (with the reason printed) when no run there matches."""
     expected = _flat(to_dict(load_config(ROOT / config, [f"data.path={data}", *overrides])))
@@ -172,7 +167,7 @@ def run_of_row(name: str, overrides: list[str], data: str, config: str) -> Path 
     return None
 
 
-def rows_from_runs(previous: Path, data: str, config: str, wanted: set[str]) -> list[dict]:
+def rows_from_runs(previous: Path, data: str, wanted: set[str]) -> list[dict]:
     """Rebuild rows from the run each row's command made (wall times from earlier bench JSONs)."""
     walls = {}  # run id -> measured wall time, from every earlier bench JSON beside this one
     for path in sorted(previous.parent.glob("*.json")):
@@ -180,8 +175,8 @@ def rows_from_runs(previous: Path, data: str, config: str, wanted: set[str]) -> 
         walls.update({r["run_id"]: r["wall_s"] for r in json.loads(path.read_text()).get("rows", [])
                       if isinstance(r, dict) and "run_id" in r and "wall_s" in r})
     rows = []
-    for name, _, overrides in ROWS:
-        found = run_of_row(name, overrides, data, config) if not wanted or name in wanted else None
+    for name, _, config, overrides in ROWS:
+        found = run_of_row(name, config, overrides, data) if not wanted or name in wanted else None
         if found is not None:
             summary = json.loads(found.read_text())
             # no bench JSON for this row: the run's own stage times (data + embed + train + test)
@@ -207,7 +202,6 @@ def markdown(rows: list[dict], labels: dict[str, str]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="UniSRec-format dataset directory")
-    p.add_argument("--config", default="conf/scientific.yaml")
     p.add_argument("--json", default="bench/results/quality.json")
     p.add_argument("--only", default="", help="comma-separated row names")
     p.add_argument("--parallel", type=int, default=1,
@@ -219,18 +213,18 @@ def main() -> int:
                    help="peer results to print under the table (written by bench/sasrec_recbole.py); skipped if absent")
     args = p.parse_args()
     wanted = set(filter(None, args.only.split(",")))
-    labels = {n: label for n, label, _ in ROWS}
-    results = rows_from_runs(Path(args.json), args.data, args.config, wanted) if args.from_runs else []
-    todo = [(n, o + (["train.num_threads=1"] if args.parallel > 1 else []))
-            for n, _, o in ([] if args.from_runs else ROWS) if not wanted or n in wanted]
+    labels = {n: label for n, label, _, _ in ROWS}
+    results = rows_from_runs(Path(args.json), args.data, wanted) if args.from_runs else []
+    todo = [(n, c, o + (["train.num_threads=1"] if args.parallel > 1 else []))
+            for n, _, c, o in ([] if args.from_runs else ROWS) if not wanted or n in wanted]
     # the floors run first, one at a time: they fill each encoder's content store, so rows running
     # side by side afterwards only read it (never embed the same items twice at once)
     floors = [t for t in todo if t[0].startswith("floor_")]
-    results += [run_row(n, o, args.data, args.config) for n, o in floors]
+    results += [run_row(n, c, o, args.data) for n, c, o in floors]
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         rest = [t for t in todo if t not in floors]
-        results += list(pool.map(lambda t: run_row(t[0], t[1], args.data, args.config), rest))
-    order = [n for n, _, _ in ROWS]
+        results += list(pool.map(lambda t: run_row(*t, args.data), rest))
+    order = [n for n, _, _, _ in ROWS]
     results.sort(key=lambda r: order.index(r["name"]))
     peers = json.loads(Path(args.peers).read_text())["rows"] if Path(args.peers).is_file() else []
     labels.update({r["name"]: PEER_LABELS.get(r["name"], r["name"]) for r in peers})
