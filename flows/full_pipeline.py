@@ -33,6 +33,7 @@ from learn.cli import run_flow  # noqa: E402
 from learn.config import Config, flatten, to_dict  # noqa: E402
 from learn.data.load import load_sequences  # noqa: E402
 from learn.data.schema import DataError  # noqa: E402
+from learn.device import resolve_device  # noqa: E402
 from learn.embed.catalog import check_before_run, embed_items  # noqa: E402
 from learn.evaluate.baselines import BASELINES, evaluate_baseline  # noqa: E402
 from learn.evaluate.report import format_summary  # noqa: E402
@@ -71,6 +72,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
         splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
         popularity = splits.train_popularity(data.num_items)
     check_before_run(cfg.embed, data.name)  # an unknown encoder or a corrupt content store: no run either
+    resolve_device(cfg.train.device, "train.device")  # train.device=cuda without a GPU: no run either
     # a distinct, readable run name unless tracking.run_name gives one (uuid4: not the seeded RNGs)
     run_name = cfg.tracking.run_name or f"{data.name}-{cfg.train.recipe}-{uuid.uuid4().hex[:6]}"
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment, run_name,

@@ -76,6 +76,8 @@ class EmbedConfig:
     max_tokens: int = 256
     batch_size: int = 64
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # where the hf encoder runs with executor=local: cpu | cuda | auto (cuda when available)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
     cache_dir: str = ".cache/learn"  # converted models and content stores
     store: str | None = None  # content store path; null = <cache_dir>/content/<dataset>.parquet
     # where the encoder runs: "local" (this process) or "ray_data" (map_batches over an actor pool,
@@ -139,6 +141,10 @@ class TrainConfig:
     all_positions: bool = False
     eval_every: int = 1
     num_threads: int = 0  # torch threads; 0 = leave torch's default
+    # backend=local: where the towers train and evaluate (cpu | cuda | auto: cuda when available), and the
+    # forward/loss precision (fp32, the reference | bf16: autocast). backend=ray uses use_gpu instead
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    precision: Literal["fp32", "bf16"] = "fp32"
     # "local": this process (the reference); "ray": Ray Train TorchTrainer, DDP over num_workers
     backend: Literal["local", "ray"] = "local"
     num_workers: int = 2
@@ -377,6 +383,13 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
                           f"({cfg.model.members}): each member gets d_out / members dimensions")
     if cfg.model.item_tower == "c" and cfg.model.members > 1:
         raise ConfigError("model.members > 1 needs an item-side stack: item tower 'c' has none")
+    if cfg.train.device != "cpu" and cfg.train.backend != "local":
+        raise ConfigError(f"train.device={cfg.train.device} applies to train.backend=local only (here train.backend="
+                          f"{cfg.train.backend}): Ray Train workers take train.use_gpu instead")
+    if cfg.embed.device != "cpu" and (cfg.embed.executor != "local" or cfg.embed.backend != "hf"):
+        raise ConfigError(f"embed.device={cfg.embed.device} applies to embed.executor=local with embed.backend=hf only "
+                          f"(here {cfg.embed.executor}, {cfg.embed.backend}): Ray Data actors take embed.gpus_per_actor "
+                          f"and vLLM the GPUs its process sees")
     if not cfg.reembed.alias.strip():
         raise ConfigError("key 'reembed.alias' must be a non-empty alias name")
     if cfg.eval.valid_max_users is not None and cfg.eval.valid_max_users < 0:

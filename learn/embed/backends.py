@@ -7,8 +7,9 @@ from typing import Any
 BACKENDS = ("hf", "vllm")
 
 
-def build_encoder(embed_cfg: Any, device: str = "cpu") -> Any:
-    """An encoder (``encode``, ``dim``, ``encoder_id``) for an ``EmbedConfig``; call ``close_encoder`` after."""
+def build_encoder(embed_cfg: Any, device: str | None = None) -> Any:
+    """An encoder (``encode``, ``dim``, ``encoder_id``) for an ``EmbedConfig``; call ``close_encoder`` after.
+    ``device``: where an hf encoder runs (None: ``embed.device``; Ray Data actors pass their own)."""
     if embed_cfg.backend == "hf":
         from learn.embed.hf import HFEncoder
 
@@ -16,7 +17,7 @@ def build_encoder(embed_cfg: Any, device: str = "cpu") -> Any:
     if embed_cfg.backend == "vllm":
         from learn.embed.vllm_encoder import VLLMEncoder
 
-        return VLLMEncoder.from_config(embed_cfg, device=device)
+        return VLLMEncoder.from_config(embed_cfg, device=device or "cpu")
     raise ValueError(f"embed.backend must be one of {', '.join(BACKENDS)}, got {embed_cfg.backend!r}")
 
 

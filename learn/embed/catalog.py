@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from learn.config import EmbedConfig
+from learn.device import resolve_device
 from learn.embed.backends import build_encoder, close_encoder
 from learn.embed.models import configured_encoder
 from learn.embed.store import ContentStore, embed_catalog
@@ -29,8 +30,9 @@ def content_store_path(cfg: EmbedConfig, dataset_name: str) -> Path:
 
 def check_before_run(cfg: EmbedConfig, dataset_name: str) -> str:
     """What can fail before any embedding, checked before a flow opens its run: the encoder resolves
-    (``ConfigError`` naming ``embed.model`` otherwise) and the content store reads
-    (``ContentStoreError``). Returns the encoder id."""
+    (``ConfigError`` naming ``embed.model`` otherwise), ``embed.device`` exists here (``ConfigError``) and
+    the content store reads (``ContentStoreError``). Returns the encoder id."""
+    resolve_device(cfg.device, "embed.device")
     encoder_id = configured_encoder(cfg)[1]
     ContentStore(content_store_path(cfg, dataset_name)).verify()
     return encoder_id

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from learn.device import resolve_device
 from learn.embed.models import ModelNotAvailable, ResolvedModel, encoder_id, resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,8 +100,9 @@ class HFEncoder:
         self.encoder_id = encoder_id(self.resolved, self.pooling, max_tokens, dtype)
 
     @classmethod
-    def from_config(cls, cfg: Any, device: str = "cpu") -> "HFEncoder":
-        """Build from an ``EmbedConfig``."""
+    def from_config(cls, cfg: Any, device: str | None = None) -> "HFEncoder":
+        """Build from an ``EmbedConfig``, on ``device`` (None: ``embed.device``)."""
+        device = device or str(resolve_device(cfg.device, "embed.device"))
         return cls(cfg.model, revision=cfg.revision, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
                    dtype=cfg.dtype, cache_dir=cfg.cache_dir, device=device)
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from learn.config import EvalConfig, TrainConfig
 from learn.data.sequences import Splits
+from learn.device import resolve_device
 from learn.evaluate.metrics import sample_users
 from learn.train.loop import evaluate_model, make_optimizer, make_scheduler, run_epoch, steps_per_epoch
 
@@ -106,8 +107,11 @@ class FitState:
 
 def fit(model, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max_history: int, seed: int = 0,
         on_epoch: OnEpoch | None = None, progress: bool = True) -> FitResult:
-    """Train in this process with early stopping on the valid split; the best weights are loaded back."""
+    """Train in this process with early stopping on the valid split; the best weights are loaded back.
+    The model moves to ``train.device`` (and stays there: ``export_towers`` copies it to CPU)."""
     start = time.perf_counter()
+    device = resolve_device(train_cfg.device, "train.device")
+    model.to(device)
     opt = make_optimizer(model, train_cfg)
     sched = make_scheduler(opt, train_cfg, steps_per_epoch(splits.train, train_cfg.batch_size))
     state = FitState.start(train_cfg, eval_cfg)
@@ -115,7 +119,7 @@ def fit(model, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max
     bar = tqdm(range(1, train_cfg.epochs + 1), desc="epochs", disable=not progress)
     for epoch in bar:
         loss = run_epoch(model, splits.train, train_cfg, max_history, opt, sched, seed, epoch, progress=progress,
-                         desc=f"epoch {epoch}")
+                         desc=f"epoch {epoch}", device=device)
         row = {"epoch": epoch, "train_loss": loss, "lr": sched.get_last_lr()[0]}
         valid = (evaluate_model(model, valid_split, eval_cfg, max_history, prefix="valid_")
                  if evaluation_due(epoch, train_cfg) else None)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from learn.config import EvalConfig, TrainConfig
 from learn.data.sequences import EvalSplit
+from learn.device import autocast
 from learn.evaluate.metrics import evaluate_both_modes
 from learn.towers.model import TwinTowers, pad_histories
 from learn.train.recipes import RowMap, compute_loss, epoch_batches, whole_rows
@@ -49,10 +50,12 @@ def steps_per_epoch(train: list[np.ndarray], batch_size: int, world_size: int = 
 
 
 def train_step(model, batch, opt, sched, cfg: TrainConfig, rows: RowMap = whole_rows) -> float:
-    """One optimisation step; returns the loss. Used as is by the Ray Train worker loop."""
+    """One optimisation step; returns the loss. Used as is by the Ray Train worker loop. The forward
+    and loss run under ``train.precision`` (bf16: autocast on the model's device)."""
     model.train()
     opt.zero_grad(set_to_none=True)
-    loss = compute_loss(model, batch, cfg, rows)
+    with autocast(next(model.parameters()).device, cfg.precision):
+        loss = compute_loss(model, batch, cfg, rows)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()}: lower train.lr or check the content vectors")
     loss.backward()

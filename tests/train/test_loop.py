@@ -87,3 +87,56 @@ def test_validation_may_score_a_fixed_user_sample():
     assert [row["valid_users"] for row in result.history] == [25, 25]
     test = evaluate_model(model, splits.test, EvalConfig(ks=[10], valid_max_users=25), 10, prefix="test_")
     assert test["test_users"] == len(splits.test)  # the test split is always scored whole
+
+
+# --- train.device / train.precision ------------------------------------------------------------
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where there is no GPU")
+
+
+def test_resolve_device_choices():
+    from learn.config import ConfigError
+    from learn.device import resolve_device
+
+    assert resolve_device("cpu", "train.device") == torch.device("cpu")
+    assert resolve_device("auto", "train.device").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="'train.device'"):
+        resolve_device("gpu", "train.device")
+
+
+@no_cuda
+def test_fit_on_cuda_without_a_gpu_names_the_key():
+    from learn.config import ConfigError
+
+    splits, content = synthetic()
+    with pytest.raises(ConfigError, match="train.device=cuda"):
+        fit(model_for(content), splits, TrainConfig(device="cuda", epochs=1), EvalConfig(ks=[10]), 10, progress=False)
+
+
+def test_train_device_is_for_the_local_backend_only():
+    from learn.config import ConfigError, load_config
+
+    assert load_config(None, ["train.device=auto", "train.precision=bf16"]).train.device == "auto"
+    with pytest.raises(ConfigError, match="train.device=cuda.*train.backend=ray.*train.use_gpu"):
+        load_config(None, ["train.device=cuda", "train.backend=ray"])
+    with pytest.raises(ConfigError, match="'train.precision' must be one of"):
+        load_config(None, ["train.precision=fp16"])
+
+
+def test_bf16_step_runs_the_towers_in_bfloat16_and_stays_near_fp32():
+    from learn.train.loop import make_optimizer, train_step
+    from learn.train.recipes import epoch_batches
+
+    splits, content = synthetic()
+    tc = TrainConfig(batch_size=32)
+    batch = next(iter(epoch_batches(splits.train, tc, 10, seed=0, epoch=1, num_items=len(content))))
+    losses, dtypes = {}, {}
+    for precision in ("fp32", "bf16"):
+        model = model_for(content)
+        seen = []
+        model.stacks[0].adaptor.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+        cfg = TrainConfig(batch_size=32, precision=precision)
+        losses[precision] = train_step(model, batch, make_optimizer(model, cfg), None, cfg)
+        dtypes[precision] = set(seen)
+    assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
