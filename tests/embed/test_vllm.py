@@ -108,7 +108,11 @@ def test_vllm_worker_without_vllm_fails_with_its_log_quoted(model_cache):
         VLLMEncoder("minilm", cache_dir=model_cache, python=sys.executable, startup_timeout=120)
 
 
-def test_vllm_hub_ids_are_refused_with_advice(model_cache):
+def test_vllm_hub_ids_are_refused_with_advice(model_cache, monkeypatch):
+    import huggingface_hub
+
+    # a hub id that resolves (a stand-in hub): the vLLM worker still needs a local directory
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda spec, **kw: None)
     with pytest.raises(ValueError, match="local model directory"):
         VLLMEncoder("some-org/some-model", cache_dir=model_cache, python=sys.executable)
 
