@@ -1,37 +1,25 @@
 """The pipeline against a real `mlflow server` over HTTP: artifacts, registry, retriever, A/B."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 
-from learn.export.manifest import ArtifactError, verify_manifest
-from tests.flows import run_pipeline
 from learn.evaluate.ab import ComparisonError
-from tests.flows import compare_models
-from tests.servers import free_ports, stop_process_group, wait_for_http
+from learn.export.manifest import ArtifactError, verify_manifest
+from tests.flows import compare_models, run_pipeline
+from tests.servers import start_mlflow_server, stop_process_group
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
     """`mlflow server` on 127.0.0.1 with a sqlite backend and served local artifacts; stopped after."""
-    (port,) = free_ports(1)
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "served-artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     previous_uri = mlflow.get_tracking_uri()
-    wait_for_http(f"{url}/health", proc, tmp_path / "server.log", "mlflow server", timeout_s=90)
+    url, proc = start_mlflow_server(tmp_path)
     yield url
     stop_process_group(proc, timeout_s=30)  # its own session: the server and its workers, nothing else
-    log.close()
     mlflow.set_tracking_uri(previous_uri)
 
 
