@@ -68,8 +68,9 @@ run: setup
 test: setup vllm-env
 	LEARN_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest $(PYTEST_ARGS)
 
-# the MLflow UI over this checkout's runs, on http://127.0.0.1:$(UI_PORT)
+# the MLflow UI over this checkout's runs, on http://127.0.0.1:$(UI_PORT); first the run list of each experiment
 ui: setup
+	@$(PY) -c 'from learn.tracking.mlflow_run import print_run_lists as p; p("$(MLFLOW_TRACKING_URI)", "http://127.0.0.1:$(UI_PORT)")'
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(UI_PORT)
 
 # a local stand-in for the Ray cluster + MLflow server, on 127.0.0.1 (infra/local/cluster.sh; state in .cluster/)
