@@ -47,6 +47,7 @@ def test_concurrent_first_runs_on_a_fresh_sqlite_store(tmp_path):
 # ---- 6: signals and abandoned runs, in-process (cheap) -----------------------------------------
 
 def _runs(uri: str, experiment: str) -> dict:
+    prepare_store(uri)  # the test reads while a pipeline subprocess may be creating the store
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     return {} if exp is None else {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}

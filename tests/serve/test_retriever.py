@@ -120,10 +120,12 @@ def test_bad_input(served):
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
     """A throwaway sqlite tracking + registry store; the previous URIs are restored afterwards."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # monkeypatch restores the environment
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     old_tracking, old_registry = tracking_utils._tracking_uri, registry_utils._registry_uri
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # mlflow.set_*_uri also export MLFLOW_*_URI (and set_registry_uri(None) clears neither):
+    # setting the variables through monkeypatch makes the teardown remove them again
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     experiment = mlflow.create_experiment("retriever-test", artifact_location=(tmp_path / "artifacts").as_uri())
@@ -133,7 +135,7 @@ def tracking(tmp_path, monkeypatch):
         if mlflow.active_run():
             mlflow.end_run()
         mlflow.set_tracking_uri(old_tracking)
-        mlflow.set_registry_uri(old_registry)
+        registry_utils._registry_uri = old_registry
 
 
 LOAD_AND_PREDICT = textwrap.dedent("""
