@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from learn.config import load_config, to_dict  # noqa: E402
+from learn.config import flatten, load_config  # noqa: E402
 from learn.utils import atomic_write_text  # noqa: E402
 
 # conf/scientific.yaml was frozen three times (2026-11-26), each freeze kept as a dated file: one member
@@ -154,7 +154,7 @@ def config_differences(expected: dict, logged: dict) -> list[str]:
 def run_of_row(name: str, config: str, overrides: list[str], data: str) -> Path | None:
     """The newest metrics.json under runs/bench-quality/<name>/ whose run's config is what the row's
     command sets; None (with the reason printed) when no run there matches."""
-    expected = _flat(to_dict(load_config(ROOT / config, [f"data.path={data}", *overrides])))
+    expected = flatten(load_config(ROOT / config, [f"data.path={data}", *overrides]))
     outputs = sorted((ROOT / "runs" / "bench-quality" / name).glob("*/metrics.json"),
                      key=lambda p: p.stat().st_mtime, reverse=True)
     for path in outputs:

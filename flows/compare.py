@@ -60,9 +60,10 @@ def compare_models(a_ref: str, b_ref: str, *, data: str | None = None, split: st
     _, ev_data = load_sequences(ev_cfg.data)
     ev_splits = split_of(ev_cfg, ev_data)
     ev = ev_splits.valid if split == "valid" else ev_splits.test
-    ev_name = f"{ev_data.name} at {ev_cfg.data.path} (fingerprint {ev_data.fingerprint()}, {split} split)"
+    ev_fingerprint = ev_data.fingerprint()  # one pass over every sequence
+    ev_name = f"{ev_data.name} at {ev_cfg.data.path} (fingerprint {ev_fingerprint}, {split} split)"
     for m in bundles:
-        check_no_leak(bundles[m], cfgs[m], who[m], ev_cfg, ev_data, ev_splits, ev, ev_name)
+        check_no_leak(bundles[m], cfgs[m], who[m], ev_cfg, ev_data, ev_splits, ev, ev_name, ev_fingerprint)
     if exclude_history is None:
         exclude_history = ev_cfg.eval.exclude_history
 
@@ -84,7 +85,7 @@ def compare_models(a_ref: str, b_ref: str, *, data: str | None = None, split: st
     result["promoted"] = float(promoted)
 
     dataset = {"eval_dataset": ev_data.name, "eval_data_path": str(ev_cfg.data.path),
-               "eval_dataset_fingerprint": ev_data.fingerprint()}
+               "eval_dataset_fingerprint": ev_fingerprint}
     if log:
         mlflow.set_experiment(experiment)
         with mlflow.start_run(run_name=f"compare {a_ref} vs {b_ref}"[:250]) as run:

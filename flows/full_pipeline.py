@@ -80,11 +80,12 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
     with tracker:
         tracker.log_params(flatten(cfg))
         # counts and the dataset's fingerprint go to the run
-        print(f"[data] {data.name}: {data.num_items} items, {len(data.seqs)} users, {data.num_interactions} "
+        n_inter = data.num_interactions
+        print(f"[data] {data.name}: {data.num_items} items, {len(data.seqs)} users, {n_inter} "
               f"interactions; {raw.drops.summary()}; split {splits.kind}: valid {len(splits.valid)}, test "
               f"{len(splits.test)}", flush=True)
         data_info = {
-            "data_items": data.num_items, "data_users": len(data.seqs), "data_interactions": data.num_interactions,
+            "data_items": data.num_items, "data_users": len(data.seqs), "data_interactions": n_inter,
             "data_valid_users": len(splits.valid), "data_test_users": len(splits.test),
             "data_cold_items": int((popularity == 0).sum()),
             "dropped_rows_total": raw.drops.total, **raw.drops.metrics(),
@@ -94,7 +95,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
         fingerprint, source = data.fingerprint(), str(raw.source or cfg.data.path)
         tracker.set_tags({"dataset": data.name, "dataset_source": source, "dataset_fingerprint": fingerprint})
         tracker.log_dataset(data.name, source, fingerprint, "training",
-                            {"items": data.num_items, "users": len(data.seqs), "interactions": data.num_interactions,
+                            {"items": data.num_items, "users": len(data.seqs), "interactions": n_inter,
                              "dropped_rows": raw.drops.total})
 
         # embed: one frozen content vector per item

@@ -71,10 +71,11 @@ def training_data(bundle: Bundle, cfg: Config, who: str, ev_cfg: Config, ev_data
     except (DataError, OSError) as exc:
         raise ComparisonError(f"cannot check {who} for leakage into the evaluation: its training data "
                               f"{cfg.data.path} does not load ({exc})") from None
-    if data.fingerprint() != bundle.info.dataset_fingerprint:
+    fingerprint = data.fingerprint()
+    if fingerprint != bundle.info.dataset_fingerprint:
         raise ComparisonError(
             f"cannot check {who} for leakage into the evaluation: its training data {cfg.data.path} has changed "
-            f"since (fingerprint {data.fingerprint()}, trained on {bundle.info.dataset_fingerprint})")
+            f"since (fingerprint {fingerprint}, trained on {bundle.info.dataset_fingerprint})")
     return data, split_of(cfg, data)
 
 
@@ -110,9 +111,9 @@ def top_k_rows(users: np.ndarray, items: np.ndarray, k: int, chunk: int = 4096) 
 
 
 def check_no_leak(bundle: Bundle, cfg: Config, who: str, ev_cfg: Config, ev_data: SequenceData, ev_splits: Splits,
-                  ev: EvalSplit, ev_name: str) -> None:
+                  ev: EvalSplit, ev_name: str, ev_fingerprint: str) -> None:
     """Refuse (``ComparisonError`` naming the model and both datasets) a model trained on evaluation targets."""
-    trained, trained_splits = training_data(bundle, cfg, who, ev_cfg, ev_data, ev_splits, ev_data.fingerprint())
+    trained, trained_splits = training_data(bundle, cfg, who, ev_cfg, ev_data, ev_splits, ev_fingerprint)
     leaked = leaked_users(ev, ev_data, ev_splits, trained, trained_splits)
     if leaked:
         raise ComparisonError(
