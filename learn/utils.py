@@ -61,16 +61,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class StageTimer:
-    """Wall time per pipeline stage: ``with timer("embed"): ...``; ``timer.seconds``."""
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
-    def __init__(self) -> None:
+
+class StageTimer:
+    """Wall time, CPU time (this process, all threads) and peak RSS per pipeline stage:
+    ``with timer("embed"): ...``; ``timer.seconds``, ``timer.stages`` ({stage: {wall_s, cpu_s,
+    peak_rss_gb}}). The peak is sampled every ``interval_s`` by a daemon thread while a stage runs."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
         self.seconds: dict[str, float] = {}
+        self.stages: dict[str, dict[str, float]] = {}
+        self.interval_s = interval_s
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        import threading
+
+        start, cpu = time.perf_counter(), time.process_time()
+        peak = [rss_bytes()]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(self.interval_s):
+                peak[0] = max(peak[0], rss_bytes())
+
+        sampler = threading.Thread(target=sample, name=f"rss-{name}", daemon=True)
+        sampler.start()
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            done.set()
+            sampler.join()
+            peak[0] = max(peak[0], rss_bytes())
+            wall = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + wall
+            row = self.stages.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gb": 0.0})
+            row["wall_s"] += wall
+            row["cpu_s"] += time.process_time() - cpu
+            row["peak_rss_gb"] = max(row["peak_rss_gb"], peak[0] / 2**30)

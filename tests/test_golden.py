@@ -28,6 +28,11 @@ RECIPES = {
 }
 WRITE = os.environ.get("LEARN_WRITE_GOLDEN") == "1"
 TOL = 1e-6
+# The no-training baselines rank raw MiniLM vectors, whose last bits depend on the CPU's kernels
+# (AVX2 vs AVX-512): on an AMD EPYC box content_last's valid MRR came out 0.15091446 against the
+# pinned 0.15090971 at the landed commit itself (one near-tie rank flipped). The trained recipes
+# reproduce to 1e-6 on both; the baselines are held to 1e-4 (a real evaluation change moves more).
+BASELINE_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +59,16 @@ def _bundle_facts(bundle: Path) -> dict:
     }
 
 
-def _check(name: str, got, want) -> None:
+def _check(name: str, got, want, tol: float = TOL) -> None:
     if isinstance(want, dict):
         assert sorted(got) == sorted(want), f"{name}: keys differ: {sorted(set(got) ^ set(want))}"
         for k in want:
-            _check(f"{name}.{k}", got[k], want[k])
+            _check(f"{name}.{k}", got[k], want[k], tol)
     elif isinstance(want, list) and want and isinstance(want[0], (list, float, int)):
-        np.testing.assert_allclose(np.asarray(got, dtype=float), np.asarray(want, dtype=float), atol=TOL,
+        np.testing.assert_allclose(np.asarray(got, dtype=float), np.asarray(want, dtype=float), atol=tol,
                                    rtol=0, err_msg=name)
     elif isinstance(want, float):
-        assert got == pytest.approx(want, abs=TOL, rel=0), f"{name}: {got} != golden {want}"
+        assert got == pytest.approx(want, abs=tol, rel=0), f"{name}: {got} != golden {want}"
     else:
         assert got == want, f"{name}: {got!r} != golden {want!r}"
 
@@ -84,4 +89,4 @@ def test_tiny_recipe_reproduces_its_golden_metrics(recipe, tiny_cfg, shared_stor
         GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
         return
     assert recipe in golden, f"no golden values for {recipe} in {GOLDEN}; run with LEARN_WRITE_GOLDEN=1"
-    _check(recipe, got, golden[recipe])
+    _check(recipe, got, golden[recipe], BASELINE_TOL if recipe.startswith("content_") else TOL)

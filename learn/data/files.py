@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from learn.data.columnar import InteractionColumns, read_interaction_columns, scan_csv
 from learn.data.schema import DataError, DropReport, RawDataset, is_missing_text
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,44 @@ def default_template(fields: list[str]) -> str:
     return ". ".join("{" + f + "}" for f in fields)
 
 
+def _decode_error(path: Path, line: int, exc: UnicodeDecodeError) -> None:
+    raise DataError(f"{path}: line {line}: bytes are not valid UTF-8 ({exc.reason}); expected UTF-8 text") from None
+
+
+def _scan_csv(path: Path) -> None:
+    scan_csv(path, _decode_error)
+
+
+def interaction_rows(path: Path, user_id_col: str, item_id_col: str, timestamp_col: str | None) -> InteractionColumns:
+    """The row reader of an interactions file (any suffix): the reference the column reader
+    (``learn.data.columnar``) is tested against, and the path for JSON files."""
+    tb = read_table(path)
+    tb.require([user_id_col, item_id_col], "id")
+    users = id_values(tb, user_id_col, "user id")
+    items = id_values(tb, item_id_col, "item id")
+    stamps = None
+    if timestamp_col is not None and timestamp_col in tb.columns:
+        values = []
+        for i, v in enumerate(tb.columns[timestamp_col]):
+            try:
+                t = to_epoch_seconds(v)
+            except (ValueError, OverflowError) as exc:
+                raise DataError(
+                    f"{tb.at(i)}: timestamp column '{timestamp_col}' value {v!r} is not a timestamp ({exc}); "
+                    f"expected epoch seconds (int/float) or an ISO-8601 date/time"
+                ) from None
+            if t is None:
+                raise DataError(
+                    f"{tb.at(i)}: timestamp column '{timestamp_col}' is empty; every row needs a timestamp "
+                    f"(or leave the column out entirely to use the row order)"
+                )
+            values.append(t)
+        # whole seconds stay int64; any fraction makes the column float64 seconds (order kept)
+        whole = all(isinstance(t, int) for t in values)
+        stamps = np.asarray(values, dtype=np.int64 if whole else np.float64)
+    return InteractionColumns(pd.Categorical(users), pd.Categorical(items), stamps, list(tb.columns), tb.at)
+
+
 def read_files(
     items_path: str | Path,
     interactions_path: str | Path,
@@ -336,57 +375,38 @@ def read_files(
         items[f] = pd.Series([texts[f][i] for i in keep], dtype=object)
 
     # ---- interactions
-    tb = read_table(interactions_path)
-    tb.require([user_id_col, item_id_col], "id")
-    users = id_values(tb, user_id_col, "user id")
-    inter_items = id_values(tb, item_id_col, "item id")
+    cols = read_interaction_columns(interactions_path, user_id_col, item_id_col, timestamp_col, to_epoch_seconds,
+                                    _scan_csv)
+    if cols is None:  # JSON, or a column type only the row reader handles
+        cols = interaction_rows(interactions_path, user_id_col, item_id_col, timestamp_col)
     source = f"{items_path} + {interactions_path}"
-    has_clock = True
-    if timestamp_col is not None and timestamp_col in tb.columns:
-        stamps = []
-        for i, v in enumerate(tb.columns[timestamp_col]):
-            try:
-                t = to_epoch_seconds(v)
-            except (ValueError, OverflowError) as exc:
-                raise DataError(
-                    f"{tb.at(i)}: timestamp column '{timestamp_col}' value {v!r} is not a timestamp ({exc}); "
-                    f"expected epoch seconds (int/float) or an ISO-8601 date/time"
-                ) from None
-            if t is None:
-                raise DataError(
-                    f"{tb.at(i)}: timestamp column '{timestamp_col}' is empty; every row needs a timestamp "
-                    f"(or leave the column out entirely to use the row order)"
-                )
-            stamps.append(t)
-        # whole seconds stay int64; any fraction makes the column float64 seconds (order kept)
-        whole = all(isinstance(t, int) for t in stamps)
-        stamps = np.asarray(stamps, dtype=np.int64 if whole else np.float64)
-    else:
+    has_clock = cols.stamps is not None
+    stamps = cols.stamps
+    if stamps is None:
         # no clock in the file: the row order is the time order
-        has_clock = False
-        stamps = np.arange(len(tb), dtype=np.int64)
+        stamps = np.arange(len(cols), dtype=np.int64)
         note = "no timestamp column" if timestamp_col is None else f"no '{timestamp_col}' column"
         source += f" ({note}: timestamps are the row order)"
         log.warning("%s: %s; using the row order as timestamps", interactions_path, note)
 
-    catalog = set(items["item_id"])
-    has_item = np.fromiter((x in catalog for x in inter_items), dtype=bool, count=len(inter_items))
+    in_catalog = pd.Index(items["item_id"]).get_indexer(cols.items.categories) >= 0
+    has_item = in_catalog[cols.items.codes]
     if not has_item.all():
         bad = np.flatnonzero(~has_item)
         if missing_text == "fail":
             i = int(bad[0])  # items without text already failed above: this one is not in the file
             raise DataError(
-                f"{tb.at(i)}: interaction on item '{inter_items[i]}' which is not in the items file ({items_path}); "
+                f"{cols.where(i)}: interaction on item '{cols.items[i]}' which is not in the items file ({items_path}); "
                 f"{len(bad)} such interactions; set missing_text=drop to drop them"
             )
-        drops.add("interaction_item_without_text", len(bad), [inter_items[i] for i in bad[:5]])
+        drops.add("interaction_item_without_text", len(bad), [cols.items[i] for i in bad[:5]])
     interactions = pd.DataFrame(
         {
-            "user_id": pd.Series(users, dtype=object)[has_item],
-            "item_id": pd.Series(inter_items, dtype=object)[has_item],
+            "user_id": cols.users[has_item],
+            "item_id": cols.items[has_item],
             "timestamp": stamps[has_item],
         }
-    ).reset_index(drop=True)
+    )
 
     if name is None:
         parent = items_path.resolve().parent.name

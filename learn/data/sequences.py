@@ -4,18 +4,27 @@ leave_one_out  per user: last item = test target, second to last = valid target,
 time_cut       one global time point T: training sees only interactions before T; each user with
                items on both sides is evaluated on the first item at/after T from its history
                before T; those users are split half/half (seeded) into valid and test.
+
+Sequences are CSR (``learn.data.ragged.Ragged``): int32 catalog codes in one flat array plus
+per-user offsets, built and split with numpy only (no Python object per interaction).
 """
 
 from __future__ import annotations
 
 import hashlib
-
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from learn.data.ragged import Ragged
 from learn.data.schema import DataError, DropReport, RawDataset
+
+CODE_DTYPE = np.int32  # catalog codes; 2^31 items is far beyond any catalog this runs on
+
+
+def _ragged(x) -> Ragged:
+    return x if isinstance(x, Ragged) else Ragged.from_arrays(list(x))
 
 
 @dataclass
@@ -23,27 +32,36 @@ class EvalSplit:
     users: np.ndarray  # user index per row
     # catalog indices, oldest first, the WHOLE history: the towers read its last data.max_history
     # items, while history exclusion in evaluation removes every earlier item
-    histories: list[np.ndarray]
+    histories: Ragged
     targets: np.ndarray  # catalog index per row
+
+    def __post_init__(self) -> None:
+        self.histories = _ragged(self.histories)
+        self.users = np.asarray(self.users)
+        self.targets = np.asarray(self.targets)
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def subset(self, rows: np.ndarray) -> "EvalSplit":
+        rows = np.asarray(rows, dtype=np.int64)
+        return EvalSplit(self.users[rows], self.histories.take(rows), self.targets[rows])
 
 
 @dataclass
 class Splits:
     kind: str
-    train: list[np.ndarray]  # per user (index = user index): training sequence, oldest first
+    train: Ragged  # per user (index = user index): training sequence, oldest first
     valid: EvalSplit
     test: EvalSplit
     info: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.train = _ragged(self.train)
+
     def train_popularity(self, num_items: int) -> np.ndarray:
         """How often each catalog item occurs in the training sequences (0 = cold)."""
-        if not self.train:
-            return np.zeros(num_items, dtype=np.int64)
-        flat = np.concatenate([s for s in self.train if len(s)] or [np.zeros(0, np.int64)])
-        return np.bincount(flat, minlength=num_items).astype(np.int64)
+        return np.bincount(self.train.values, minlength=num_items).astype(np.int64)
 
 
 @dataclass
@@ -52,9 +70,16 @@ class SequenceData:
     item_ids: np.ndarray  # catalog index -> item id (str)
     texts: list[str]  # catalog index -> text the encoder reads
     user_ids: np.ndarray  # user index -> user id
-    seqs: list[np.ndarray]  # user index -> catalog indices, chronological
-    times: list[np.ndarray]  # user index -> timestamps (int64, or float64 sub-second seconds), same order
+    seqs: Ragged  # user index -> catalog indices, chronological
+    times: Ragged  # user index -> timestamps (int64, or float64 sub-second seconds), same order
     drops: DropReport
+
+    def __post_init__(self) -> None:
+        self.seqs = _ragged(self.seqs)
+        if not isinstance(self.times, Ragged):
+            arrays = list(self.times)
+            dtype = np.float64 if any(np.asarray(t).dtype.kind == "f" for t in arrays) else np.int64
+            self.times = Ragged.from_arrays(arrays, dtype=dtype)
 
     @property
     def num_items(self) -> int:
@@ -62,16 +87,28 @@ class SequenceData:
 
     @property
     def num_interactions(self) -> int:
-        return int(sum(len(s) for s in self.seqs))
+        return len(self.seqs.values)
 
     def fingerprint(self) -> str:
         """A digest of what a model trained on this data saw: item ids and texts, and every user's
-        item sequence."""
+        item sequence (each as int64 bytes followed by b"|", the digest of the list-based layout)."""
         h = hashlib.sha256()
         for item_id, text in zip(self.item_ids, self.texts):
             h.update(f"{item_id}\t{text}\n".encode())
-        for seq in self.seqs:
-            h.update(np.asarray(seq, dtype=np.int64).tobytes() + b"|")
+        seqs = self.seqs
+        step = 1 << 18  # users per chunk: bounded memory at any size
+        for lo in range(0, len(seqs), step):
+            hi = min(lo + step, len(seqs))
+            base = seqs.offsets[lo]
+            vals = seqs.values[base: seqs.offsets[hi]].astype("<i8")
+            n = hi - lo
+            buf = np.empty(8 * len(vals) + n, dtype=np.uint8)
+            ends = (seqs.offsets[lo + 1: hi + 1] - base) * 8 + np.arange(n)  # where each b"|" goes
+            is_sep = np.zeros(len(buf), dtype=bool)
+            is_sep[ends] = True
+            buf[is_sep] = ord("|")
+            buf[~is_sep] = vals.view(np.uint8)
+            h.update(buf.tobytes())
         return h.hexdigest()[:16]
 
     def split(self, kind: str, time_cut: float = 0.8, seed: int = 0) -> Splits:
@@ -86,9 +123,38 @@ class SequenceData:
                 f"{self.name}: split {kind} leaves {len(splits.valid)} valid and {len(splits.test)} test users "
                 f"(leave_one_out needs users with >= 3 items; time_cut needs users on both sides of the cut)"
             )
-        if not any(len(s) >= 2 for s in splits.train):
+        if not (splits.train.lengths() >= 2).any():
             raise DataError(f"{self.name}: split {kind} leaves no user with >= 2 training items: nothing to train on")
         return splits
+
+
+def _codes_of(column: pd.Series, index: pd.Index) -> np.ndarray:
+    """An id column -> positions in ``index`` (-1 where absent), via its categories when it has them
+    (one lookup per distinct id, not per row)."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        cats = index.get_indexer(column.cat.categories.astype(str))
+        codes = column.cat.codes.to_numpy()
+        return np.where(codes >= 0, cats[np.maximum(codes, 0)], -1)
+    return index.get_indexer(column.astype(str))
+
+
+def _user_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(code per row, sorted unique user ids)."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        cats = column.cat.categories.astype(str).to_numpy(dtype=object)
+        order = np.argsort(cats, kind="stable")
+        rank = np.empty(len(cats), dtype=np.int64)
+        rank[order] = np.arange(len(cats))
+        codes = column.cat.codes.to_numpy()
+        if (codes < 0).any():
+            raise DataError(f"interaction row {int(np.flatnonzero(codes < 0)[0])} has no user id")
+        used = np.zeros(len(cats), dtype=bool)
+        used[codes] = True
+        # categories no row uses are left out (a user id exists only through its rows)
+        keep_rank = np.cumsum(used[order]) - 1
+        return keep_rank[rank[codes]], cats[order][used[order]]
+    codes, uniques = pd.factorize(column.astype(str), sort=True)
+    return codes.astype(np.int64), np.asarray(uniques, dtype=object)
 
 
 def build_sequences(ds: RawDataset, texts: pd.Series, unsorted: str = "sort") -> SequenceData:
@@ -108,38 +174,37 @@ def build_sequences(ds: RawDataset, texts: pd.Series, unsorted: str = "sort") ->
     if not index.is_unique:
         dup = index[index.duplicated()][:5].tolist()
         raise DataError(f"{ds.source or ds.name}: duplicate item ids in the items table: {dup}")
-    inter = ds.interactions.reset_index(drop=True)
-    codes = index.get_indexer(inter["item_id"].astype(str))
+    inter = ds.interactions
+    codes = _codes_of(inter["item_id"], index)
     if (codes < 0).any():
-        bad = inter.loc[codes < 0, "item_id"].astype(str).unique()[:5].tolist()
+        bad_rows = np.flatnonzero(codes < 0)
+        bad = pd.unique(inter["item_id"].iloc[bad_rows[:1000]].astype(str))[:5].tolist()
         raise DataError(
-            f"{ds.source or ds.name}: {(codes < 0).sum()} interactions name items missing from the "
+            f"{ds.source or ds.name}: {len(bad_rows)} interactions name items missing from the "
             f"items table (e.g. {bad}); readers must apply the missing-text policy first"
         )
     ts = inter["timestamp"]
     if ts.isna().any():
         row = int(np.flatnonzero(ts.isna().to_numpy())[0])
         raise DataError(f"{ds.source or ds.name}: interaction row {row} has no timestamp")
-    ts = ts.astype(np.float64 if pd.api.types.is_float_dtype(ts) else np.int64)  # floats keep sub-second order
-    frame = pd.DataFrame({"user": inter["user_id"].astype(str), "item": codes, "ts": ts, "row": np.arange(len(inter))})
-    by_user = frame.sort_values(["user", "row"], kind="stable")
-    back = (by_user["user"].to_numpy()[1:] == by_user["user"].to_numpy()[:-1]) & (
-        np.diff(by_user["ts"].to_numpy()) < 0)
+    ts = ts.to_numpy(np.float64 if pd.api.types.is_float_dtype(ts) else np.int64)  # floats keep sub-second order
+    user, user_ids = _user_codes(inter["user_id"])
+    by_user = np.argsort(user, kind="stable")  # users in id order, each in file order
+    u_sorted, t_sorted = user[by_user], ts[by_user]
+    back = (u_sorted[1:] == u_sorted[:-1]) & (np.diff(t_sorted) < 0)
     if unsorted == "fail" and back.any():
-        r = by_user.iloc[int(np.flatnonzero(back)[0]) + 1]
+        row = int(by_user[int(np.flatnonzero(back)[0]) + 1])
         raise DataError(
-            f"{ds.source or ds.name}: interaction row {int(r['row'])} (user {r['user']!r}) has timestamp "
-            f"{r['ts']}, earlier than that user's previous row; the log must be in time order "
+            f"{ds.source or ds.name}: interaction row {row} (user {user_ids[user[row]]!r}) has timestamp "
+            f"{ts[row]}, earlier than that user's previous row; the log must be in time order "
             f"(or set data.unsorted_timestamps=sort)"
         )
     ds.drops.set_changed("reordered_timestamps", int(back.sum()))
-    frame = frame.sort_values(["user", "ts", "row"], kind="stable")
-    user_ids, starts = np.unique(frame["user"].to_numpy(dtype=object), return_index=True)
-    bounds = list(starts) + [len(frame)]
-    item_col = frame["item"].to_numpy(np.int64)
-    ts_col = frame["ts"].to_numpy()
-    seqs = [item_col[bounds[i] : bounds[i + 1]] for i in range(len(user_ids))]
-    times = [ts_col[bounds[i] : bounds[i + 1]] for i in range(len(user_ids))]
+    del by_user, u_sorted, t_sorted, back
+    order = np.lexsort((ts, user))  # by user, then time; ties keep file order (lexsort is stable)
+    lengths = np.bincount(user, minlength=len(user_ids))
+    seqs = Ragged.from_lengths(codes[order].astype(CODE_DTYPE), lengths)
+    times = Ragged(ts[order], seqs.offsets)
     return SequenceData(
         name=ds.name,
         item_ids=item_ids,
@@ -152,56 +217,49 @@ def build_sequences(ds: RawDataset, texts: pd.Series, unsorted: str = "sort") ->
 
 
 def leave_one_out(data: SequenceData) -> Splits:
-    train, vu, vh, vt, tu, th, tt = [], [], [], [], [], [], []
-    too_short = 0
-    for u, seq in enumerate(data.seqs):
-        if len(seq) < 3:
-            # cannot hold out two items: the whole sequence trains, the user is not evaluated
-            train.append(seq)
-            too_short += 1
-            continue
-        train.append(seq[:-2])
-        vu.append(u)
-        vh.append(seq[:-2])
-        vt.append(seq[-2])
-        tu.append(u)
-        th.append(seq[:-1])
-        tt.append(seq[-1])
+    seqs = data.seqs
+    n = seqs.lengths()
+    short = n < 3  # cannot hold out two items: the whole sequence trains, the user is not evaluated
+    train = seqs.slice_each(0, np.where(short, n, n - 2))
+    users = np.flatnonzero(~short)
+    ev = seqs.take(users)
     return Splits(
         kind="leave_one_out",
         train=train,
-        valid=EvalSplit(np.asarray(vu, np.int64), vh, np.asarray(vt, np.int64)),
-        test=EvalSplit(np.asarray(tu, np.int64), th, np.asarray(tt, np.int64)),
-        info={"users_not_evaluated_short": too_short},
+        valid=EvalSplit(users, ev.slice_each(0, -2), ev.last(2).astype(np.int64)),
+        test=EvalSplit(users.copy(), ev.slice_each(0, -1), ev.last(1).astype(np.int64)),
+        info={"users_not_evaluated_short": int(short.sum())},
     )
 
 
 def time_cut_split(data: SequenceData, cut: float, seed: int) -> Splits:
-    all_ts = np.concatenate(data.times)
-    if cut <= 1.0:
-        point = float(np.quantile(all_ts, cut))
-    else:
-        point = float(cut)
-    train, users, hist, targ = [], [], [], []
-    for u, (seq, ts) in enumerate(zip(data.seqs, data.times)):
-        before = ts < point
-        train.append(seq[before])
-        if before.any() and (~before).any():
-            users.append(u)
-            hist.append(seq[before])
-            targ.append(seq[~before][0])
+    seqs, times = data.seqs, data.times
+    all_ts = times.values
+    point = float(np.quantile(all_ts, cut)) if cut <= 1.0 else float(cut)
+    before = all_ts < point
+    row = seqs.row_of_values()
+    n = seqs.lengths()
+    n_before = np.bincount(row, weights=before, minlength=len(seqs)).astype(np.int64)
+    train = Ragged.from_lengths(seqs.values[before], n_before)
+    users = np.flatnonzero((n_before > 0) & (n_before < n))
+    # the first item at/after the cut of each evaluated user (times may be unsorted within a user)
+    pos = np.where(~before, np.arange(len(all_ts)), len(all_ts))
+    first_after = np.full(len(seqs), len(all_ts), dtype=np.int64)
+    np.minimum.at(first_after, row, pos)
+    hist = train.take(users)
+    targ = seqs.values[first_after[users]].astype(np.int64)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(users))
     half = len(order) // 2
-    pick = lambda idx: EvalSplit(  # noqa: E731
-        np.asarray([users[i] for i in idx], np.int64),
-        [hist[i] for i in idx],
-        np.asarray([targ[i] for i in idx], np.int64),
-    )
+
+    def pick(idx: np.ndarray) -> EvalSplit:
+        idx = np.sort(idx).astype(np.int64)
+        return EvalSplit(users[idx], hist.take(idx), targ[idx])
+
     return Splits(
         kind="time_cut",
         train=train,
-        valid=pick(sorted(order[:half])),
-        test=pick(sorted(order[half:])),
+        valid=pick(order[:half]),
+        test=pick(order[half:]),
         info={"time_cut": int(point), "users_evaluated": len(users)},
     )

@@ -31,6 +31,7 @@ newer data than the champion (A), so the two need not share a dataset; the rules
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from learn.config import Config, EvalConfig, config_from_dict
 from learn.data.load import load_sequences
@@ -79,11 +80,20 @@ def training_data(bundle: Bundle, cfg: Config, who: str, ev_cfg: Config, ev_data
     return data, split_of(cfg, data)
 
 
-def _seen(data: SequenceData, splits: Splits, user: int, item: str) -> int:
-    """How often a model trained on ``splits`` saw ``user`` take ``item``: training sequence + valid target."""
-    seen = int(np.count_nonzero(data.item_ids[splits.train[user]] == item))
-    valid = np.flatnonzero(splits.valid.users == user)
-    return seen + int(sum(data.item_ids[splits.valid.targets[v]] == item for v in valid))
+def _seen(data: SequenceData, splits: Splits, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Per (user, item) pair (catalog rows of ``data``; -1 = not there): how often a model trained on
+    ``splits`` saw the user take the item (training sequence + valid target). Vectorised."""
+    out = np.zeros(len(users), dtype=np.int64)
+    ok = np.flatnonzero((users >= 0) & (items >= 0))
+    if len(ok) == 0:
+        return out
+    train = splits.train.take(users[ok])
+    hit = train.values == items[ok][train.row_of_values()]
+    out[ok] = np.bincount(train.row_of_values()[hit], minlength=len(ok))
+    valid_target = np.full(len(data.user_ids), -1, dtype=np.int64)
+    valid_target[splits.valid.users] = splits.valid.targets
+    out[ok] += valid_target[users[ok]] == items[ok]
+    return out
 
 
 def leaked_users(ev: EvalSplit, ev_data: SequenceData, ev_splits: Splits, data: SequenceData,
@@ -91,14 +101,13 @@ def leaked_users(ev: EvalSplit, ev_data: SequenceData, ev_splits: Splits, data: 
     """Evaluation users whose target the model trained on ``splits`` saw more often than the evaluation allows."""
     if data is ev_data:
         return 0
-    row = {u: i for i, u in enumerate(data.user_ids.tolist())}
-    leaked = 0
-    for user, target in zip(ev.users.tolist(), ev.targets.tolist()):
-        other = row.get(ev_data.user_ids[user])
-        item = ev_data.item_ids[target]
-        if other is not None and _seen(data, splits, other, item) > _seen(ev_data, ev_splits, user, item):
-            leaked += 1
-    return leaked
+    users = np.asarray(ev.users, dtype=np.int64)
+    targets = np.asarray(ev.targets, dtype=np.int64)
+    other = pd.Index(data.user_ids).get_indexer(ev_data.user_ids[users])
+    item = pd.Index(data.item_ids).get_indexer(ev_data.item_ids[targets])
+    mine = _seen(ev_data, ev_splits, users, targets)
+    theirs = _seen(data, splits, other, item)
+    return int(np.count_nonzero(theirs > mine))
 
 
 def top_k_rows(users: np.ndarray, items: np.ndarray, k: int, chunk: int = 4096) -> np.ndarray:

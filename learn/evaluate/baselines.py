@@ -16,9 +16,11 @@ from learn.config import BaselineName, EvalConfig
 from learn.data.sequences import EvalSplit
 from learn.evaluate.metrics import evaluate_both_modes
 
-BASELINES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "content_mean": lambda history_vectors: history_vectors.mean(0),
-    "content_last": lambda history_vectors: history_vectors[-1],
+BASELINES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    # (history vectors [B, L, d] left-aligned, real lengths [B]) -> [B, d]
+    "content_mean": lambda h, n: (h * (torch.arange(h.shape[1])[None, :, None] < n[:, None, None])).sum(1)
+    / n[:, None].to(h.dtype),
+    "content_last": lambda h, n: h[torch.arange(len(n)), n - 1],
 }
 assert set(BASELINES) == set(typing.get_args(BaselineName)), "learn.config.BaselineName and BASELINES disagree"
 
@@ -29,8 +31,15 @@ def content_user_vectors(content: np.ndarray, split: EvalSplit, how: str, max_hi
         raise ValueError(f"unknown baseline {how!r}; known: {sorted(BASELINES)}")
     user = BASELINES[how]
     vecs = torch.as_tensor(content, dtype=torch.float32)
-    rows = [user(vecs[torch.tensor(np.asarray(h)[-max_history:], dtype=torch.long)]) for h in split.histories]
-    return F.normalize(torch.stack(rows), dim=-1)
+    hist = split.histories
+    out = []
+    for lo in range(0, len(hist), 4096):  # vectorised per chunk of users: [chunk, L, d] at most
+        rows = np.arange(lo, min(lo + 4096, len(hist)))
+        tails, n = hist.tails(rows, max_history)
+        if (n == 0).any():
+            raise ValueError(f"user row {lo + int(np.flatnonzero(n == 0)[0])} has an empty history")
+        out.append(user(vecs[torch.from_numpy(tails.astype(np.int64))], torch.from_numpy(n)))
+    return F.normalize(torch.cat(out), dim=-1)
 
 
 def content_item_vectors(content: np.ndarray) -> torch.Tensor:

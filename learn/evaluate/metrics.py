@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from learn.data.ragged import Ragged
 from learn.data.sequences import EvalSplit
 
 ScoreFn = Callable[[Any], "torch.Tensor | np.ndarray"]
@@ -106,17 +107,22 @@ def _as_index_array(a: Any, name: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def _lengths(histories: Sequence[np.ndarray]) -> np.ndarray:
+    if isinstance(histories, Ragged):
+        return histories.lengths()
+    return np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+
+
 def _history_pairs(histories: Sequence[np.ndarray], tgt: np.ndarray, n: int,
                    where: str) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (row, item) history pairs of a chunk, the target item itself left out, sorted by item."""
-    hist = [np.asarray(h) for h in histories]
-    lens = np.fromiter((len(h) for h in hist), dtype=np.int64, count=len(hist))
-    if lens.sum() == 0:
+    hist = histories if isinstance(histories, Ragged) else Ragged.from_arrays([np.asarray(h) for h in histories])
+    if len(hist.values) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    cols = _as_index_array(np.concatenate([h for h in hist if len(h)]), "histories")
+    cols = _as_index_array(hist.values, "histories")
     if cols.min() < 0 or cols.max() >= n:
         raise ValueError(f"history index out of range [0, {n}) among users {where}")
-    rows = np.repeat(np.arange(len(hist), dtype=np.int64), lens)
+    rows = hist.row_of_values()
     keep = cols != tgt[rows]
     keys = np.unique(cols[keep] * len(hist) + rows[keep])
     return keys % len(hist), keys // len(hist)
@@ -392,7 +398,7 @@ def segment_metrics(
 
     bounds = _check_history_bounds(history_buckets)
     if bounds:
-        lens = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+        lens = _lengths(histories)
         hbucket = np.searchsorted(np.asarray(bounds), lens, side="left")
         for i, name in enumerate(history_segment_names(bounds)):
             segments.append((name, hbucket == i))
@@ -511,5 +517,4 @@ def sample_users(split: EvalSplit, max_users: int | None, seed: int) -> EvalSpli
     if not max_users or max_users >= len(split):
         return split
     rows = np.sort(np.random.default_rng(seed).choice(len(split), size=max_users, replace=False))
-    return EvalSplit(users=np.asarray(split.users)[rows], histories=[split.histories[i] for i in rows],
-                     targets=np.asarray(split.targets)[rows])
+    return split.subset(rows)

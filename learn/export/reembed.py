@@ -135,9 +135,10 @@ def item_vectors(source, ids: list[str], content: np.ndarray) -> tuple[np.ndarra
 
 def new_item_targets(data, ids: list[str], new_items: set[str]) -> tuple[list[list[str]], list[str]]:
     """(histories, targets) of the users whose last (test) item is one of ``new_items``."""
-    histories, targets = [], []
-    for seq in data.seqs:
-        if len(seq) >= 2 and ids[seq[-1]] in new_items:
-            histories.append([ids[j] for j in seq[:-1]])
-            targets.append(ids[seq[-1]])
-    return histories, targets
+    seqs = data.seqs
+    long_enough = np.flatnonzero(seqs.lengths() >= 2)
+    last = seqs.values[seqs.offsets[long_enough + 1] - 1]
+    is_new = np.isin(np.asarray(ids, dtype=object)[last], list(new_items))
+    users = long_enough[is_new]
+    histories = [[ids[j] for j in seqs[u][:-1]] for u in users]  # only the users with a new target
+    return histories, [ids[t] for t in last[is_new]]

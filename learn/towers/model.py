@@ -251,6 +251,14 @@ def member_slices(vectors: torch.Tensor, members: int) -> list[torch.Tensor]:
     return [chunk * members ** 0.5 for chunk in vectors.chunk(members, dim=-1)]
 
 
+def pad_tails(histories, rows: np.ndarray, max_len: int) -> torch.Tensor:
+    """``pad_histories`` of rows ``rows`` of a Ragged, vectorised (no Python loop per row)."""
+    n = histories.lengths()[rows]
+    L = max(1, min(max_len, int(n.max()) if len(n) else 1))
+    tails, _ = histories.tails(rows, L, pad=-1)
+    return torch.from_numpy(tails.astype(np.int64) + 1)
+
+
 def pad_histories(histories: list, max_len: int) -> torch.Tensor:
     """Right-padded [B, L] token tensor (catalog index + 1; 0 = pad), keeping the last max_len items."""
     L = max(1, min(max_len, max(len(h) for h in histories)))

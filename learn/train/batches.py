@@ -85,7 +85,8 @@ def shard_users(train: list[np.ndarray], min_len: int, rank: int, world_size: in
     ``order_rng`` must be seeded the same on every worker (e.g. by seed and epoch) so the shards are
     disjoint; with ``equalize`` every worker gets the same count (the tail is cut) so DDP steps line up.
     """
-    users = np.array([u for u, s in enumerate(train) if len(s) >= min_len], dtype=np.int64)
+    lengths = train.lengths() if hasattr(train, "lengths") else np.fromiter(map(len, train), np.int64, len(train))
+    users = np.flatnonzero(lengths >= min_len).astype(np.int64)
     users = users[order_rng.permutation(len(users))]
     if world_size > 1:
         per = len(users) // world_size if equalize else None

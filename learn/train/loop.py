@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from learn.config import EvalConfig, TrainConfig
+from learn.data.ragged import Ragged
 from learn.data.sequences import EvalSplit
 from learn.device import autocast
 from learn.evaluate.metrics import evaluate_both_modes
-from learn.towers.model import TwinTowers, pad_histories
+from learn.towers.model import TwinTowers, pad_tails
 from learn.train.recipes import RowMap, compute_loss, epoch_batches, whole_rows
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -94,15 +96,16 @@ def batch_to(batch, device: torch.device):
 
 
 @torch.no_grad()
-def user_embeddings(model: TwinTowers, histories: list[np.ndarray], max_history: int,
+def user_embeddings(model: TwinTowers, histories: Sequence[np.ndarray], max_history: int,
                     batch_size: int = 512) -> torch.Tensor:
     was = model.training
     model.eval()
     out = []
-    order = np.argsort([len(h) for h in histories], kind="stable")  # similar lengths, less padding
+    histories = Ragged.from_arrays(histories)
+    order = np.argsort(histories.lengths(), kind="stable")  # similar lengths, less padding
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        tokens = pad_histories([histories[i] for i in idx], max_history).to(model.content.device)
+        tokens = pad_tails(histories, idx, max_history).to(model.content.device)
         out.append(model.user_embedding(tokens))
     model.train(was)
     emb = torch.cat(out) if out else torch.zeros(0, model.cfg.d_out, device=model.content.device)

@@ -382,7 +382,7 @@ def test_sample_users():
     rows = a.users - 100
     assert np.all(np.diff(rows) > 0)  # original order kept
     np.testing.assert_array_equal(a.targets, targets[rows])
-    assert all(h is histories[r] for h, r in zip(a.histories, rows))
+    assert all(np.array_equal(h, histories[r]) for h, r in zip(a.histories, rows))
     with pytest.raises(ValueError, match="eval.valid_max_users"):
         sample_users(split, -1, 0)
 
