@@ -58,7 +58,8 @@ def read_interaction_columns(path: Path, user_col: str, item_col: str, timestamp
         return None
     try:
         if suffix == ".parquet":
-            table, names = _parquet(path, user_col, item_col, timestamp_col)
+            table = _ParquetColumns(path)
+            names = table.column_names
             where = lambda i: f"{path}: row {i + 1}"  # noqa: E731
         else:
             table, names, where = _csv(path, user_col, item_col, timestamp_col, csv_scan)
@@ -74,24 +75,30 @@ def read_interaction_columns(path: Path, user_col: str, item_col: str, timestamp
             stamps = _stamps(table.column(timestamp_col), timestamp_col, where, to_epoch_seconds)
     except Unsupported:
         return None
+    finally:
+        pa.default_memory_pool().release_unused()  # the freed string columns back to the system
     return InteractionColumns(users, items, stamps, names, where)
 
 
-def _parquet(path: Path, user_col: str, item_col: str, ts_col: str | None) -> tuple[pa.Table, list[str]]:
-    import pyarrow.parquet as pq
+class _ParquetColumns:
+    """Reads one column at a time (a 20M-row id column is ~0.25 GiB as Arrow strings, freed once coded)."""
 
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: cannot read as Parquet ({exc})") from None
-    names = list(schema.names)
-    wanted = [c for c in dict.fromkeys((user_col, item_col, ts_col)) if c is not None and c in names]
-    strings = [c for c in (user_col, item_col) if c in names and pa.types.is_string(schema.field(c).type)]
-    try:
-        table = pq.read_table(path, columns=wanted, read_dictionary=strings)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: cannot read as Parquet ({exc})") from None
-    return table, names
+    def __init__(self, path: Path):
+        import pyarrow.parquet as pq
+
+        self.path = path
+        try:
+            self.file = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: cannot read as Parquet ({exc})") from None
+        self.column_names = list(self.file.schema_arrow.names)
+        self.num_rows = self.file.metadata.num_rows
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        try:
+            return self.file.read(columns=[name]).column(0)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{self.path}: cannot read column '{name}' as Parquet ({exc})") from None
 
 
 def _csv(path: Path, user_col: str, item_col: str, ts_col: str | None,
@@ -147,18 +154,21 @@ def _ids(col: pa.ChunkedArray, name: str, role: str, where: Callable[[int], str]
     """An id column -> Categorical of stripped strings; a null or empty id is a DataError."""
     t = col.type
     if pa.types.is_dictionary(t):
-        col = col.unify_dictionaries() if col.num_chunks > 1 else col
-        value_type = t.value_type
-    elif pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
-        col = col.dictionary_encode()
-        value_type = t
-    else:
+        col = col.cast(t.value_type)
+        t = t.value_type
+    if not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
         raise Unsupported  # float / bool / nested ids: the row reader's rules
-    if col.num_chunks == 0:
+    if len(col) == 0:
         return pd.Categorical([])
-    dictionary = col.chunk(0).dictionary
-    codes = np.concatenate([c.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
-                            for c in col.chunks])
+    value_type = t
+    # one hash pass over the whole column (unifying per-row-group dictionaries is far slower)
+    if pa.types.is_string(t) and col.nbytes > 2**30:
+        col = col.cast(pa.large_string())  # one combined array past 2 GiB of text needs 64-bit offsets
+    encoded = pc.dictionary_encode(col.combine_chunks())
+    del col
+    dictionary = encoded.dictionary
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    del encoded
     if pa.types.is_integer(value_type):
         values = pc.cast(dictionary, pa.string())
     elif pa.types.is_string(value_type) or pa.types.is_large_string(value_type):

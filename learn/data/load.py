@@ -101,6 +101,11 @@ def item_texts(ds: RawDataset, template: str | None) -> pd.Series:
 
 def load_sequences(cfg: DataConfig) -> tuple[RawDataset, SequenceData]:
     """The configured dataset read, its item texts built from the template, and the per-user
-    sequences: where every flow and bench starts."""
+    sequences: where every flow and bench starts. The returned RawDataset's interactions table is
+    empty (released once the sequences are built)."""
     raw = load_dataset(cfg)
-    return raw, build_sequences(raw, item_texts(raw, cfg.text_template), cfg.unsorted_timestamps)
+    data = build_sequences(raw, item_texts(raw, cfg.text_template), cfg.unsorted_timestamps)
+    # the sequences hold every kept row: the interactions table is released (at 20M rows it is
+    # most of the memory a run would otherwise hold); the items table, drops and source stay
+    raw.interactions = raw.interactions.iloc[:0]
+    return raw, data

@@ -134,8 +134,8 @@ def _codes_of(column: pd.Series, index: pd.Index) -> np.ndarray:
     if isinstance(column.dtype, pd.CategoricalDtype):
         cats = index.get_indexer(column.cat.categories.astype(str))
         codes = column.cat.codes.to_numpy()
-        return np.where(codes >= 0, cats[np.maximum(codes, 0)], -1)
-    return index.get_indexer(column.astype(str))
+        return np.where(codes >= 0, cats.astype(CODE_DTYPE)[np.maximum(codes, 0)], -1).astype(CODE_DTYPE)
+    return index.get_indexer(column.astype(str)).astype(CODE_DTYPE)
 
 
 def _user_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -151,10 +151,10 @@ def _user_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         used = np.zeros(len(cats), dtype=bool)
         used[codes] = True
         # categories no row uses are left out (a user id exists only through its rows)
-        keep_rank = np.cumsum(used[order]) - 1
+        keep_rank = (np.cumsum(used[order]) - 1).astype(CODE_DTYPE)
         return keep_rank[rank[codes]], cats[order][used[order]]
     codes, uniques = pd.factorize(column.astype(str), sort=True)
-    return codes.astype(np.int64), np.asarray(uniques, dtype=object)
+    return codes.astype(CODE_DTYPE), np.asarray(uniques, dtype=object)
 
 
 def build_sequences(ds: RawDataset, texts: pd.Series, unsorted: str = "sort") -> SequenceData:
@@ -190,20 +190,29 @@ def build_sequences(ds: RawDataset, texts: pd.Series, unsorted: str = "sort") ->
     ts = ts.to_numpy(np.float64 if pd.api.types.is_float_dtype(ts) else np.int64)  # floats keep sub-second order
     user, user_ids = _user_codes(inter["user_id"])
     by_user = np.argsort(user, kind="stable")  # users in id order, each in file order
-    u_sorted, t_sorted = user[by_user], ts[by_user]
-    back = (u_sorted[1:] == u_sorted[:-1]) & (np.diff(t_sorted) < 0)
-    if unsorted == "fail" and back.any():
-        row = int(by_user[int(np.flatnonzero(back)[0]) + 1])
+    n_back, first_back = 0, None
+    step = 1 << 22  # compared a slice at a time: no full-size sorted copies of users and times
+    for lo in range(0, max(len(by_user) - 1, 0), step):
+        idx = by_user[lo: lo + step + 1]
+        u, t = user[idx], ts[idx]
+        back = (u[1:] == u[:-1]) & (t[1:] < t[:-1])
+        n_back += int(back.sum())
+        if first_back is None and back.any():
+            first_back = int(idx[int(np.flatnonzero(back)[0]) + 1])
+    if unsorted == "fail" and first_back is not None:
+        row = first_back
         raise DataError(
             f"{ds.source or ds.name}: interaction row {row} (user {user_ids[user[row]]!r}) has timestamp "
             f"{ts[row]}, earlier than that user's previous row; the log must be in time order "
             f"(or set data.unsorted_timestamps=sort)"
         )
-    ds.drops.set_changed("reordered_timestamps", int(back.sum()))
-    del by_user, u_sorted, t_sorted, back
+    ds.drops.set_changed("reordered_timestamps", n_back)
+    del by_user
     order = np.lexsort((ts, user))  # by user, then time; ties keep file order (lexsort is stable)
     lengths = np.bincount(user, minlength=len(user_ids))
-    seqs = Ragged.from_lengths(codes[order].astype(CODE_DTYPE), lengths)
+    del user
+    seqs = Ragged.from_lengths(codes[order], lengths)
+    del codes
     times = Ragged(ts[order], seqs.offsets)
     return SequenceData(
         name=ds.name,

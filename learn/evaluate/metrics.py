@@ -501,6 +501,17 @@ def evaluate_both_modes(
         user_emb, item_emb, split.targets, split.histories, chunk_size=chunk_size, item_block=item_block,
         score_fn=score_fn,
     )
+    return metrics_both_modes(incl, excl, split, ks=ks, exclude_history=exclude_history,
+                              train_popularity=train_popularity, prefix=prefix, segment_k=segment_k,
+                              popularity_buckets=popularity_buckets, history_buckets=history_buckets)
+
+
+def metrics_both_modes(incl: np.ndarray, excl: np.ndarray, split: EvalSplit, *, ks: Sequence[int] = (10, 50),
+                       exclude_history: bool, train_popularity: np.ndarray | None = None, prefix: str = "",
+                       segment_k: int | None = None, popularity_buckets: int = 3,
+                       history_buckets: Sequence[int] = (3, 5, 10, 20)) -> dict[str, float]:
+    """``evaluate_both_modes``'s metrics from the two rank arrays (e.g. gathered from several workers
+    that each ranked a share of ``split``'s rows, in row order)."""
     main, other, suffix = (excl, incl, "_incl_hist") if exclude_history else (incl, excl, "_excl_hist")
     args = (split, ks, train_popularity, segment_k, popularity_buckets, history_buckets)
     out = {f"{prefix}{key}": v for key, v in _all_metrics(main, *args).items()}

@@ -62,8 +62,11 @@ class TowerConfig:
 
 
 class TwinTowers(nn.Module):
-    def __init__(self, cfg: TowerConfig, content: torch.Tensor, id_known: torch.Tensor | None = None):
-        """``content``: [num_items, d_llm] frozen content vectors (row = catalog index).
+    def __init__(self, cfg: TowerConfig, content: torch.Tensor, id_known: torch.Tensor | None = None,
+                 padded: bool = False):
+        """``content``: [num_items, d_llm] frozen content vectors (row = catalog index); with
+        ``padded`` it is [1 + num_items, d_llm] with the pad row first (zeros) and is used as the
+        buffer itself, without a copy (DDP workers share one read-only matrix this way).
 
         Index 0 of every sequence tensor is padding; catalog item i is token i + 1.
         ``id_known`` [num_items] bool: items seen in training, the only ones that get an ID embedding
@@ -71,6 +74,9 @@ class TwinTowers(nn.Module):
         also not as a negative.
         """
         super().__init__()
+        full = content
+        if padded:
+            content = content[1:]
         if content.shape[1] != cfg.d_llm:
             raise ValueError(f"content vectors have dim {content.shape[1]}, config says d_llm={cfg.d_llm}")
         if cfg.members < 1 or cfg.d_out % cfg.members:
@@ -95,8 +101,9 @@ class TwinTowers(nn.Module):
             scale = torch.tensor(1.0)
         self.register_buffer("content_mean", mean)
         self.register_buffer("content_scale", scale.reshape(()))
-        padded = torch.cat([torch.zeros(1, content.shape[1]), content], 0)
-        self.register_buffer("content", padded, persistent=False)
+        if not padded:
+            full = torch.cat([torch.zeros(1, content.shape[1]), content], 0)
+        self.register_buffer("content", full, persistent=False)
         if cfg.num_id_items:
             if cfg.num_id_items != content.shape[0] or id_known is None or id_known.shape != (content.shape[0],):
                 raise ValueError(f"item ID embeddings need num_id_items = catalog size ({content.shape[0]}) and "

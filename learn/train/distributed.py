@@ -14,9 +14,16 @@ batches     every worker draws the epoch's *whole* batches exactly as one proces
             one-process gradient. With dropout 0 a run matches ``fit`` up to float rounding; with
             dropout the masks differ (each worker draws its own, reseeded per (seed, epoch, rank)).
             The cost: batch sampling is repeated on every worker (host side, cheap next to the towers).
-evaluation  rank 0 ranks the valid split after each due epoch (``evaluate_model``) and keeps the
-            ``FitState`` (best weights, early stopping) exactly as ``fit`` does; the stop decision
-            is broadcast to every rank.
+evaluation  after each due epoch every rank embeds its share of the catalog (gathered: each rank
+            holds all item vectors) and ranks its share of the valid users over the whole catalog;
+            the exact integer ranks are gathered and every rank computes the same metrics. Rank 0
+            keeps the ``FitState`` (best weights, early stopping) exactly as ``fit`` does; the stop
+            decision is broadcast to every rank.
+memory      the spec (content matrix with its pad row, CSR training sequences, valid split) is put
+            in the object store once; on a node the workers map those arrays zero-copy (read-only)
+            instead of each holding a copy: the towers use the shared content matrix as their
+            buffer (``TwinTowers(..., padded=True)``, left out of DDP's buffer sync), and the
+            sequences are a few flat arrays (``Ragged``), not one Python object per user.
 checkpoints rank 0 reports each epoch's row with a checkpoint (``state.pt``: model, optimizer and
             scheduler state, and the ``FitState`` as a dict); the other ranks report the epoch without one. On a (re)start every worker
             restores the latest checkpoint and goes on with the next epoch, so a worker failure
@@ -37,6 +44,7 @@ import math
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -44,15 +52,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from learn.config import EvalConfig, TrainConfig
+from learn.data.ragged import Ragged
 from learn.data.sequences import EvalSplit, Splits
 from learn.towers.model import TowerConfig, TwinTowers
 from learn.secrets import with_env_credentials
 from learn.tracking.mlflow_run import resolve_uri
-from learn.evaluate.metrics import sample_users
+from learn.evaluate.metrics import metrics_both_modes, sample_users, target_ranks_both
 from learn.train.fit import FitResult, FitState, cpu_state, evaluation_due
-from learn.train.loop import evaluate_model, make_optimizer, make_scheduler, run_epoch, steps_per_epoch
+from learn.train.loop import (evaluate_model, make_optimizer, make_scheduler, run_epoch, steps_per_epoch,
+                              user_embeddings)
 from learn.train.recipes import whole_rows
 
 STATE_FILE = "state.pt"
@@ -72,9 +83,9 @@ class _Spec:
     """Everything a worker needs, put in the object store once."""
 
     tower: TowerConfig
-    content: np.ndarray  # [num_items, d_llm] raw content vectors
+    content: np.ndarray  # [1 + num_items, d_llm] raw content vectors, pad row first (the towers' buffer)
     init_state: dict[str, torch.Tensor]
-    train: list[np.ndarray]
+    train: Ragged
     valid: EvalSplit
     train_cfg: TrainConfig
     eval_cfg: EvalConfig
@@ -127,6 +138,45 @@ class ShardedRows:
         else:
             local = fn(*(t[:1] for t in tensors))[:0]
         return _GatherRows.apply(local)
+
+
+@torch.no_grad()
+def _all_gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Rows of every rank concatenated in rank order (no gradient)."""
+    return _GatherRows.forward(_NoCtx(), local)
+
+
+class _NoCtx:
+    """Stands in for autograd's ctx when the gather runs without a graph."""
+
+
+def _all_gather_array(local: np.ndarray) -> np.ndarray:
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return np.concatenate(parts)
+
+
+def evaluate_sharded(core: TwinTowers, split: EvalSplit, ev: EvalConfig, max_history: int, rank: int,
+                     world: int, prefix: str = "") -> dict[str, float]:
+    """``evaluate_model`` split across the DDP ranks (call on every rank; every rank gets the metrics):
+    rank r embeds the r-th share of the catalog and ranks the r-th share of the users."""
+    was = core.training
+    core.eval()
+    n = core.num_items
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    device = core.content.device
+    local = (core.item_embedding(torch.arange(lo, hi, device=device)) if hi > lo
+             else core.item_embedding(torch.arange(0, 1, device=device))[:0])
+    items = _all_gather_rows(local.contiguous())
+    core.train(was)
+    rows = np.array_split(np.arange(len(split)), world)[rank]
+    part = split.subset(rows)
+    users = user_embeddings(core, part.histories, max_history)
+    incl, excl = target_ranks_both(users, items, part.targets, part.histories, chunk_size=ev.chunk_size,
+                                   item_block=ev.item_block)
+    return metrics_both_modes(_all_gather_array(incl), _all_gather_array(excl), split, ks=ev.ks,
+                              exclude_history=ev.exclude_history, prefix=prefix,
+                              popularity_buckets=ev.popularity_buckets, history_buckets=ev.history_buckets)
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -187,7 +237,11 @@ def _train_worker(config: dict[str, Any]) -> None:
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
 
-    model = TwinTowers(spec.tower, torch.from_numpy(np.array(spec.content)))  # a writable copy
+    with warnings.catch_warnings():  # the shared matrix is read-only: the towers never write it
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        content = torch.from_numpy(spec.content)
+    model = TwinTowers(spec.tower, content, padded=True)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["content"])
     model.load_state_dict(spec.init_state)
     checkpoint = ray.train.get_checkpoint()
     saved = _load_state(checkpoint) if checkpoint is not None else None
@@ -220,9 +274,11 @@ def _train_worker(config: dict[str, Any]) -> None:
                          rows=rows, device=device)
         row: dict[str, float] = {"epoch": epoch, "train_loss": loss, "lr": sched.get_last_lr()[0]}
         stop = False
-        if rank == 0:  # rank 0 evaluates and decides for all
-            valid = (evaluate_model(core, spec.valid, ev, spec.max_history, prefix="valid_")
-                     if evaluation_due(epoch, tc) else None)
+        valid = None
+        if evaluation_due(epoch, tc):
+            valid = (evaluate_sharded(core, spec.valid, ev, spec.max_history, rank, world, prefix="valid_")
+                     if world > 1 else evaluate_model(core, spec.valid, ev, spec.max_history, prefix="valid_"))
+        if rank == 0:  # rank 0 keeps the fit state and decides for all
             stop = state.end_epoch(epoch, row, valid, core)
             print(state.describe(row), flush=True)
         if world > 1:
@@ -240,8 +296,21 @@ def _train_worker(config: dict[str, Any]) -> None:
                 _log_to_mlflow(spec.tracking, [row])
         else:
             ray.train.report({"epoch": epoch, "train_loss": loss})
+        if world > 1:
+            # no rank starts the next epoch before rank 0 has written this epoch's checkpoint: a rank
+            # failing early in epoch e+1 then restarts the group from epoch e, not from scratch
+            dist.barrier()
         if stop:
             break
+
+
+def make_spec(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max_history: int,
+              seed: int = 0, tracking: MlflowTarget | None = None, hook: WorkerHook | None = None) -> _Spec:
+    """What the workers receive (through the object store, once): flat arrays, no per-user objects."""
+    return _Spec(tower=copy.deepcopy(model.cfg), content=model.content.detach().cpu().numpy(),
+                 init_state=cpu_state(model), train=Ragged.from_arrays(splits.train),
+                 valid=sample_users(splits.valid, eval_cfg.valid_max_users, seed), train_cfg=train_cfg,
+                 eval_cfg=eval_cfg, max_history=max_history, seed=seed, tracking=tracking, hook=hook)
 
 
 def fit_distributed(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig,
@@ -263,10 +332,7 @@ def fit_distributed(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, e
     start = time.perf_counter()
     if tracking is not None:
         tracking = MlflowTarget(absolute_tracking_uri(tracking.tracking_uri), tracking.run_id)
-    spec = _Spec(tower=copy.deepcopy(model.cfg), content=model.content[1:].detach().cpu().numpy(),
-                 init_state=cpu_state(model), train=splits.train,
-                 valid=sample_users(splits.valid, eval_cfg.valid_max_users, seed), train_cfg=train_cfg,
-                 eval_cfg=eval_cfg, max_history=max_history, seed=seed, tracking=tracking, hook=worker_hook)
+    spec = make_spec(model, splits, train_cfg, eval_cfg, max_history, seed, tracking, worker_hook)
     if not ray.is_initialized():
         ray.init()
     trainer = TorchTrainer(
