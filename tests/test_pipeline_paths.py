@@ -15,9 +15,11 @@ REQUIRED = ["test_recall_at_10", "test_ndcg_at_10", "test_recall_at_50", "test_n
 @pytest.mark.slow
 def test_production_entry_point_on_ray_matches_the_local_run(ray_local, tiny_cfg, demo_store):
     """As infra/k8s/rayjob.yaml runs it (embed.executor=ray_data train.backend=ray): items embedded on a
-    Ray Data actor pool into a fresh store, towers trained by DDP over two Ray Train workers. Without
-    dropout the DDP gradient is the one-process gradient, so the metrics are the local run's."""
-    same = ["train.epochs=2", "model.dropout=0"]
+    Ray Data actor pool into a fresh store, towers trained by DDP over two Ray Train workers with the
+    scale objective (sampled_softmax; its negatives drawn alike on every rank) and validated by both
+    ranks, each on half the users. Without dropout the DDP gradient is the one-process gradient, so
+    the metrics are the local run's."""
+    same = ["train.epochs=2", "model.dropout=0", "train.recipe=sampled_softmax", "train.num_negatives=32"]
     cfg = tiny_cfg(*same, "embed.executor=ray_data", "train.backend=ray", "train.num_workers=2")
     on_ray = run_pipeline(cfg, progress=False)
     local = run_pipeline(tiny_cfg(*same, f"embed.store={demo_store}", "tracking.enabled=false",
