@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from learn import registry
 from learn.export.bundle import load_bundle
@@ -138,7 +139,7 @@ def new_item_targets(data, ids: list[str], new_items: set[str]) -> tuple[list[li
     seqs = data.seqs
     long_enough = np.flatnonzero(seqs.lengths() >= 2)
     last = seqs.values[seqs.offsets[long_enough + 1] - 1]
-    is_new = np.isin(np.asarray(ids, dtype=object)[last], list(new_items))
+    is_new = pd.Index(np.asarray(ids, dtype=object)[last]).isin(list(new_items))  # a hash lookup
     users = long_enough[is_new]
     histories = [[ids[j] for j in seqs[u][:-1]] for u in users]  # only the users with a new target
     return histories, [ids[t] for t in last[is_new]]
