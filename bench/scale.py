@@ -142,6 +142,31 @@ def bad_row_check(data_dir: Path, n_inter: int) -> dict:
             "names_the_row": message is not None and f"row {row + 1}:" in message}
 
 
+def data_only(n_items: int, args, work: Path) -> dict:
+    """--data-only: generate, then the pipeline's data stage alone (read, sequences, split, popularity,
+    fingerprint), for sizes whose training epoch does not fit the session."""
+    from learn.data.load import load_sequences
+
+    base = work / f"n{n_items}"
+    shutil.rmtree(base, ignore_errors=True)
+    timer = StageTimer()
+    with timer("generate"):
+        facts = generate(base / "data", n_items, n_items * args.per_item, args.per_user, args.seed)
+    cfg = load_config(args.config, [f"data.path={base / 'data'}", *args.set])
+    with timer("data"):
+        _, data = load_sequences(cfg.data)
+        splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
+        splits.train_popularity(data.num_items)
+        data.fingerprint()
+    out = {"items": n_items, "interactions": facts["interactions"], "users": facts["users"], "data_only": True,
+           "stages": {k: {m: round(v, 3) for m, v in row.items()} for k, row in timer.stages.items()}}
+    if args.bad_row:
+        out["bad_row_check"] = bad_row_check(base / "data", facts["interactions"])
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
 def run_size(n_items: int, args, work: Path) -> dict:
     from tests.flows import run_pipeline  # the flow file, as the CLI runs it
 
@@ -165,7 +190,7 @@ def run_size(n_items: int, args, work: Path) -> dict:
     result = run_pipeline(cfg, progress=False)
     out["total_wall_s"] = time.perf_counter() - start
     out["stages"] = {k: {m: round(v, 3) for m, v in row.items()} for k, row in result.stages.items()}
-    out["metrics"] = {k: result.metrics[k] for k in ("test_ndcg_at_10", "test_recall_at_10", "test_users_scored",
+    out["metrics"] = {k: result.metrics[k] for k in ("test_ndcg_at_10", "test_recall_at_10", "data_test_users_scored",
                                                      "index_recall_at_10_vs_flat") if k in result.metrics}
     if n_items <= args.full_max_items:
         full = run_pipeline(load_config(args.config, [o for o in overrides if o] + [
@@ -206,6 +231,7 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="working directory (default: a temp dir, removed)")
     ap.add_argument("--keep", action="store_true", help="keep each size's files")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-only", action="store_true", help="only generate + the data stage (read, split, fingerprint)")
     ap.add_argument("--bad-row", action="store_true", help="also check that a bad row of the log is named")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -213,7 +239,7 @@ def main() -> None:
     print("content vectors: seeded random unit vectors put into the store through its API (not embeddings)")
     rows = []
     for n in sorted(args.items):
-        row = run_size(n, args, work)
+        row = data_only(n, args, work) if args.data_only else run_size(n, args, work)
         rows.append(row)
         print(json.dumps(row), flush=True)
         report = rows[0] if len(rows) == 1 and len(args.items) == 1 else {
@@ -225,8 +251,9 @@ def main() -> None:
         for stage, v in row["stages"].items():
             print(f"{row['items']:>9} {row['interactions']:>10} {stage:>8} {v['wall_s']:>9.1f} {v['cpu_s']:>9.1f} "
                   f"{v['peak_rss_gb']:>9.2f}")
-        print(f"{row['items']:>9} {'':>10} {'total':>8} {row['total_wall_s']:>9.1f} {'':>9} {row['peak_rss_gb']:>9.2f}"
-              f"   store_flush_10k_s {row['store_flush_10k_s']}")
+        if "total_wall_s" in row:
+            print(f"{row['items']:>9} {'':>10} {'total':>8} {row['total_wall_s']:>9.1f} {'':>9} "
+                  f"{row['peak_rss_gb']:>9.2f}   store_flush_10k_s {row['store_flush_10k_s']}")
     print("growth exponents (wall, per stage, between consecutive sizes):", exponents(rows))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -10,8 +10,8 @@ Stages (the wall time of each is logged as ``time_<stage>_s``):
   train   twin towers with early stopping on the valid split (a baseline trains nothing)
   test    full ranking on the test split, both history modes, segment breakdown
   export  (trained recipes, ``export.enabled``) the serving bundle -- towers, content and item-embedding
-          tables, faiss index, manifest -- logged as artifacts with a pyfunc ``retriever``, registered
-          under ``tracking.registered_model`` as ``challenger`` (and ``champion`` when it is the first)
+          tables, faiss index, manifest -- logged once, as the artifacts of the run's pyfunc ``retriever``,
+          registered under ``tracking.registered_model`` as ``challenger`` (and ``champion`` when it is the first)
 Every key is listed, with its type and default, in learn/config.py.
 """
 
@@ -36,10 +36,10 @@ from learn.data.schema import DataError  # noqa: E402
 from learn.device import resolve_device  # noqa: E402
 from learn.embed.catalog import check_before_run, embed_items  # noqa: E402
 from learn.evaluate.baselines import BASELINES, evaluate_baseline  # noqa: E402
+from learn.evaluate.metrics import sample_users  # noqa: E402
 from learn.evaluate.report import format_summary  # noqa: E402
-from learn.export.bundle import BundleInfo, write_bundle  # noqa: E402
+from learn.export.bundle import BundleInfo  # noqa: E402
 from learn.export.towers import save_tower_weights  # noqa: E402
-from learn.serve.retriever import log_retriever  # noqa: E402
 from learn.towers.model import TwinTowers  # noqa: E402
 from learn.tracking.mlflow_run import Tracker  # noqa: E402
 from learn.tracking.plots import plot_segments, plot_training_curves  # noqa: E402
@@ -55,6 +55,7 @@ class PipelineResult:
     metrics: dict[str, float]
     output_dir: Path
     seconds: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)  # {stage: {wall_s, cpu_s, peak_rss_gb}}
 
 
 def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
@@ -110,7 +111,9 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
         metrics: dict[str, float] = {}
         if cfg.train.recipe in BASELINES:  # a floor on the raw content vectors: nothing to train or export
             with timer("test"):
-                for split, prefix in ((splits.valid, "best_valid_"), (splits.test, "test_")):
+                test = sample_users(splits.test, cfg.eval.test_max_users, cfg.seed)
+                for split, prefix in ((sample_users(splits.valid, cfg.eval.valid_max_users, cfg.seed), "best_valid_"),
+                                      (test, "test_")):
                     metrics.update(evaluate_baseline(cfg.train.recipe, content, split, cfg.eval, cfg.data.max_history,
                                                      popularity, prefix))
         else:
@@ -138,34 +141,34 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
 
             # test: full ranking over the catalog, both history modes, segments
             with timer("test"):
-                metrics.update(evaluate_model(model, splits.test, cfg.eval, cfg.data.max_history,
+                test = sample_users(splits.test, cfg.eval.test_max_users, cfg.seed)
+                metrics.update(evaluate_model(model, test, cfg.eval, cfg.data.max_history,
                                               train_popularity=popularity, prefix="test_"))
+                metrics["data_test_users_scored"] = float(len(test))
             if cfg.export.plots:
                 plot_training_curves(result.history, out_dir / "plots" / "training_curves.png")
                 plot_segments(metrics, out_dir / "plots" / "segments_ndcg_at_10.png", metric="test_ndcg_at_10")
                 tracker.log_artifacts(out_dir / "plots", "plots")
 
-            # export and register: bundle -> run artifacts -> pyfunc retriever -> registry aliases
+            # export and register: bundle -> pyfunc retriever (the bundle's one MLflow copy) -> registry aliases
             if cfg.export.enabled:
                 with timer("export"):
                     info = BundleInfo(encoder_id=encoder_id, dataset=data.name, dataset_fingerprint=fingerprint,
                                       run_id=tracker.run_id, max_history=cfg.data.max_history, config=to_dict(cfg))
-                    bundle = write_bundle(model, [str(i) for i in data.item_ids], content, out_dir / "bundle", info,
-                                          index_kind=cfg.export.index_kind, flat_max_items=cfg.export.flat_max_items,
-                                          recall_queries=cfg.export.recall_queries, seed=cfg.seed)
+                    exported = registry.export_trained(
+                        model, [str(i) for i in data.item_ids], content, out_dir / "bundle", info, cfg.export,
+                        seed=cfg.seed, max_history=cfg.data.max_history,
+                        tracking_uri=tracker.uri if tracker.run_id is not None else None,
+                        registered_model=cfg.tracking.registered_model)
+                    bundle, name = exported.bundle, cfg.tracking.registered_model
                     metrics.update({"index_items": float(bundle.n_items),
                                     "index_recall_at_10_vs_flat": float(bundle.index_recall_at_10)})
                     print(f"[export] bundle in {bundle.directory}: {bundle.index_kind} index over {bundle.n_items} "
                           f"items, recall@10 vs Flat {bundle.index_recall_at_10:.4f}", flush=True)
-                    tracker.log_artifacts(bundle.directory, "bundle")
-                    name = cfg.tracking.registered_model
-                    if tracker.run_id is not None and name:
-                        version, aliases = registry.register_trained(registry.client(tracker.uri), bundle.directory,
-                                                                     name, cfg.data.max_history)
-                        tracker.set_tags({"registered_model": name, "registered_model_version": version})
-                        print(f"[export] registered {name} version {version} (alias {', '.join(aliases)})", flush=True)
-                    elif tracker.run_id is not None:
-                        log_retriever(bundle.directory, name="retriever", max_history=cfg.data.max_history)
+                    if exported.version is not None:
+                        tracker.set_tags({"registered_model": name, "registered_model_version": exported.version})
+                        print(f"[export] registered {name} version {exported.version} (alias "
+                              f"{', '.join(exported.aliases)})", flush=True)
 
         metrics.update({f"time_{k}_s": v for k, v in timer.seconds.items()})
         tracker.log_metrics(metrics)
@@ -174,7 +177,8 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
         atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2, default=str))
         tracker.log_dict(summary, "metrics.json")
     print(format_summary(metrics, cfg.eval), flush=True)
-    return PipelineResult(run_id=tracker.run_id, metrics=metrics, output_dir=out_dir, seconds=dict(timer.seconds))
+    return PipelineResult(run_id=tracker.run_id, metrics=metrics, output_dir=out_dir, seconds=dict(timer.seconds),
+                          stages={k: dict(v) for k, v in timer.stages.items()})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,10 +134,10 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
             if targets:
                 metrics["new_item_recall_at_10_after"] = new_item_recall(new, histories, targets, max_history)
             tracker.log_metrics(metrics)
-            tracker.log_artifacts(bundle_dir, "bundle")
-            # 5. register (or find the version an interrupted run registered), then move the alias
+            # 5. register (or find the version an interrupted run registered), then move the alias; the
+            # bundle reaches MLflow once, inside the registered retriever, checked against its manifest
             served_version = publish_catalog_version(client, name, cfg.reembed.alias, fingerprint, source_version,
-                                                     bundle_dir, max_history, tracker)
+                                                     bundle_dir, max_history, tracker, manifest=new.manifest)
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         tracker.log_metrics({"seconds": metrics["seconds"]})
         tracker.set_tags({"served_version": served_version})

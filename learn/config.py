@@ -151,9 +151,10 @@ class TrainConfig:
     use_gpu: bool = False
     max_failures: int = 1  # Ray Train restarts from the latest checkpoint this many times
     storage_path: str | None = None  # Ray Train checkpoints; null = <output_dir>/ray
-    # sampled_softmax recipe: the batch's targets plus num_negatives items drawn per step from
-    # negative_sampler (uniform | popularity: by training interactions | mixed: half of each), every
-    # logit corrected by the log of its expected count when logq_correction is on
+    # sampled_softmax and dense_all_action: the batch's targets plus num_negatives items drawn per step
+    # from negative_sampler (uniform | popularity: by training interactions | mixed: half of each), every
+    # logit corrected by the log of its expected count when logq_correction is on (dense_all_action:
+    # num_negatives=0 is in-batch negatives only; with logq_correction=false, the paper's loss as written)
     num_negatives: int = 1024
     negative_sampler: Literal["uniform", "popularity", "mixed"] = "mixed"
     logq_correction: bool = True
@@ -162,6 +163,9 @@ class TrainConfig:
     n_targets: int = 10
     recency_weighting: bool = True
     target_len: int = 40
+    # the horizon: a target is a positive of a history position only if it comes at most this many
+    # items after it (1 = next item only); 0 = no limit, the whole target part (the paper)
+    target_window: int = 0
 
 
 @dataclass
@@ -171,8 +175,10 @@ class EvalConfig:
     chunk_size: int = 2048  # users scored at once
     item_block: int = 8192  # items scored at once per user chunk: memory ~ chunk_size x item_block x 5 bytes
     # validation during training scores a fixed seeded sample of this many users (0/null: all);
-    # the test split always scores every user
+    # the test split scores every user unless test_max_users asks for a seeded sample (reported
+    # as data_test_users_scored; for benchmarks at scale, never for published figures)
     valid_max_users: int | None = None
+    test_max_users: int | None = None
     popularity_buckets: int = 3  # quantile buckets over warm items (cold = unseen in train)
     history_buckets: list[int] = field(default_factory=lambda: [3, 5, 10, 20])  # upper bounds
 
@@ -194,9 +200,9 @@ class TrackingConfig:
 
 @dataclass
 class ExportConfig:
-    # what a trained run exports (to runs/<run_id>/bundle and to the MLflow run's artifacts)
+    # what a trained run exports (to runs/<run_id>/bundle, and once to MLflow inside the run's retriever model)
     enabled: bool = True
-    # auto: exact Flat up to flat_max_items, IVF above; or flat | ivf | hnsw
+    # auto: exact Flat up to flat_max_items, IVF above (nprobe: 1/16 of its lists, at least 16); or flat | ivf | hnsw
     index_kind: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
     flat_max_items: int = 100_000
     recall_queries: int = 1000  # queries used to measure an approximate index's recall@10 against Flat
@@ -212,6 +218,30 @@ class ReembedConfig:
 
 
 @dataclass
+class ServeConfig:
+    # flows/serve.py: Ray Serve application over models:/<tracking.registered_model>@champion (and
+    # @challenger when it exists and differs), on host:port (loopback unless told otherwise)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    challenger_share: float = 0.1  # users whose salted id hash falls under this go to the challenger
+    salt: str = "learn-ab-1"  # routing and the log's user hash; a new salt reshuffles every user
+    poll_s: float = 10.0  # how often the aliases are read; a moved alias is loaded, then swapped in
+    log_dir: str | None = None  # assignment log (Parquet parts); null = <output_dir>/assignments
+    log_flush_rows: int = 5000  # a part is written every this many answers ...
+    log_flush_s: float = 10.0  # ... or after this many seconds, whichever comes first
+    log_keep_days: int = 0  # delete day directories of the log older than this (0: keep all)
+    max_body_bytes: int = 65536  # larger request bodies get HTTP 400
+    max_k: int = 1000  # k must be in [1, max_k]
+    max_history_items: int = 1000  # longer request histories get HTTP 400 (the towers read the last data.max_history)
+    num_replicas: int = 1
+    replica_cpus: float = 1.0  # Ray CPUs per replica (also its torch threads, at least 1)
+    max_batch_size: int = 32  # concurrent requests scored together (Ray Serve dynamic batching)
+    batch_wait_s: float = 0.0  # wait this long for a batch to fill (0: take what is queued)
+    max_ongoing_requests: int = 64  # per replica; more wait in the proxy
+    access_log: bool = False  # Ray Serve's per-request access log (the assignment log records every answer anyway)
+
+
+@dataclass
 class Config:
     seed: int = 0
     output_dir: str = "runs"
@@ -223,6 +253,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     reembed: ReembedConfig = field(default_factory=ReembedConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -331,10 +362,15 @@ _ONLY_UNDER = {
     "train.n_targets": ("train.recipe", "dense_all_action"),
     "train.target_len": ("train.recipe", "dense_all_action"),
     "train.recency_weighting": ("train.recipe", "dense_all_action"),
-    "train.num_negatives": ("train.recipe", "sampled_softmax"),
-    "train.negative_sampler": ("train.recipe", "sampled_softmax"),
-    "train.logq_correction": ("train.recipe", "sampled_softmax"),
+    "train.target_window": ("train.recipe", "dense_all_action"),
+    "train.num_negatives": ("train.recipe", ("sampled_softmax", "dense_all_action")),
+    "train.negative_sampler": ("train.recipe", ("sampled_softmax", "dense_all_action")),
+    "train.logq_correction": ("train.recipe", ("sampled_softmax", "dense_all_action")),
 }
+# dense_all_action with train.all_positions=true (every position a cut) samples no positions or
+# targets and reads no target sequence: these have no effect there
+_NOT_WITH_DENSE_ALL_POSITIONS = ("train.n_history", "train.n_targets", "train.target_len", "train.recency_weighting",
+                                 "model.item_tower")
 
 
 def _check_effects(cfg: Config, explicit: set[str]) -> None:
@@ -350,12 +386,39 @@ def _check_effects(cfg: Config, explicit: set[str]) -> None:
                           f"differ only over target sequences (train.recipe=dense_all_action); use "
                           f"model.item_tower=a")
     if cfg.train.all_positions and recipe == "dense_all_action":
-        raise ConfigError("train.all_positions=true has no effect with train.recipe=dense_all_action (it samples "
-                          "its own history positions): set train.all_positions=false")
+        for key in _NOT_WITH_DENSE_ALL_POSITIONS:
+            if key in explicit and not (key == "model.item_tower" and cfg.model.item_tower != "b"):
+                raise ConfigError(f"key '{key}' has no effect with train.recipe=dense_all_action and "
+                                  f"train.all_positions=true (every position is a cut; targets are single "
+                                  f"items): remove it or set train.all_positions=false")
     for key, (other, value) in _ONLY_UNDER.items():
-        if key in explicit and flatten(cfg)[other] != value:
-            raise ConfigError(f"key '{key}' has no effect unless {other}={value} (here {other}="
+        values = value if isinstance(value, tuple) else (value,)
+        if key in explicit and flatten(cfg)[other] not in values:
+            wanted = " or ".join(f"{other}={v}" for v in values)
+            raise ConfigError(f"key '{key}' has no effect unless {wanted} (here {other}="
                               f"{flatten(cfg)[other]}): remove it")
+
+
+def _check_serve(s: ServeConfig) -> None:
+    if not 1 <= s.port <= 65535:
+        raise ConfigError(f"key 'serve.port' must be in [1, 65535], got {s.port}")
+    if not s.host.strip():
+        raise ConfigError("key 'serve.host' must be a host name or address (127.0.0.1: loopback only)")
+    if not 0 <= s.challenger_share <= 1:
+        raise ConfigError(f"key 'serve.challenger_share' must be in [0, 1], got {s.challenger_share}")
+    if not s.salt:
+        raise ConfigError("key 'serve.salt' must be a non-empty string")
+    for key in ("poll_s", "log_flush_s", "replica_cpus"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"key 'serve.{key}' must be > 0, got {getattr(s, key)}")
+    for key in ("log_flush_rows", "max_body_bytes", "max_k", "max_history_items", "num_replicas", "max_batch_size",
+                "max_ongoing_requests"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"key 'serve.{key}' must be >= 1, got {getattr(s, key)}")
+    if s.log_keep_days < 0:
+        raise ConfigError(f"key 'serve.log_keep_days' must be >= 0 (0: keep every day), got {s.log_keep_days}")
+    if s.batch_wait_s < 0:
+        raise ConfigError(f"key 'serve.batch_wait_s' must be >= 0, got {s.batch_wait_s}")
 
 
 def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
@@ -367,10 +430,16 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
                 "model.d_out", "train.eval_every", "train.n_history", "train.n_targets", "train.target_len",
                 "eval.popularity_buckets", "train.score_scale", "data.demo.num_items", "data.demo.num_users",
                 "export.flat_max_items", "export.recall_queries", "train.num_workers", "embed.rows_per_flush",
-                "model.members", "eval.item_block", "train.num_negatives"]
+                "model.members", "eval.item_block"]
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"key '{key}' must be > 0, got {flat[key]}")
+    for key in ["train.num_negatives", "train.target_window"]:  # 0: in-batch negatives only / no horizon
+        if flat[key] < 0:
+            raise ConfigError(f"key '{key}' must be >= 0, got {flat[key]}")
+    if cfg.train.recipe == "sampled_softmax" and cfg.train.num_negatives == 0:
+        raise ConfigError("key 'train.num_negatives' must be > 0 with train.recipe=sampled_softmax (0 leaves no "
+                          "sampled pool: use train.recipe=in_batch)")
     for key in ["model.dropout", "train.betas", "data.time_cut"]:
         values = flat[key] if isinstance(flat[key], list) else [flat[key]]
         if key != "data.time_cut" and any(not 0 <= v < 1 for v in values):
@@ -390,17 +459,20 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
         raise ConfigError(f"embed.device={cfg.embed.device} applies to embed.executor=local with embed.backend=hf only "
                           f"(here {cfg.embed.executor}, {cfg.embed.backend}): Ray Data actors take embed.gpus_per_actor "
                           f"and vLLM the GPUs its process sees")
+    _check_serve(cfg.serve)
     if not cfg.reembed.alias.strip():
         raise ConfigError("key 'reembed.alias' must be a non-empty alias name")
-    if cfg.eval.valid_max_users is not None and cfg.eval.valid_max_users < 0:
-        raise ConfigError(f"key 'eval.valid_max_users' must be >= 0 (0 or null: every user), got {cfg.eval.valid_max_users}")
+    for key in ("valid_max_users", "test_max_users"):
+        value = getattr(cfg.eval, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"key 'eval.{key}' must be >= 0 (0 or null: every user), got {value}")
     if cfg.embed.flush_seconds < 0:
         raise ConfigError(f"key 'embed.flush_seconds' must be >= 0, got {cfg.embed.flush_seconds}")
     if not 0 < cfg.embed.vllm_memory_fraction <= 1:
         raise ConfigError(f"key 'embed.vllm_memory_fraction' must be in (0, 1], got {cfg.embed.vllm_memory_fraction}")
     if cfg.data.time_cut <= 0:
         raise ConfigError(f"key 'data.time_cut' must be a quantile in (0, 1] or a timestamp > 1, got {cfg.data.time_cut}")
-    if (cfg.train.recipe == "dense_all_action" and cfg.model.item_tower == "a"
+    if (cfg.train.recipe == "dense_all_action" and cfg.model.item_tower == "a" and not cfg.train.all_positions
             and cfg.model.positions == "learned"):
         raise ConfigError("model.positions=learned with model.item_tower=a and the dense_all_action recipe would "
                           "train targets at positions 1..n but serve them at position 0; use item_tower=b or "
@@ -420,7 +492,8 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
         raise ConfigError(
             f"key 'data.max_history' ({cfg.data.max_history}) exceeds 'model.max_len' ({cfg.model.max_len})"
         )
-    if cfg.train.recipe == "dense_all_action" and cfg.train.target_len > cfg.model.max_len:
+    if (cfg.train.recipe == "dense_all_action" and not cfg.train.all_positions  # all_positions: no target part
+            and cfg.train.target_len > cfg.model.max_len):
         raise ConfigError(
             f"key 'train.target_len' ({cfg.train.target_len}) exceeds 'model.max_len' ({cfg.model.max_len})"
         )

@@ -9,15 +9,20 @@ comparison (flows/compare.py) or a re-embedding of the champion (flows/reembed.p
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 import mlflow
+import numpy as np
 from mlflow.exceptions import MlflowException
 
-from learn.export.bundle import Bundle, load_bundle
+from learn.config import ExportConfig
+from learn.export.bundle import Bundle, BundleInfo, BundleSummary, Stages, load_bundle, write_bundle
 from learn.serve.retriever import BUNDLE_ARTIFACT, log_retriever
+from learn.towers.model import TwinTowers
 from learn.tracking.mlflow_run import prepare_store, resolve_uri
 
 CHAMPION = "champion"
@@ -89,10 +94,12 @@ def fetch_bundle(reference: Reference, dest: Path, progress: bool = True) -> Bun
 
 
 def publish_version(client: mlflow.MlflowClient, bundle_dir: Path, name: str, max_history: int,
-                    tags: dict[str, str] | None = None) -> str:
+                    tags: dict[str, str] | None = None, manifest: dict[str, Any] | None = None) -> str:
     """Log a retriever over ``bundle_dir`` into the active run, register it as a new version of
-    ``name`` and tag that version; returns the version. Moves no alias."""
-    info = log_retriever(bundle_dir, name="retriever", registered_model_name=name, max_history=max_history)
+    ``name`` and tag that version; returns the version. Moves no alias. ``manifest``: the writer's
+    (``BundleSummary.manifest``), so that nothing is re-hashed (see :func:`log_retriever`)."""
+    info = log_retriever(bundle_dir, name="retriever", registered_model_name=name, max_history=max_history,
+                         manifest=manifest)
     version = str(info.registered_model_version)
     for key, value in (tags or {}).items():
         client.set_model_version_tag(name, version, key, value)
@@ -112,12 +119,57 @@ def has_alias(client: mlflow.MlflowClient, name: str, alias: str) -> bool:
     return True
 
 
-def register_trained(client: mlflow.MlflowClient, bundle_dir: Path, name: str, max_history: int) -> tuple[str, list[str]]:
+def register_trained(client: mlflow.MlflowClient, bundle_dir: Path, name: str, max_history: int,
+                     manifest: dict[str, Any] | None = None) -> tuple[str, list[str]]:
     """Publish a freshly trained bundle as ``challenger``, and as ``champion`` too when the model
     has no champion yet (its first version). Returns (version, the aliases moved onto it)."""
     first = not has_alias(client, name, CHAMPION)
-    version = publish_version(client, bundle_dir, name, max_history)
+    version = publish_version(client, bundle_dir, name, max_history, manifest=manifest)
     aliases = [CHALLENGER, CHAMPION] if first else [CHALLENGER]
     for alias in aliases:
         move_alias(client, name, alias, version)
     return version, aliases
+
+
+@dataclass
+class Exported:
+    """What :func:`export_trained` made: the bundle, and where MLflow holds it."""
+
+    bundle: BundleSummary
+    model_uri: str | None = None  # the logged retriever, whose artifacts hold the bundle (None: not logged)
+    bundle_uri: str | None = None  # the bundle inside it, an artifact URI (mlflow.artifacts.download_artifacts)
+    version: str | None = None  # its registered version (None: not registered)
+    aliases: list[str] = field(default_factory=list)
+
+
+def export_trained(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray, out_dir: Path, info: BundleInfo,
+                   export: ExportConfig, seed: int, max_history: int, tracking_uri: str | None = None,
+                   registered_model: str | None = None, stages: Stages | None = None) -> Exported:
+    """The pipeline's export and registration stage. Writes the bundle at ``out_dir``
+    (:func:`write_bundle` with ``export.*``: streamed, every file hashed once). With ``tracking_uri``
+    (an MLflow run must be active) it logs the retriever over the bundle, with the writer's digests
+    and without loading the bundle: that is how the bundle reaches MLflow, once, as the run's logged
+    model (the run's tags ``retriever_model_uri`` and ``bundle_uri`` name it and the bundle in it).
+    With ``registered_model`` too, the retriever is a new version, ``challenger`` (and ``champion``
+    when it is the first). ``stages`` as in write_bundle, plus "mlflow"."""
+    summary = write_bundle(model, item_ids, content, out_dir, info, index_kind=export.index_kind,
+                           flat_max_items=export.flat_max_items, recall_queries=export.recall_queries, seed=seed,
+                           stages=stages)
+    if tracking_uri is None:
+        return Exported(summary)
+    with (stages or (lambda name: contextlib.nullcontext()))("mlflow"):
+        mlflow_client = client(tracking_uri)
+        if registered_model:
+            version, aliases = register_trained(mlflow_client, summary.directory, registered_model, max_history,
+                                                manifest=summary.manifest)
+            mv = mlflow_client.get_model_version(registered_model, version)
+            model_id = mv.model_id or mv.source.removeprefix("models:/")  # (sqlite stores leave model_id unset)
+        else:
+            version, aliases = None, []
+            model_id = log_retriever(summary.directory, name="retriever", max_history=max_history,
+                                     manifest=summary.manifest).model_id
+        # where the bundle is, for whoever looks at the run: models:/<id> loads the retriever, the
+        # artifact URI downloads the bundle alone
+        bundle_uri = f"{mlflow_client.get_logged_model(model_id).artifact_location}/artifacts/{BUNDLE_ARTIFACT}"
+        mlflow.set_tags({"retriever_model_uri": f"models:/{model_id}", "bundle_uri": bundle_uri})
+    return Exported(summary, f"models:/{model_id}", bundle_uri, version, aliases)

@@ -16,10 +16,16 @@ Layout (all listed in ``manifest.json``, which is written last)::
 ``tower_id`` is the sha256 of ``towers_state.pt``. Rows of the content table, the item embeddings
 and the index are in the same (catalog) order. The bundle is assembled in a hidden temp directory
 beside ``out_dir`` and renamed into place, so a half-written bundle is never visible.
+
+Writing is streamed: the item tower runs over GROUP_ROWS rows at a time, each group one Parquet row
+group of both tables; the index is built from the written table (an IVF index trained on a seeded
+sample); every file is hashed once, as it is written, and those digests go into the manifest and
+the provenance. Loading verifies every digest and reads the tables batch by batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +34,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +42,15 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from learn.export.manifest import MANIFEST, ArtifactError, verify_manifest, write_manifest
+from learn.export.manifest import (
+    MANIFEST,
+    ArtifactError,
+    HashingWriter,
+    check_sizes,
+    read_manifest,
+    verify_manifest,
+    write_manifest,
+)
 from learn.export.towers import (
     ITEM_TOWER,
     TOWER_CONFIG,
@@ -46,7 +60,15 @@ from learn.export.towers import (
     load_item_tower,
     load_user_tower,
 )
-from learn.index.faiss_index import ItemIndex, ItemIndexError, build_index, load_index, recall_vs_exact
+from learn.index.faiss_index import (
+    ItemIndex,
+    ItemIndexError,
+    VectorStream,
+    build_index,
+    exact_top_k,
+    load_index,
+    recall_of_rows,
+)
 from learn.towers.model import TowerConfig, TwinTowers
 from learn.utils import file_sha256
 
@@ -61,7 +83,9 @@ REQUIRED_FILES = (USER_TOWER, ITEM_TOWER, TOWERS_STATE, TOWER_CONFIG, CONTENT, I
 RESERVED_INFO = ("bundle_format", "tower_id", "d_llm", "d_out", "n_items", "index_kind", "index_params",
                  "index_recall_at_10_vs_flat")
 INDEX_PARAM_KEYS = ("nlist", "nprobe", "hnsw_m", "ef_search", "num_threads")
-BATCH = 4096
+BATCH = 4096  # rows per item-tower call
+GROUP_ROWS = 16 * BATCH  # rows per Parquet row group of the tables (and per item-tower group)
+READ_BATCH = 65_536  # rows per batch when a table is read back
 SPOT_CHECK_ROWS = 64
 SPOT_CHECK_ATOL = 1e-4
 
@@ -138,6 +162,9 @@ class BundleSummary:
     d_llm: int
     d_out: int
     manifest: dict[str, Any] = field(repr=False)
+    index_top1_vs_flat: float = 1.0  # share of recall queries whose exact best item the index ranks first
+    recall_queries: int = 0  # queries the recall was measured on (0: a flat index, exact by construction)
+    hash_seconds: float = 0.0  # CPU time spent hashing the two tables as they were written
 
 
 # -- tables -------------------------------------------------------------------------------------
@@ -150,28 +177,103 @@ def _vector_table(item_ids: Sequence[str], vectors: np.ndarray) -> pa.Table:
     })
 
 
-def _read_vector_table(directory: Path, name: str) -> tuple[list[str], np.ndarray]:
-    """(ids, float32 [n, d]) from a table written by :func:`_vector_table`; ArtifactError if malformed."""
+class _VectorTableWriter:
+    """Writes a table of :func:`_vector_table`'s schema group by group (one Parquet row group per
+    ``write``), hashing the bytes as they go to disk. ``close`` returns the manifest entry."""
+
+    def __init__(self, path: Path, d: int) -> None:
+        self.schema = pa.schema([("item_id", pa.string()), ("vector", pa.list_(pa.float32(), d))])
+        self.file = HashingWriter(path)
+        # random-looking float vectors do not compress: only the ids are compressed
+        self.writer = pq.ParquetWriter(self.file, self.schema, use_dictionary=False,
+                                       compression={"item_id": "snappy", "vector": "none"})
+
+    def write(self, item_ids: Sequence[str], vectors: np.ndarray) -> None:
+        self.writer.write_table(_vector_table(item_ids, vectors), row_group_size=max(len(vectors), 1))
+
+    def close(self) -> dict[str, Any]:
+        self.writer.close()
+        self.file.close()
+        return self.file.entry()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        self.file.close()
+
+
+def _open_vector_table(path: Path, name: str) -> tuple[pq.ParquetFile, int]:
+    """(ParquetFile, width) of a table written by :func:`_vector_table`; ArtifactError if malformed."""
     try:
-        table = pq.read_table(directory / name)
+        pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise ArtifactError(f"{name}: not readable Parquet: {exc}") from exc
-    if table.column_names != ["item_id", "vector"]:
-        raise ArtifactError(f"{name}: columns are {table.column_names}, expected ['item_id', 'vector']")
-    id_type, vec_type = table.schema.field("item_id").type, table.schema.field("vector").type
+    schema = pf.schema_arrow
+    if schema.names != ["item_id", "vector"]:
+        raise ArtifactError(f"{name}: columns are {schema.names}, expected ['item_id', 'vector']")
+    id_type, vec_type = schema.field("item_id").type, schema.field("vector").type
     if not pa.types.is_string(id_type):
         raise ArtifactError(f"{name}: column 'item_id' has type {id_type}, expected string")
     if not (pa.types.is_fixed_size_list(vec_type) and pa.types.is_float32(vec_type.value_type)):
         raise ArtifactError(f"{name}: column 'vector' has type {vec_type}, expected fixed_size_list<float32>")
-    if table.column("item_id").null_count or table.column("vector").null_count:
+    return pf, vec_type.list_size
+
+
+def _batch_matrix(column: pa.Array, width: int, name: str) -> np.ndarray:
+    """float32 [rows, width] view of one batch's vector column (Arrow's buffer, read-only)."""
+    if column.null_count:
         raise ArtifactError(f"{name}: holds null ids or vectors")
-    vec = table.column("vector").combine_chunks()
-    values = vec.flatten()
+    values = column.flatten()
     if values.null_count:
         raise ArtifactError(f"{name}: vectors hold null components")
-    # a writable copy: Arrow's buffers are read-only and torch.from_numpy warns about those
-    matrix = np.array(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(vec), vec_type.list_size)
-    return table.column("item_id").to_pylist(), matrix
+    return values.to_numpy(zero_copy_only=False).reshape(len(column), width)
+
+
+def _vector_batches(path: Path, name: str, batch_rows: int = READ_BATCH) -> Iterator[np.ndarray]:
+    """The vector column of a table, in row-order batches of float32 [<= batch_rows, width]."""
+    pf, width = _open_vector_table(path, name)
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["vector"]):
+        yield _batch_matrix(batch.column(0), width, name)
+
+
+def _vector_stream(path: Path, name: str, n: int, width: int) -> VectorStream:
+    """The table's vectors as a :class:`VectorStream`: each pass reads the file again (from the page
+    cache, as a rule), so no more than one batch of it is in memory."""
+
+    def rows(wanted: np.ndarray) -> np.ndarray:
+        out = np.empty((len(wanted), width), dtype=np.float32)
+        start = 0
+        for batch in _vector_batches(path, name):
+            lo, hi = np.searchsorted(wanted, [start, start + len(batch)])
+            out[lo:hi] = batch[wanted[lo:hi] - start]
+            start += len(batch)
+        return out
+
+    return VectorStream(n, width, lambda: _vector_batches(path, name), rows)
+
+
+def _read_vector_table(directory: Path, name: str) -> tuple[list[str], np.ndarray]:
+    """(ids, float32 [n, d]) from a table written by :func:`_vector_table`; ArtifactError if malformed.
+    Read batch by batch into one preallocated (writable) matrix: the table is never whole in memory
+    beside it."""
+    path = directory / name
+    pf, width = _open_vector_table(path, name)
+    try:
+        ids_column = pf.read(columns=["item_id"]).column("item_id")
+        if ids_column.null_count:
+            raise ArtifactError(f"{name}: holds null ids or vectors")
+        ids = ids_column.to_pylist()
+        del ids_column
+        matrix = np.empty((pf.metadata.num_rows, width), dtype=np.float32)
+        start = 0
+        for batch in _vector_batches(path, name):
+            matrix[start:start + len(batch)] = batch
+            start += len(batch)
+    except (pa.ArrowException, OSError) as exc:
+        raise ArtifactError(f"{name}: not readable Parquet: {exc}") from exc
+    if start != len(ids):
+        raise ArtifactError(f"{name}: {len(ids)} ids but {start} vectors")
+    return ids, matrix
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -193,23 +295,48 @@ def _check_catalog(item_ids: Sequence[str], content: np.ndarray, d_llm: int) -> 
         raise ValueError(f"content has {arr.shape[0]} rows but there are {len(ids)} item ids")
     if not ids:
         raise ValueError("the catalog is empty; a bundle needs at least one item")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"content holds NaN or inf (first bad row {int(np.flatnonzero(~np.isfinite(arr).all(1))[0])})")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)  # no copy for the usual float32 C-ordered matrix
+    for start in range(0, len(arr), GROUP_ROWS):  # in blocks: no [N, d] temporary
+        finite = np.isfinite(arr[start:start + GROUP_ROWS]).all(1)
+        if not finite.all():
+            raise ValueError(f"content holds NaN or inf (first bad row {start + int(np.flatnonzero(~finite)[0])})")
     return ids, arr
 
 
 @torch.no_grad()
 def _run_item_tower(tower: nn.Module, content: np.ndarray) -> np.ndarray:
+    """The reference: the item tower over all of ``content`` at once, in BATCH-row calls."""
     out = [tower(torch.from_numpy(content[s:s + BATCH])).numpy() for s in range(0, len(content), BATCH)]
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
-def _recall_queries(embeddings: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """User-like queries: random items' embeddings plus isotropic noise of about their own norm."""
+@torch.no_grad()
+def _item_tower_rows(tower: nn.Module, content: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Item vectors of ``content[start:stop]`` (``start`` a multiple of BATCH), computed in the same
+    BATCH-row calls as :func:`_run_item_tower`, so they equal its rows bit for bit."""
+    if start % BATCH:
+        raise ValueError(f"item-tower groups must start at multiples of BATCH={BATCH}, got row {start}")
+    out = None
+    for s in range(start, stop, BATCH):
+        vecs = tower(torch.from_numpy(content[s:min(s + BATCH, stop)])).numpy()
+        if out is None:
+            out = np.empty((stop - start, vecs.shape[1]), dtype=np.float32)
+        out[s - start:s - start + len(vecs)] = vecs
+    return out
+
+
+def _recall_queries(embeddings: np.ndarray | VectorStream, n: int, seed: int) -> np.ndarray:
+    """User-like queries: random items' embeddings plus isotropic noise of about their own norm.
+    ``embeddings`` is the matrix or a stream of it (the same queries either way)."""
     rng = np.random.default_rng(seed)
-    d = embeddings.shape[1]
-    q = embeddings[rng.integers(0, len(embeddings), n)] + rng.standard_normal((n, d)) / np.sqrt(d)
+    if isinstance(embeddings, VectorStream):
+        rows = rng.integers(0, embeddings.n, n)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        base, d = embeddings.rows(unique)[inverse], embeddings.dim
+    else:
+        d = embeddings.shape[1]
+        base = embeddings[rng.integers(0, len(embeddings), n)]
+    q = base + rng.standard_normal((n, d)) / np.sqrt(d)
     return (q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
 
 
@@ -240,6 +367,13 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 # -- writing ------------------------------------------------------------------------------------
+Stages = Callable[[str], ContextManager[Any]]
+
+
+def _no_stage(name: str) -> ContextManager[None]:
+    return contextlib.nullcontext()
+
+
 def _start_bundle(out_dir: str | Path, info: BundleInfo, index_params: dict[str, Any] | None,
                   recall_queries: int) -> tuple[Path, dict[str, Any], Path]:
     """Check the arguments both writers share and make the hidden temp directory beside ``out_dir``.
@@ -267,78 +401,131 @@ def _start_bundle(out_dir: str | Path, info: BundleInfo, index_params: dict[str,
 def write_bundle(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray, out_dir: str | Path,
                  info: BundleInfo, index_kind: str = "auto", flat_max_items: int = 100_000,
                  index_params: dict[str, Any] | None = None, recall_queries: int = 1000,
-                 seed: int = 0) -> BundleSummary:
+                 seed: int = 0, stages: Stages | None = None) -> BundleSummary:
     """Export ``model``'s towers, embed the catalog (``item_ids`` with raw ``content`` [N, d_llm],
     catalog order) with the exported item tower, index it, and publish all of it at ``out_dir``.
 
-    ``info`` (what the bundle was made from) goes into the manifest with the bundle's own facts. ``index_params`` are passed to :func:`build_index` (nlist, nprobe, hnsw_m,
-    ef_search, num_threads). Recall@10 of the index against exact search is measured on
-    ``recall_queries`` noisy item vectors (1.0 for a flat index, which is exact). An existing
-    bundle at ``out_dir`` is replaced; any other non-empty directory there is refused.
+    ``info`` (what the bundle was made from) goes into the manifest with the bundle's own facts.
+    ``index_params`` are passed to :func:`build_index` (nlist, nprobe, hnsw_m, ef_search,
+    num_threads). Recall@10 of the index against exact search is measured on ``recall_queries``
+    noisy item vectors (1.0 for a flat index, which is exact). An existing bundle at ``out_dir`` is
+    replaced; any other non-empty directory there is refused.
+
+    Memory stays O(batch) beyond ``content`` and the index: the item tower runs GROUP_ROWS rows at a
+    time straight into the Parquet tables (one row group each), the index is built from the written
+    table, and every file is hashed once, while it is written. ``stages`` (optional) is called with
+    each sub-stage's name ("towers", "item_tower", "index", "recall", "manifest") and must return a
+    context manager wrapped around it (timings for benchmarks).
     """
     cfg = model.cfg
+    stage = stages or _no_stage
     ids, content = _check_catalog(item_ids, content, cfg.d_llm)
     out_dir, params, tmp = _start_bundle(out_dir, info, index_params, recall_queries)
     try:
-        paths = export_towers(model, tmp)
-        tower_id = file_sha256(paths["state"])
-        embeddings = _run_item_tower(load_item_tower(paths["item_tower"]), content)
-        summary = _finish_bundle(tmp, out_dir, ids, content, embeddings, tower_id, cfg.d_llm, cfg.d_out, info,
-                                 index_kind, flat_max_items, params, recall_queries, seed)
+        with stage("towers"):
+            paths = export_towers(model, tmp)
+            tower_id = file_sha256(paths["state"])
+            digests = {TOWERS_STATE: {"size": paths["state"].stat().st_size, "sha256": tower_id}}
+            tower = load_item_tower(paths["item_tower"])
+        summary = _finish_bundle(tmp, out_dir, ids, content, lambda a, b: _item_tower_rows(tower, content, a, b),
+                                 digests, tower_id, cfg.d_llm, cfg.d_out, info, index_kind, flat_max_items, params,
+                                 recall_queries, seed, stage)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 
-def _finish_bundle(tmp: Path, out_dir: Path, ids: list[str], content: np.ndarray, embeddings: np.ndarray,
-                   tower_id: str, d_llm: int, d_out: int, info: BundleInfo, index_kind: str,
-                   flat_max_items: int, params: dict[str, Any], recall_queries: int, seed: int) -> BundleSummary:
-    """Tables, index, provenance and manifest into ``tmp`` (which holds the towers), then publish it."""
-    pq.write_table(_vector_table(ids, content), tmp / CONTENT)
-    pq.write_table(_vector_table(ids, embeddings), tmp / ITEM_EMBEDDINGS)
+def _write_tables(tmp: Path, ids: list[str], content: np.ndarray, embed: Callable[[int, int], np.ndarray],
+                  d_out: int) -> tuple[dict[str, dict[str, Any]], float]:
+    """content.parquet and item_embeddings.parquet, GROUP_ROWS rows at a time (``embed(start, stop)``
+    gives the item vectors of those rows); returns ({file: manifest entry}, seconds spent hashing)."""
+    writers = {CONTENT: _VectorTableWriter(tmp / CONTENT, content.shape[1]),
+               ITEM_EMBEDDINGS: _VectorTableWriter(tmp / ITEM_EMBEDDINGS, d_out)}
+    try:
+        for start in range(0, len(ids), GROUP_ROWS):
+            stop = min(start + GROUP_ROWS, len(ids))
+            vectors = np.ascontiguousarray(embed(start, stop), dtype=np.float32)
+            if vectors.shape != (stop - start, d_out):
+                raise ValueError(f"item vectors of rows {start}..{stop - 1} have shape {vectors.shape}, expected "
+                                 f"{(stop - start, d_out)}")
+            finite = np.isfinite(vectors).all(1)
+            if not finite.all():
+                raise ValueError(f"item vectors hold NaN or inf (first bad row {start + int(np.flatnonzero(~finite)[0])})")
+            group_ids = ids[start:stop]
+            writers[CONTENT].write(group_ids, content[start:stop])
+            writers[ITEM_EMBEDDINGS].write(group_ids, vectors)
+        entries = {name: w.close() for name, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return entries, sum(w.file.hash_seconds for w in writers.values())
 
-    index = build_index(embeddings, ids, kind=index_kind, flat_max_items=flat_max_items, seed=seed, **params)
-    index.save(tmp / INDEX_DIR)
-    if index.kind == "flat":
-        recall = 1.0
-    else:
-        recall = recall_vs_exact(index, embeddings, _recall_queries(embeddings, recall_queries, seed), k=10)
-    provenance = {"tower_id": tower_id, "item_embeddings_sha256": file_sha256(tmp / ITEM_EMBEDDINGS)}
-    (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-    full_info = {
-        **info.to_json(),
-        "bundle_format": BUNDLE_FORMAT,
-        "tower_id": tower_id,
-        "d_llm": d_llm,
-        "d_out": d_out,
-        "n_items": len(ids),
-        "index_kind": index.kind,
-        "index_params": index.params,
-        "index_recall_at_10_vs_flat": recall,
-    }
-    manifest = write_manifest(tmp, files, full_info)
-    _publish(tmp, out_dir)
+def _finish_bundle(tmp: Path, out_dir: Path, ids: list[str], content: np.ndarray,
+                   embed: Callable[[int, int], np.ndarray], digests: dict[str, dict[str, Any]], tower_id: str,
+                   d_llm: int, d_out: int, info: BundleInfo, index_kind: str, flat_max_items: int,
+                   params: dict[str, Any], recall_queries: int, seed: int, stage: Stages) -> BundleSummary:
+    """Tables, index, provenance and manifest into ``tmp`` (which holds the towers, ``digests``
+    listing those already hashed), then publish it."""
+    with stage("item_tower"):
+        tables, hash_seconds = _write_tables(tmp, ids, content, embed, d_out)
+    digests = {**digests, **tables}
+    embeddings = _vector_stream(tmp / ITEM_EMBEDDINGS, ITEM_EMBEDDINGS, len(ids), d_out)
+
+    with stage("index"):
+        index = build_index(embeddings, ids, kind=index_kind, flat_max_items=flat_max_items, seed=seed, **params)
+        for name, sha in index.save(tmp / INDEX_DIR).items():
+            digests[f"{INDEX_DIR}/{name}"] = {"size": (tmp / INDEX_DIR / name).stat().st_size, "sha256": sha}
+    with stage("recall"):
+        if index.kind == "flat":
+            recall, top1 = 1.0, 1.0
+        else:
+            queries = _recall_queries(embeddings, recall_queries, seed)
+            got, _ = index.search_rows(queries, 10)
+            truth = exact_top_k(embeddings.batches(), queries, got.shape[1], num_threads=index.num_threads)
+            recall, top1 = recall_of_rows(got, truth)
+            log.info("recall@10 of the %s index vs exact: %.4f (top-1 %.4f) over %d queries",
+                     index.kind, recall, top1, len(queries))
+
+    with stage("manifest"):
+        provenance = {"tower_id": tower_id, "item_embeddings_sha256": digests[ITEM_EMBEDDINGS]["sha256"]}
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        full_info = {
+            **info.to_json(),
+            "bundle_format": BUNDLE_FORMAT,
+            "tower_id": tower_id,
+            "d_llm": d_llm,
+            "d_out": d_out,
+            "n_items": len(ids),
+            "index_kind": index.kind,
+            "index_params": index.params,
+            "index_recall_at_10_vs_flat": recall,
+        }
+        manifest = write_manifest(tmp, files, full_info, digests)
+        _publish(tmp, out_dir)
     log.info("wrote bundle %s: %d items, %s index (recall@10 %.4f), tower %s",
              out_dir, len(ids), index.kind, recall, tower_id[:12])
     return BundleSummary(directory=out_dir, files=files, tower_id=tower_id, index_kind=index.kind,
                          index_recall_at_10=recall, n_items=len(ids), d_llm=d_llm, d_out=d_out,
-                         manifest=manifest)
+                         manifest=manifest, index_top1_vs_flat=top1,
+                         recall_queries=0 if index.kind == "flat" else recall_queries,
+                         hash_seconds=hash_seconds)
 
 
 def rebuild_bundle(source: "Bundle", item_ids: Sequence[str], content: np.ndarray, embeddings: np.ndarray,
                    out_dir: str | Path, info: BundleInfo, index_kind: str = "auto",
                    flat_max_items: int = 100_000, index_params: dict[str, Any] | None = None,
-                   recall_queries: int = 1000, seed: int = 0) -> BundleSummary:
+                   recall_queries: int = 1000, seed: int = 0, stages: Stages | None = None) -> BundleSummary:
     """A new bundle with ``source``'s towers (files copied byte for byte: same tower id) over a new
     catalog: ``item_ids`` with raw ``content`` [N, d_llm] and their item-tower ``embeddings``
     [N, d_out] (from ``source.embed_items``), a new index over them. Published at ``out_dir`` as
     :func:`write_bundle` does (assembled aside, renamed into place)."""
     ids, content = _check_catalog(item_ids, content, source.config.d_llm)
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if embeddings.shape != (len(ids), source.config.d_out) or not np.isfinite(embeddings).all():
+    if embeddings.shape != (len(ids), source.config.d_out):
         raise ValueError(f"embeddings must be finite [{len(ids)}, {source.config.d_out}], got {embeddings.shape}")
     out_dir, params, tmp = _start_bundle(out_dir, info, index_params, recall_queries)
     try:
@@ -347,8 +534,10 @@ def rebuild_bundle(source: "Bundle", item_ids: Sequence[str], content: np.ndarra
         tower_id = file_sha256(tmp / TOWERS_STATE)
         if tower_id != source.tower_id:
             raise ArtifactError(f"{TOWERS_STATE} changed while copying from {source.directory}")
-        summary = _finish_bundle(tmp, out_dir, ids, content, embeddings, tower_id, source.config.d_llm,
-                                 source.config.d_out, info, index_kind, flat_max_items, params, recall_queries, seed)
+        digests = {TOWERS_STATE: {"size": (tmp / TOWERS_STATE).stat().st_size, "sha256": tower_id}}
+        summary = _finish_bundle(tmp, out_dir, ids, content, lambda a, b: embeddings[a:b], digests, tower_id,
+                                 source.config.d_llm, source.config.d_out, info, index_kind, flat_max_items, params,
+                                 recall_queries, seed, stages or _no_stage)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -383,12 +572,7 @@ class Bundle:
 
     def check_max_history(self, max_history: int) -> int:
         """``max_history`` validated against the towers (learned positions cap it at max_len)."""
-        if isinstance(max_history, bool) or not isinstance(max_history, (int, np.integer)) or max_history < 1:
-            raise ValueError(f"max_history must be an int >= 1, got {max_history!r}")
-        if self.config.positions == "learned" and max_history > self.config.max_len:
-            raise ValueError(f"max_history={max_history} exceeds the towers' max_len={self.config.max_len} "
-                             f"(learned positions)")
-        return int(max_history)
+        return check_max_history(self.config, max_history)
 
     @torch.no_grad()
     def user_vectors(self, histories: Sequence[Sequence[str]], max_history: int) -> tuple[np.ndarray, list[list[str]]]:
@@ -438,6 +622,16 @@ class Bundle:
         return _run_item_tower(self.item_tower, arr)
 
 
+def check_max_history(config: TowerConfig, max_history: int) -> int:
+    """``max_history`` validated against towers of ``config`` (learned positions cap it at max_len)."""
+    if isinstance(max_history, bool) or not isinstance(max_history, (int, np.integer)) or max_history < 1:
+        raise ValueError(f"max_history must be an int >= 1, got {max_history!r}")
+    if config.positions == "learned" and max_history > config.max_len:
+        raise ValueError(f"max_history={max_history} exceeds the towers' max_len={config.max_len} "
+                         f"(learned positions)")
+    return int(max_history)
+
+
 def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
     if len(a) != len(b):
         return f"{len(a)} vs {len(b)} ids"
@@ -464,11 +658,8 @@ def _load_tower(directory: Path, name: str) -> nn.Module:
         raise ArtifactError(f"{name}: cannot load the exported tower: {exc}") from exc
 
 
-def load_bundle(directory: str | Path) -> Bundle:
-    """Verify ``directory/manifest.json`` (every file's sha256), load all parts and check they
-    belong together; raises :class:`ArtifactError` naming what is wrong."""
-    directory = Path(directory)
-    manifest = verify_manifest(directory)
+def _check_bundle_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The bundle keys of a manifest's info (files listed, format, tower id); ArtifactError naming the gap."""
     files, info = manifest["files"], manifest.get("info")
     missing = [f for f in REQUIRED_FILES if f not in files]
     if missing:
@@ -477,13 +668,48 @@ def load_bundle(directory: str | Path) -> Bundle:
         raise ArtifactError(f"{MANIFEST}: info lacks bundle keys {[k for k in RESERVED_INFO if k not in (info or {})]}")
     if info["bundle_format"] != BUNDLE_FORMAT:
         raise ArtifactError(f"{MANIFEST}: bundle format {info['bundle_format']!r}, expected {BUNDLE_FORMAT!r}")
+    if files[TOWERS_STATE]["sha256"] != info["tower_id"]:
+        raise ArtifactError(f"{TOWERS_STATE} (sha256 {files[TOWERS_STATE]['sha256']}) is not the tower "
+                            f"{info['tower_id']} recorded in {MANIFEST}")
+    return info
+
+
+def read_bundle_header(directory: str | Path, manifest: dict[str, Any] | None = None) -> tuple[dict[str, Any], TowerConfig]:
+    """(manifest, tower config) of the bundle at ``directory``, checked without reading its tables
+    or index: what logging a retriever needs. With ``manifest=None`` every listed file is verified
+    against its sha256 (one streaming pass, constant memory). A ``manifest`` handed over by the writer
+    (``BundleSummary.manifest``, whose digests were computed while the files were written) is reused
+    instead: it must equal the bundle's ``manifest.json`` and every file must have its recorded size,
+    and nothing is hashed. Either way the bundle keys and the tower config are checked; the full
+    check of the parts against each other is :func:`load_bundle`'s, on every load."""
+    directory = Path(directory)
+    if manifest is None:
+        manifest = verify_manifest(directory)
+    else:
+        if read_manifest(directory) != json.loads(json.dumps(manifest)):  # (tuples are lists on disk)
+            raise ArtifactError(f"{directory / MANIFEST} is not the manifest handed over with the bundle "
+                                f"(rewritten since, or another bundle)")
+        check_sizes(directory, manifest)
+    _check_bundle_manifest(directory, manifest)
+    BundleInfo.from_manifest(manifest, str(directory / MANIFEST))
+    try:
+        config = TowerConfig(**_read_json(directory, TOWER_CONFIG))
+    except TypeError as exc:
+        raise ArtifactError(f"{TOWER_CONFIG}: not a tower config: {exc}") from exc
+    return manifest, config
+
+
+def load_bundle(directory: str | Path) -> Bundle:
+    """Verify ``directory/manifest.json`` (every file's sha256), load all parts and check they
+    belong together; raises :class:`ArtifactError` naming what is wrong."""
+    directory = Path(directory)
+    manifest = verify_manifest(directory)
+    files = manifest["files"]
+    info = _check_bundle_manifest(directory, manifest)
     bundle_info = BundleInfo.from_manifest(manifest, str(directory / MANIFEST))
 
     # provenance: the towers, the item embeddings and the index were made together
     tower_id = info["tower_id"]
-    if files[TOWERS_STATE]["sha256"] != tower_id:
-        raise ArtifactError(f"{TOWERS_STATE} (sha256 {files[TOWERS_STATE]['sha256']}) is not the tower "
-                            f"{tower_id} recorded in {MANIFEST}")
     provenance = _read_json(directory, PROVENANCE)
     if provenance.get("tower_id") != tower_id:
         raise ArtifactError(

@@ -91,7 +91,7 @@ def finished_bundle(bundle_dir: Path, fingerprint: str) -> Any:
 
 
 def publish_catalog_version(client: Any, name: str, alias: str, fingerprint: str, source_version: str, bundle_dir: Path,
-                     max_history: int, tracker: Any) -> str:
+                     max_history: int, tracker: Any, manifest: dict[str, Any] | None = None) -> str:
     """Register the new bundle (or find the version an interrupted run registered) and move the alias."""
     def same_catalog(mv: Any) -> bool:
         if mv.status != "READY":
@@ -113,7 +113,8 @@ def publish_catalog_version(client: Any, name: str, alias: str, fingerprint: str
               flush=True)
     else:
         version = registry.publish_version(client, bundle_dir, name, max_history, {
-            FINGERPRINT_TAG: fingerprint, SOURCE_TAG: source_version, "reembed_run_id": tracker.run_id})
+            FINGERPRINT_TAG: fingerprint, SOURCE_TAG: source_version, "reembed_run_id": tracker.run_id},
+            manifest=manifest)
     # the one switch: from here on models:/<name>@<alias> serves the new index
     registry.move_alias(client, name, alias, version)
     tracker.set_tags({"registered_model_version": version})

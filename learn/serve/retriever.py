@@ -12,8 +12,11 @@ Input column ``history``: catalog item ids, oldest first. Params ``k`` (default 
 history with no known item gets empty results).
 
 The model is logged from code (``retriever_model.py``; nothing is pickled). On each load the bundle
-directory, the model's one artifact, is verified (every sha256), and so is the model's code file
-(its sha256 is in the model metadata). The ``learn`` package travels with the model
+directory, the model's one artifact, is verified (every sha256 against its manifest, and the
+manifest's own sha256 against the model metadata), and so is the model's code file (its sha256 is in
+the model metadata). Logging reads only the bundle's manifest and tower config: the digests come
+from the manifest (hashed once, by the writer, when it is handed over), and no input example is
+logged, since MLflow would check one by loading the whole bundle into the logging process. The ``learn`` package travels with the model
 (``code_paths``); torch, faiss, pyarrow and pandas must be installed where it is loaded (they are
 the model's pip requirements).
 """
@@ -24,6 +27,7 @@ import ast
 import importlib.metadata
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,8 +40,8 @@ from mlflow.pyfunc import PyFuncModel, PythonModel, PythonModelContext
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 import learn
-from learn.export.bundle import Bundle, load_bundle
-from learn.export.manifest import ArtifactError
+from learn.export.bundle import Bundle, check_max_history, load_bundle, read_bundle_header
+from learn.export.manifest import MANIFEST, ArtifactError
 from learn.index.faiss_index import MISSING_ID
 from learn.utils import file_sha256
 
@@ -51,6 +55,7 @@ OUTPUT_COLUMNS = ("item_ids", "scores", "unknown_item_ids")
 REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "faiss-cpu")
 MODEL_CODE = Path(__file__).with_name("retriever_model.py")  # what MLflow runs to build the model
 CODE_SHA256 = "model_code_sha256"  # model metadata key: the sha256 of MODEL_CODE as logged
+MANIFEST_SHA256 = "bundle_manifest_sha256"  # model metadata key: the sha256 of the bundle's manifest.json
 PARAMS = ("k", "exclude_history")
 # MLflow's pyfunc (3.17) removes params missing from the signature's ParamSchema before ``predict``,
 # logging only this warning (mlflow.models.utils._enforce_params_schema); there is no strict mode
@@ -152,7 +157,7 @@ class Retriever(PythonModel):
         config = context.model_config or {}
         self.max_history = config.get("max_history", self.max_history)
         bundle_dir = Path(context.artifacts[BUNDLE_ARTIFACT])
-        _check_model_code(bundle_dir.parent.parent)  # MLflow keeps artifacts in <model>/artifacts/
+        _check_model_code(bundle_dir.parent.parent, bundle_dir)  # MLflow keeps artifacts in <model>/artifacts/
         self._attach(load_bundle(bundle_dir))
 
     def retrieve(self, histories: list[list[str]], k: int = DEFAULT_K,
@@ -191,12 +196,22 @@ class Retriever(PythonModel):
                             columns=list(OUTPUT_COLUMNS))
 
 
-def _check_model_code(model_dir: Path) -> None:
+def _check_model_code(model_dir: Path, bundle_dir: Path | None = None) -> None:
     """The model's copy of ``retriever_model.py`` must hash to the sha256 logged in its metadata
     (a damaged file that still runs, e.g. one cut before its ``set_model`` line, would otherwise
-    make MLflow hand back whatever model the process loaded before)."""
+    make MLflow hand back whatever model the process loaded before); so must the bundle's
+    ``manifest.json`` where the metadata records it (a bundle whose files were altered and whose
+    manifest was rewritten to match is not the one logged)."""
     code = model_dir / MODEL_CODE.name
-    expected = (mlflow.models.Model.load(str(model_dir)).metadata or {}).get(CODE_SHA256)
+    metadata = mlflow.models.Model.load(str(model_dir)).metadata or {}
+    manifest_sha = metadata.get(MANIFEST_SHA256)
+    if bundle_dir is not None and manifest_sha is not None:
+        path = bundle_dir / MANIFEST
+        actual = file_sha256(path) if path.is_file() else "(missing)"
+        if actual != manifest_sha:
+            raise ArtifactError(f"{path}: sha256 mismatch, expected {manifest_sha} (logged with the model), got "
+                                f"{actual}; the bundle is not the one this retriever was logged with")
+    expected = metadata.get(CODE_SHA256)
     if not code.is_file() or expected is None:
         raise ArtifactError(f"{model_dir} is not a retriever logged by log_retriever: no {code.name} or no "
                             f"{CODE_SHA256} in its metadata")
@@ -217,29 +232,35 @@ def _requirements() -> list[str]:
 
 
 def log_retriever(bundle_dir: str | Path, name: str = "retriever", registered_model_name: str | None = None,
-                  max_history: int = DEFAULT_MAX_HISTORY) -> ModelInfo:
+                  max_history: int = DEFAULT_MAX_HISTORY, manifest: dict[str, Any] | None = None) -> ModelInfo:
     """Log a :class:`Retriever` over ``bundle_dir`` into the active MLflow run (and register it
-    as a new version of ``registered_model_name`` when given). The bundle is verified first; the
+    as a new version of ``registered_model_name`` when given); the bundle is copied once, into the
+    model. ``manifest``: the one :func:`write_bundle` returned (``BundleSummary.manifest``), whose
+    digests are reused; without it every file is re-hashed first (streamed). Either way only the
+    manifest and tower config are read (:func:`read_bundle_header`), never the tables or index. The
     ``learn`` package is shipped with the model so loading needs only the pip requirements."""
     if mlflow.active_run() is None:
         raise RuntimeError("log_retriever logs into the active MLflow run; call it inside mlflow.start_run()")
-    bundle = load_bundle(bundle_dir)  # refuse to log a broken bundle
-    max_history = bundle.check_max_history(max_history)
-    info = bundle.manifest["info"]
+    bundle_dir = Path(bundle_dir).absolute()
+    manifest, config = read_bundle_header(bundle_dir, manifest)  # refuse to log a broken bundle
+    max_history = check_max_history(config, max_history)
+    info = manifest["info"]
     metadata = {key: info[key] for key in ("tower_id", "n_items", "d_out", "index_kind", "index_recall_at_10_vs_flat")}
     metadata[CODE_SHA256] = file_sha256(MODEL_CODE)
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(MODEL_CODE),
-        artifacts={BUNDLE_ARTIFACT: str(Path(bundle_dir).absolute())},
-        signature=retriever_signature(),
-        input_example=pd.DataFrame({HISTORY: [bundle.item_ids[:2]]}),  # also a load-and-predict check
-        code_paths=[str(Path(learn.__file__).parent)],
-        pip_requirements=_requirements(),
-        model_config={"max_history": max_history},
-        metadata=metadata,
-        registered_model_name=registered_model_name,
-    )
+    metadata[MANIFEST_SHA256] = file_sha256(bundle_dir / MANIFEST)
+    with warnings.catch_warnings():  # the input example is left out on purpose (module docstring)
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(MODEL_CODE),
+            artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+            signature=retriever_signature(),
+            code_paths=[str(Path(learn.__file__).parent)],
+            pip_requirements=_requirements(),
+            model_config={"max_history": max_history},
+            metadata=metadata,
+            registered_model_name=registered_model_name,
+        )
 
 
 def load_retriever(model_uri: str, max_history: int | None = None) -> PyFuncModel:
