@@ -15,7 +15,7 @@ VLLM_STAMP := $(VLLM_VENV)/.setup-done
 RECBOLE_VENV  ?= .venv-recbole
 RECBOLE_STAMP := $(RECBOLE_VENV)/.setup-done
 
-.PHONY: setup vllm-env recbole-env run test ui cluster-up cluster-down clean-venv
+.PHONY: setup vllm-env recbole-env run serve test ui cluster-up cluster-down clean-venv
 
 # Idempotent: rebuilds only when pyproject.toml or requirements.lock changed.
 setup: $(STAMP)
@@ -64,6 +64,10 @@ $(RECBOLE_STAMP): requirements-recbole.lock Makefile
 
 run: setup
 	$(PY) flows/full_pipeline.py --config $(CONFIG) $(ARGS)
+
+# the online service (Ray Serve, A/B routing) on http://127.0.0.1:8000 until Ctrl-C (flows/serve.py)
+serve: setup
+	$(PY) flows/serve.py --config $(CONFIG) $(ARGS)
 
 test: setup vllm-env
 	LEARN_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest $(PYTEST_ARGS)

@@ -3,10 +3,17 @@ bootstrap confidence intervals over users; optionally promote B to `champion`.
 
     python flows/compare.py models:/learn-retriever@champion models:/learn-retriever@challenger [--promote]
     python flows/compare.py <run id A> <run id B> --data <dataset dir> --split valid
+    python flows/compare.py --online <assignment log dir> [--out exposures.parquet]
 
 The evaluation dataset is B's saved training data unless ``--data`` names another; both models are
 ranked over the catalog both (and the data) hold, on the users both can score, and a model trained
 on an evaluation target is refused. The rules are in learn/evaluate/ab.py.
+
+``--online`` reads the assignment log of the online service (flows/serve.py, serve.log_dir) instead:
+per-variant request, user and version counts and the overlap of the two variants' returned lists
+(learn/serve/assignments.py, ``summarize``); ``--out`` writes one row per returned item (time,
+request id, user hash, variant, version, rank, item id), to join with click data hashed by
+``learn.serve.routing.user_hash`` under the service's salt.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from learn.data.schema import DataError  # noqa: E402
 from learn.evaluate.ab import ComparisonError, check_no_leak, common_catalog_ranks, saved_config, split_of  # noqa: E402
 from learn.evaluate.compare import compare_ranks, format_comparison, should_promote, topk_overlap  # noqa: E402
 from learn.export.manifest import ArtifactError  # noqa: E402
+from learn.serve.assignments import AssignmentLogError, exposures, format_summary, read_assignments, summarize  # noqa: E402
+from learn.utils import atomic_path  # noqa: E402
 
 
 def compare_models(a_ref: str, b_ref: str, *, data: str | None = None, split: str = "test", k: int = 10,
@@ -107,11 +116,46 @@ def compare_models(a_ref: str, b_ref: str, *, data: str | None = None, split: st
     return result
 
 
+def compare_online(log_dir: str, *, out: str | None = None, tracking_uri: str | None = None,
+                   experiment: str = "learn-compare", log: bool = True) -> dict[str, Any]:
+    """The summary of the assignment log at ``log_dir`` (``summarize``); ``out`` also writes the
+    exposure table (Parquet, atomically); ``log`` records the counts as a run in ``experiment``."""
+    table = read_assignments(log_dir)
+    result = summarize(table)
+    if out is not None:
+        import pyarrow.parquet as pq
+
+        with atomic_path(out) as tmp:
+            pq.write_table(exposures(table), tmp)
+        result["exposures_path"] = str(Path(out).absolute())
+    if log:
+        client = registry.client(tracking_uri)
+        mlflow.set_tracking_uri(client.tracking_uri)
+        mlflow.set_experiment(experiment)
+        metrics = {key: float(v) for key, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for name, v in result["variants"].items():
+            metrics.update({f"{name}_{key}": float(v[key]) for key in ("requests", "users", "anonymous", "items",
+                                                                         "mean_list_length")})
+        with mlflow.start_run(run_name=f"online {Path(log_dir).name}"[:250]) as run:
+            mlflow.log_params({"online_log_dir": str(Path(log_dir).absolute()), "first_time": result["first_time"],
+                               "last_time": result["last_time"]})
+            mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})  # NaN (a variant absent) left out
+            mlflow.log_dict(result, "online_summary.json")
+            result["comparison_run_id"] = run.info.run_id
+    print(format_summary(result))
+    if out is not None:
+        print(f"exposures ({sum(len(x) for x in table.column('item_ids').to_pylist())} rows) -> {result['exposures_path']}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="compare.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("a", help="run id or models:/<name>@<alias> | models:/<name>/<version> (the champion)")
-    p.add_argument("b", help="run id or model URI of the challenger")
+    p.add_argument("a", nargs="?", help="run id or models:/<name>@<alias> | models:/<name>/<version> (the champion)")
+    p.add_argument("b", nargs="?", help="run id or model URI of the challenger")
+    p.add_argument("--online", metavar="LOG_DIR", default=None,
+                   help="summarise the online service's assignment log instead (no A and B)")
+    p.add_argument("--out", default=None, help="--online: write the exposure table (Parquet) here")
     p.add_argument("--data", default=None, help="evaluation dataset; default: B's saved training data")
     p.add_argument("--split", choices=["test", "valid"], default="test")
     p.add_argument("--k", type=int, default=10)
@@ -124,6 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--promote", action="store_true",
                    help="set alias champion on B when its NDCG@k gain has a 95%% CI above zero")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.online is not None:
+        if args.a or args.b or args.promote or args.data:
+            p.error("--online reads a log: give no models, --data or --promote with it")
+        try:
+            compare_online(args.online, out=args.out, tracking_uri=args.tracking_uri, experiment=args.experiment)
+        except AssignmentLogError as exc:
+            print(f"compare error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if not (args.a and args.b):
+        p.error("give two models A and B (or --online <log dir>)")
+    if args.out:
+        p.error("--out goes with --online")
     try:
         compare_models(args.a, args.b, data=args.data, split=args.split, k=args.k, n_resamples=args.resamples,
                        seed=args.seed, tracking_uri=args.tracking_uri, experiment=args.experiment,

@@ -1,9 +1,10 @@
 """Command-line entry points. The flows themselves live in flows/ (read them top to bottom);
-``learn run|reembed|compare`` runs that flow file by path, as ``python flows/<flow>.py`` does.
+``learn run|reembed|compare|serve`` runs that flow file by path, as ``python flows/<flow>.py`` does.
 
     learn run --config conf/default.yaml [key=value ...]        flows/full_pipeline.py
     learn reembed --config conf/default.yaml [key=value ...]    flows/reembed.py
     learn compare <model A> <model B> [--promote ...]           flows/compare.py
+    learn serve --config conf/default.yaml [key=value ...]      flows/serve.py
     learn data download --category Industrial_and_Scientific --dest data/raw
     learn data demo-snapshot --out data/demo-catalog [--without-cold]
 
@@ -21,7 +22,7 @@ from typing import Callable
 from learn.config import Config, ConfigError, load_config
 from learn.data.schema import DataError
 
-FLOWS = {"run": "full_pipeline.py", "reembed": "reembed.py", "compare": "compare.py"}
+FLOWS = {"run": "full_pipeline.py", "reembed": "reembed.py", "compare": "compare.py", "serve": "serve.py"}
 FLOW_DIR = Path(__file__).resolve().parents[1] / "flows"
 
 

@@ -4,7 +4,7 @@ Kubernetes cluster or a Docker engine.
 Core kinds are validated against the Kubernetes OpenAPI schemas shipped in `kubernetes-validate`
 (strict: unknown fields fail). KubeRay's custom resources are checked against allow-lists of the
 field names of KubeRay's ray.io/v1 types (RayClusterSpec, HeadGroupSpec, WorkerGroupSpec, RayJobSpec,
-RayCronJobSpec; see infra/README.md for the sources), and their pod templates against the Kubernetes
+RayCronJobSpec, RayServiceSpec; see infra/README.md for the sources), and their pod templates against the Kubernetes
 PodTemplateSpec schema. The slow test starts and stops the real local cluster (infra/local/cluster.sh).
 """
 
@@ -60,7 +60,7 @@ def _load_docs(directory: Path = K8S) -> list[tuple[str, dict]]:
 
 
 DOCS = _load_docs()
-KUBERAY_KINDS = {"RayCluster", "RayJob", "RayCronJob"}
+KUBERAY_KINDS = {"RayCluster", "RayJob", "RayCronJob", "RayService"}
 
 
 def _docs(kind: str, file: str | None = None) -> list[dict]:
@@ -129,8 +129,16 @@ RAY_CRON_JOB_SPEC = _schema(
     {"schedule": None, "jobTemplate": RAY_JOB_SPEC, "suspend": None, "timeZone": None},
     required=("schedule", "jobTemplate"),
 )
+RAY_SERVICE_SPEC = _schema(
+    {"rayClusterDeletionDelaySeconds": None, "serviceUnhealthySecondThreshold": None,
+     "deploymentUnhealthySecondThreshold": None, "serveService": None,
+     "upgradeStrategy": _schema({"type": None, "clusterUpgradeOptions": None}), "serveConfigV2": None,
+     "rayClusterConfig": RAY_CLUSTER_SPEC, "excludeHeadPodFromServeSvc": None},
+    required=("rayClusterConfig",),
+)
 TOP_LEVEL = {"apiVersion", "kind", "metadata", "spec"}
-KIND_SPEC = {"RayCluster": RAY_CLUSTER_SPEC, "RayJob": RAY_JOB_SPEC, "RayCronJob": RAY_CRON_JOB_SPEC}
+KIND_SPEC = {"RayCluster": RAY_CLUSTER_SPEC, "RayJob": RAY_JOB_SPEC, "RayCronJob": RAY_CRON_JOB_SPEC,
+             "RayService": RAY_SERVICE_SPEC}
 
 
 def kuberay_field_errors(obj, schema, path: str) -> list[str]:
@@ -174,6 +182,8 @@ def ray_cluster_specs(doc: dict) -> list[tuple[str, dict]]:
         return [("spec", spec)]
     if doc["kind"] == "RayJob":
         return [("spec.rayClusterSpec", spec["rayClusterSpec"])] if "rayClusterSpec" in spec else []
+    if doc["kind"] == "RayService":
+        return [("spec.rayClusterConfig", spec["rayClusterConfig"])]
     template = spec["jobTemplate"]
     return [("spec.jobTemplate.rayClusterSpec", template["rayClusterSpec"])] if "rayClusterSpec" in template else []
 
@@ -234,7 +244,8 @@ def test_core_kinds_validate_against_the_kubernetes_schema():
                        "PersistentVolumeClaim"}
 
 
-KUBERAY_FILES = {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob", "raycronjob.yaml": "RayCronJob"}
+KUBERAY_FILES = {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob", "raycronjob.yaml": "RayCronJob",
+                 "rayservice.yaml": "RayService"}
 
 
 def kuberay_report(directory: Path = K8S) -> dict[str, list[str]]:
@@ -257,6 +268,8 @@ def test_kuberay_manifests_use_only_known_fields():
     ("raycluster.yaml", "rayStartParams", "rayStartParam"),  # also a required field gone
     ("rayjob.yaml", "shutdownAfterJobFinishes", "shutdownAfterJobFinish"),
     ("raycronjob.yaml", "maxReplicas", "maxReplica"),  # deep: spec.jobTemplate.rayClusterSpec.workerGroupSpecs
+    ("rayservice.yaml", "maxReplicas", "maxReplica"),  # spec.rayClusterConfig.workerGroupSpecs
+    ("rayservice.yaml", "upgradeStrategy", "upgradeStrategies"),
 ])
 def test_a_typo_in_a_copy_of_a_real_manifest_is_caught(tmp_path, file, key, typo):
     shutil.copytree(K8S, tmp_path / "k8s")
@@ -461,6 +474,33 @@ def test_jobs_clean_up_and_schedules_do_not_overlap():
     assert argv[argv.index("--working-dir") + 1] == "/home/ray/learn"
 
 
+def test_rayservice_builds_the_serve_application_from_its_args():
+    """serveConfigV2 imports learn.serve.app:app_builder with a config that exists and overrides that
+    load; the builder accepts them (the application is bound, nothing starts); the proxy's port is
+    open on every Ray pod."""
+    from learn.serve import app as serve_app
+
+    service = _one("RayService", "rayservice.yaml")
+    serve_cfg = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert set(serve_cfg) <= {"proxy_location", "http_options", "grpc_options", "logging_config", "applications"}
+    port = serve_cfg["http_options"]["port"]
+    (app,) = serve_cfg["applications"]
+    assert app["route_prefix"] == "/" and app["import_path"] == "learn.serve.app:app_builder"
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(__import__(module, fromlist=[attr]), attr))
+    args = dict(app["args"])
+    assert args["config"].startswith("/home/ray/learn/")  # the image's WORKDIR (Dockerfile.cpu)
+    args["config"] = str(ROOT / args["config"][len("/home/ray/learn/"):])
+    bound = serve_app.app_builder(args)
+    settings = bound._bound_deployment.init_args[0]
+    assert settings.log_dir.startswith("/mnt/learn/") and settings.model_name == "learn-retriever"
+    for where, template in pod_templates(service):
+        for c in template["spec"]["containers"]:
+            assert {"name": "serve", "containerPort": port} in c.get("ports", []), f"{where}: no serve port {port}"
+    with pytest.raises(serve_app.ServeError, match="unknown application args"):
+        serve_app.app_builder({**args, "overide": []})
+
+
 def test_mlflow_server_uses_postgres_s3_and_probes():
     deploy = next(d for d in _docs("Deployment", "mlflow.yaml") if d["metadata"]["name"] == "mlflow")
     server = deploy["spec"]["template"]["spec"]["containers"][0]
@@ -562,7 +602,7 @@ def test_dockerfile_installs_torch_first_then_the_extra_as_non_root(variant):
     pins = dict(line.split("==", 1) for line in (ROOT / lock).read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
     for req in PYPROJECT["project"]["optional-dependencies"][variant] + [
-            d for d in PYPROJECT["project"]["dependencies"] if d.split("==")[0] in ("numpy", "torch", "ray[default,data,train]")]:
+            d for d in PYPROJECT["project"]["dependencies"] if d.split("==")[0] in ("numpy", "torch", "ray[default,data,serve,train]")]:
         name, version = req.split("==")
         assert pins.get(name.split("[")[0]) == version, f"{lock} does not pin {req}"
     assert "--no-deps" in steps[smollm_at]
