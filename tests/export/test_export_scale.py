@@ -10,8 +10,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from mlflow.tracking._model_registry import utils as registry_utils
-from mlflow.tracking._tracking_service import utils as tracking_utils
 
 import learn.export.bundle as bundle_mod
 from learn import registry
@@ -23,6 +21,7 @@ from learn.index import build_index, recall_vs_exact
 from learn.index.faiss_index import ItemIndexError, VectorStream, exact_top_k, recall_of_rows
 from learn.serve import load_retriever, log_retriever
 from learn.towers.model import TowerConfig, TwinTowers
+from tests.serve.test_retriever import tracking  # noqa: F401  (the throwaway sqlite tracking fixture)
 
 D_LLM = 16
 MAX_HISTORY = 6
@@ -140,23 +139,6 @@ def test_bundle_index_on_a_sample_records_recall_against_exact(tmp_path, monkeyp
     assert summary.index_top1_vs_flat >= 0.9 and summary.recall_queries == 400
 
 
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    """A throwaway sqlite tracking + registry store; the previous URIs are restored afterwards."""
-    old_tracking, old_registry = tracking_utils._tracking_uri, registry_utils._registry_uri
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    experiment = mlflow.create_experiment("scale-test", artifact_location=(tmp_path / "artifacts").as_uri())
-    try:
-        yield uri, experiment
-    finally:
-        if mlflow.active_run():
-            mlflow.end_run()
-        mlflow.set_tracking_uri(old_tracking)
-        registry_utils._registry_uri = old_registry
 
 
 def _refuse(what: str):
