@@ -169,6 +169,12 @@ class Tracker:
         if isinstance(exc, (RunInterrupted, SystemExit)) and signum:
             print(f"interrupted by {signal.Signals(signum).name}: run {self.run_id} marked KILLED", file=sys.stderr,
                   flush=True)
+            ray = sys.modules.get("ray")
+            if ray is not None and ray.is_initialized():
+                # once Ray's core has seen the signal, interpreter teardown aborts (exit 134): the run is
+                # ended, so leave now with the signal's code (Ray's raylet reaps the driver's workers)
+                sys.stdout.flush()
+                os._exit(128 + signum)
             raise SystemExit(128 + signum) from None
 
     def log_params(self, params: dict[str, Any]) -> None:
