@@ -136,8 +136,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     patience: int = 5  # early stopping: evaluations (every eval_every epochs) without a better valid NDCG@10
     score_scale: float = 20.0
-    # full_softmax / in_batch: every position of the training sequence predicts its successor
-    # (instead of one sampled target per user and epoch)
+    # full_softmax / in_batch / sampled_softmax: every position of the training sequence predicts its
+    # successor (instead of one sampled target per user and epoch); dense_all_action: every position is
+    # a cut, predicting the items after it within target_window (instead of one cut per user and epoch)
     all_positions: bool = False
     eval_every: int = 1
     num_threads: int = 0  # torch threads; 0 = leave torch's default

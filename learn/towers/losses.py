@@ -66,33 +66,60 @@ def dense_all_action_loss(
     tgt_valid: torch.Tensor,
     tgt_items: torch.Tensor,
     scale: float,
+    pair_valid: torch.Tensor | None = None,
+    tgt_log_q: torch.Tensor | None = None,
+    neg_vecs: torch.Tensor | None = None,
+    negatives: torch.Tensor | None = None,
+    neg_log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense all-action loss: every (history position, target) pair of the same user is a positive;
-    the targets of the other users in the batch are the negatives, except targets that are the same
-    item as one of this user's own targets (false negatives).
+    """Dense all-action loss: every valid (history position, target) pair of the same user is a
+    positive; its negatives are the other users' targets in the batch (and the shared pool
+    ``negatives``, when given), except items that are one of this user's own valid targets (false
+    negatives). The user's other targets are never in a positive's denominator.
 
     hist [B, H, d] user vectors at sampled history positions, hist_valid [B, H] bool;
-    tgt [B, T, d] sampled target vectors, tgt_valid [B, T] bool, tgt_items [B, T] catalog indices.
+    tgt [B, T, d] target vectors, tgt_valid [B, T] bool, tgt_items [B, T] catalog indices.
+    pair_valid [B, H, T] bool: which (position, target) pairs are positives (None: all valid ones;
+    a target window makes it sparser). tgt_log_q [B, T] / neg_log_q [M]: log of each column's
+    expected count among the batch's targets / in the pool, subtracted from its logits (logQ
+    correction; None: uncorrected). neg_vecs [M, d] with catalog indices negatives [M]: the pool; an
+    in-batch column whose item is also in the pool is masked, so each item is a negative once.
+
+    Only valid rows and columns are scored: O(P x (Q + M) x d) for P valid positions and Q valid
+    targets. With the whole catalog as the pool and no correction, a pair's loss is the softmax over
+    the catalog minus the user's other targets (a test holds it).
     """
-    B, H, d = hist.shape
-    T = tgt.shape[1]
-    q = hist.reshape(B * H, d)
-    k = tgt.reshape(B * T, d)
-    logits = scale * q @ k.T  # [B*H, B*T]
-    owner_q = torch.arange(B, device=q.device).repeat_interleave(H)
-    owner_k = torch.arange(B, device=q.device).repeat_interleave(T)
-    items_k = tgt_items.reshape(-1)
-    valid_k = tgt_valid.reshape(-1)
-    # per user: does target column t hold an item that is one of this user's own valid targets?
-    own = (tgt_items.unsqueeze(2) == items_k.view(1, 1, -1)) & tgt_valid.unsqueeze(2)  # [B, T, B*T]
-    collides = own.any(1)  # [B, B*T]
-    negative = (owner_k.view(1, -1) != torch.arange(B, device=q.device).view(-1, 1)) & ~collides & valid_k.view(1, -1)
-    neg_mask = negative[owner_q]  # [B*H, B*T]
-    lse_neg = torch.logsumexp(logits.masked_fill(~neg_mask, float("-inf")), dim=1)  # [B*H]
-    pos = logits.view(B, H, B, T)[torch.arange(B), :, torch.arange(B), :]  # [B, H, T]
-    lse = torch.logaddexp(pos, lse_neg.view(B, H, 1))  # -inf negatives (batch of one) -> loss 0
-    pair_valid = hist_valid.unsqueeze(2) & tgt_valid.unsqueeze(1)
-    nll = (lse - pos)[pair_valid]
-    if nll.numel() == 0:
+    B = hist.shape[0]
+    dev = hist.device
+    pairs = hist_valid.unsqueeze(2) & tgt_valid.unsqueeze(1)
+    if pair_valid is not None:
+        pairs = pairs & pair_valid
+    rows_b, rows_h = hist_valid.nonzero(as_tuple=True)  # [P]
+    cols_b, cols_t = tgt_valid.nonzero(as_tuple=True)  # [Q]
+    q, k = hist[rows_b, rows_h], tgt[cols_b, cols_t]
+    items = tgt_items[cols_b, cols_t]
+    logits = scale * q @ k.T  # [P, Q]
+    if tgt_log_q is not None:
+        logits = logits - tgt_log_q[cols_b, cols_t].unsqueeze(0)
+    same_user = rows_b.unsqueeze(1) == cols_b.unsqueeze(0)  # [P, Q]
+    positive = same_user & pairs[rows_b, rows_h][:, cols_t]
+    # columns whose item is one of the row's user's own targets: not negatives
+    uniq, code = torch.unique(items, return_inverse=True)  # [U] distinct target items, code [Q]
+    own_item = torch.zeros(B, len(uniq), dtype=torch.bool, device=dev)
+    own_item[cols_b, code] = True  # [B, U]: user b has item u among its targets
+    negative = ~same_user & ~own_item[rows_b][:, code]
+    neg_logits = [logits.masked_fill(~negative, float("-inf"))]
+    if neg_vecs is not None and negatives is not None and negatives.numel():
+        pool = scale * q @ neg_vecs.T  # [P, M]
+        if neg_log_q is not None:
+            pool = pool - neg_log_q.unsqueeze(0)
+        own_pool = (tgt_items.unsqueeze(2) == negatives.view(1, 1, -1)) & tgt_valid.unsqueeze(2)  # [B, T, M]
+        neg_logits.append(pool.masked_fill(own_pool.any(1)[rows_b], float("-inf")))
+        in_pool = (items.unsqueeze(1) == negatives.unsqueeze(0)).any(1)  # [Q]
+        neg_logits[0] = neg_logits[0].masked_fill(in_pool.unsqueeze(0), float("-inf"))
+    lse_neg = torch.logsumexp(torch.cat(neg_logits, 1), dim=1)  # [P]; -inf when a row has no negative
+    p_idx, q_idx = positive.nonzero(as_tuple=True)
+    if p_idx.numel() == 0:
         raise ValueError("dense_all_action_loss: the batch holds no valid (history, target) pair")
-    return nll.mean()
+    pos = logits[p_idx, q_idx]
+    return (torch.logaddexp(pos, lse_neg[p_idx]) - pos).mean()  # no negatives at all (a batch of one) -> 0

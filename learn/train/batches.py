@@ -4,7 +4,9 @@ pair batches             one (history, target) per user and epoch: target index 
                           [first_target(L), L-1]; or, with all_positions, every position of the
                           sequence predicts its successor (full_softmax, in_batch).
 dense_all_action          each sequence is cut at a point into a history part and a target part;
-                          N_h history positions and N_t targets (recency-weighted) are sampled.
+                          N_h history positions and N_t targets (recency-weighted) are sampled; or,
+                          with all_positions, every position is a cut; optionally only targets within
+                          ``target_window`` items of a position are its positives (``dense_batches``).
 
 Every sampler takes ``rank``/``world_size`` so a DDP worker reads only its shard of users.
 """
@@ -69,6 +71,8 @@ class NegativeSampler:
 
 @dataclass
 class DenseBatch:
+    """One dense all-action batch: B users, each with N_h history positions and N_t targets."""
+
     hist_tokens: torch.Tensor  # [B, Lh]
     hist_pos: torch.Tensor  # [B, N_h] positions into hist_tokens (valid where hist_valid)
     hist_valid: torch.Tensor  # [B, N_h]
@@ -76,6 +80,11 @@ class DenseBatch:
     tgt_pos: torch.Tensor  # [B, N_t]
     tgt_valid: torch.Tensor  # [B, N_t]
     tgt_items: torch.Tensor  # [B, N_t] catalog indices (-1 where invalid)
+    pair_valid: torch.Tensor  # [B, N_h, N_t] the (position, target) pairs that are positives
+    pair_lag: torch.Tensor  # [B, N_h, N_t] how many items after the history position the target comes (0: no pair)
+    tgt_log_q: torch.Tensor  # [B, N_t] log of each target's expected count among the batch's targets
+    negatives: torch.Tensor  # [M] shared pool of sampled negatives (M = 0: in-batch only)
+    neg_log_q: torch.Tensor  # [M] log of each pool entry's expected count in the pool
 
 
 def shard_users(train: list[np.ndarray], min_len: int, rank: int, world_size: int, order_rng: np.random.Generator,
@@ -158,42 +167,108 @@ def sample_targets(n: int, n_targets: int, recency: bool, rng: np.random.Generat
     return pool, np.sort(rng.choice(len(pool), size=k, replace=False, p=p))
 
 
-def dense_batches(train: list[np.ndarray], *, batch_size: int, max_history: int, target_len: int, n_history: int,
+def item_popularity(train, num_items: int) -> np.ndarray:
+    """How often each catalog item occurs in ``train`` (a list of arrays, or a ragged container
+    with a flat ``values`` array)."""
+    values = getattr(train, "values", None)
+    if not isinstance(values, np.ndarray):
+        parts = [np.asarray(s) for s in train if len(s)]
+        values = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return np.bincount(values.astype(np.int64, copy=False), minlength=num_items)
+
+
+def dense_batches(train, *, batch_size: int, max_history: int, target_len: int, n_history: int,
                   n_targets: int, recency: bool, rng: np.random.Generator,
-                  order_rng: np.random.Generator | None = None, rank: int = 0, world_size: int = 1):
+                  order_rng: np.random.Generator | None = None, rank: int = 0, world_size: int = 1,
+                  target_window: int = 0, all_positions: bool = False, sampler: NegativeSampler | None = None,
+                  num_negatives: int = 0):
+    """Dense all-action batches. ``train``: per-user sequences (a list of arrays or any sequence-like
+    container whose ``[u]`` is an array).
+
+    cut mode (the paper's)  each sequence cut at a point uniform in [L//2, L-1]; N_h history positions of
+                            the part before the cut, N_t targets (recency-weighted) of the part after it
+    all_positions           every position is a cut: a random window of ``max_history`` + 1 items, each
+                            position's positives are the items after it in the window
+    ``target_window`` W > 0: a pair is a positive only if the target comes at most W items after the
+    history position (W = 1: next item only); in cut mode the targets are drawn from the first W items
+    after the cut and the history positions from the last W before it. 0: no limit.
+    ``sampler``: the batch's targets get their logQ terms from its training popularity, and
+    ``num_negatives`` > 0 draws a shared pool of negatives from it each batch (None: no correction
+    terms (zeros), no pool). With W = 0, no sampler and cut mode the draws are the paper recipe's as
+    they always were (the golden values of that configuration did not move).
+    """
     users = shard_users(train, 2, rank, world_size, order_rng or rng)
     for start in range(0, len(users), batch_size):
         chunk = users[start : start + batch_size]
-        hists, tgts, hpos, tpos = [], [], [], []
+        hists, tgts, hpos, tpos, lags = [], [], [], [], []  # lags[r]: [n_h, n_t] target minus position
         for u in chunk:
             seq = train[u]
             L = len(seq)
+            if all_positions:
+                first = int(rng.integers(0, max(1, L - max_history)))
+                window = seq[first : first + max_history + 1]
+                n = len(window) - 1
+                hists.append(window[:-1])
+                tgts.append(window[1:])
+                hpos.append(np.arange(n))
+                tpos.append(np.arange(n))
+                lags.append(np.arange(n)[None, :] + 1 - np.arange(n)[:, None])
+                continue
             cut = int(rng.integers(max(1, L // 2), L))
             h = seq[:cut][-max_history:]
-            pool, picks = sample_targets(L - cut, n_targets, recency, rng, cap=target_len)
+            n_after = L - cut if target_window <= 0 else min(L - cut, target_window)
+            pool, picks = sample_targets(n_after, n_targets, recency, rng, cap=target_len)
             hists.append(h)
             tgts.append(seq[cut:][pool])  # the target part the item tower reads, at most target_len
-            k = min(n_history, len(h))
-            hpos.append(np.sort(rng.choice(len(h), size=k, replace=False)))
+            lowest = 0 if target_window <= 0 else max(0, len(h) - target_window)
+            k = min(n_history, len(h) - lowest)
+            positions = lowest + np.sort(rng.choice(len(h) - lowest, size=k, replace=False))
+            hpos.append(positions)
             tpos.append(picks)
+            lags.append((len(h) - positions)[:, None] + pool[picks][None, :])
         B = len(chunk)
-        hist_pos = torch.zeros(B, n_history, dtype=torch.long)
-        hist_valid = torch.zeros(B, n_history, dtype=torch.bool)
-        tgt_pos = torch.zeros(B, n_targets, dtype=torch.long)
-        tgt_valid = torch.zeros(B, n_targets, dtype=torch.bool)
-        tgt_items = torch.full((B, n_targets), -1, dtype=torch.long)
+        n_h = n_history if not all_positions else max(1, max(len(p) for p in hpos))
+        n_t = n_targets if not all_positions else max(1, max(len(p) for p in tpos))
+        hist_pos = torch.zeros(B, n_h, dtype=torch.long)
+        hist_valid = torch.zeros(B, n_h, dtype=torch.bool)
+        tgt_pos = torch.zeros(B, n_t, dtype=torch.long)
+        tgt_valid = torch.zeros(B, n_t, dtype=torch.bool)
+        tgt_items = torch.full((B, n_t), -1, dtype=torch.long)
+        pair_valid = torch.zeros(B, n_h, n_t, dtype=torch.bool)
+        pair_lag = torch.zeros(B, n_h, n_t, dtype=torch.long)
         for r in range(B):
-            hist_pos[r, : len(hpos[r])] = torch.as_tensor(hpos[r])
-            hist_valid[r, : len(hpos[r])] = True
-            tgt_pos[r, : len(tpos[r])] = torch.as_tensor(tpos[r])
-            tgt_valid[r, : len(tpos[r])] = True
-            tgt_items[r, : len(tpos[r])] = torch.as_tensor(tgts[r][tpos[r]])
+            nh, nt = len(hpos[r]), len(tpos[r])
+            hist_pos[r, :nh] = torch.as_tensor(hpos[r])
+            hist_valid[r, :nh] = True
+            tgt_pos[r, :nt] = torch.as_tensor(tpos[r])
+            tgt_valid[r, :nt] = True
+            tgt_items[r, :nt] = torch.as_tensor(np.asarray(tgts[r])[tpos[r]])
+            ok = lags[r] >= 1
+            if target_window > 0:
+                ok &= lags[r] <= target_window
+            pair_valid[r, :nh, :nt] = torch.as_tensor(ok)
+            pair_lag[r, :nh, :nt] = torch.as_tensor(np.maximum(lags[r], 0))
+        tgt_log_q = torch.zeros(B, n_t)
+        negatives, neg_log_q = torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        if sampler is not None:
+            valid_items = tgt_items[tgt_valid].numpy()
+            tgt_log_q[tgt_valid] = torch.as_tensor(np.log(len(valid_items) * sampler.target_p[valid_items]),
+                                                   dtype=torch.float32)
+            if num_negatives > 0:
+                drawn = sampler.draw(num_negatives, rng)
+                negatives = torch.as_tensor(drawn, dtype=torch.long)
+                neg_log_q = torch.as_tensor(np.log(num_negatives * sampler.p[drawn]), dtype=torch.float32)
         yield DenseBatch(
             hist_tokens=pad_histories(hists, max_history),
             hist_pos=hist_pos,
             hist_valid=hist_valid,
-            tgt_tokens=pad_histories(tgts, target_len),
+            tgt_tokens=pad_histories(tgts, max_history if all_positions else target_len),
             tgt_pos=tgt_pos,
             tgt_valid=tgt_valid,
             tgt_items=tgt_items,
+            pair_valid=pair_valid,
+            pair_lag=pair_lag,
+            tgt_log_q=tgt_log_q,
+            negatives=negatives,
+            neg_log_q=neg_log_q,
         )

@@ -8,7 +8,9 @@ full_softmax      one target per user and epoch, index uniform in [1, L-1] (or e
 in_batch          target index uniform in [L//2, L-1] (or every position); softmax over the batch's
                   targets, rows with the same item or of the same user masked
 dense_all_action  each sequence cut into a history and a target part; N_h history positions x N_t
-                  recency-weighted targets per user, the other users' targets as negatives
+                  recency-weighted targets per user (or every position a cut, ``train.all_positions``;
+                  positives within ``train.target_window`` items); negatives: the other users' targets
+                  plus a shared pool of ``train.num_negatives``, logQ-corrected (``train.logq_correction``)
 
 A loss takes (model, batch, train config, rows): ``rows`` runs a tower over the rows of a batch
 (whole in one process, sharded and gathered under DDP: ``RowMap``).
@@ -26,7 +28,8 @@ import torch
 from learn.config import TrainConfig, TrainedRecipe
 from learn.towers.losses import dense_all_action_loss, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
 from learn.towers.model import member_slices
-from learn.train.batches import DenseBatch, NegativeSampler, PairBatch, SampledBatch, dense_batches, pair_batches
+from learn.train.batches import (DenseBatch, NegativeSampler, PairBatch, SampledBatch, dense_batches, item_popularity,
+                                 pair_batches)
 
 Batches = Callable[..., Iterator]
 Loss = Callable[..., torch.Tensor]
@@ -86,9 +89,14 @@ def _sampled_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank,
 
 
 def _dense_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size, num_items):
+    """Dense batches with the logQ terms of their targets and (``train.num_negatives`` > 0) a shared
+    pool of negatives drawn from ``train.negative_sampler``."""
+    sampler = NegativeSampler(item_popularity(train, num_items), cfg.negative_sampler)
     return dense_batches(train, batch_size=cfg.batch_size, max_history=max_history, target_len=cfg.target_len,
                          n_history=cfg.n_history, n_targets=cfg.n_targets, recency=cfg.recency_weighting,
-                         rng=rng, order_rng=order_rng, rank=rank, world_size=world_size)
+                         rng=rng, order_rng=order_rng, rank=rank, world_size=world_size,
+                         target_window=cfg.target_window, all_positions=cfg.all_positions, sampler=sampler,
+                         num_negatives=cfg.num_negatives)
 
 
 def full_softmax(model, batch: PairBatch, cfg: TrainConfig, rows) -> torch.Tensor:
@@ -123,9 +131,23 @@ def dense_all_action(model, batch: DenseBatch, cfg: TrainConfig, rows) -> torch.
         return out[torch.arange(out.shape[0], device=out.device).unsqueeze(1), pos]
 
     hist = rows(lambda tokens, pos: at(model(tokens), pos), batch.hist_tokens, batch.hist_pos)
-    tgt = rows(lambda tokens, pos: at(core.target_sequence_embedding(tokens), pos), batch.tgt_tokens, batch.tgt_pos)
-    return _per_member(model, lambda h, t: dense_all_action_loss(h, batch.hist_valid, t, batch.tgt_valid,
-                                                                 batch.tgt_items, cfg.score_scale), hist, tgt)
+    if cfg.all_positions:  # every position a cut: the targets are items of the history itself, each alone
+        flat = rows(core.item_embedding, batch.tgt_items[batch.tgt_valid])
+        tgt = flat.new_zeros(*batch.tgt_items.shape, flat.shape[-1]).index_put((batch.tgt_valid,), flat)
+    else:
+        tgt = rows(lambda tokens, pos: at(core.target_sequence_embedding(tokens), pos), batch.tgt_tokens,
+                   batch.tgt_pos)
+    pool = batch.negatives.numel() > 0
+    vectors = (hist, tgt) + ((rows(core.item_embedding, batch.negatives),) if pool else ())
+    correct = cfg.logq_correction
+
+    def one(h, t, *neg):
+        return dense_all_action_loss(h, batch.hist_valid, t, batch.tgt_valid, batch.tgt_items, cfg.score_scale,
+                                     batch.pair_valid, batch.tgt_log_q if correct else None,
+                                     neg[0] if pool else None, batch.negatives if pool else None,
+                                     batch.neg_log_q if (pool and correct) else None)
+
+    return _per_member(model, one, *vectors)
 
 
 RECIPES: dict[str, Recipe] = {

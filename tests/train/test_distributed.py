@@ -27,6 +27,12 @@ CASES = {
                                    num_negatives=24),
     "dense": TrainConfig(recipe="dense_all_action", batch_size=17, lr=3e-3, n_history=3, n_targets=3,
                          target_len=5),
+    # dense_all_action's other modes: every position a cut with a horizon, and the paper's uncorrected loss
+    "dense_every_cut_window_2": TrainConfig(recipe="dense_all_action", batch_size=17, lr=3e-3, all_positions=True,
+                                            target_window=2, num_negatives=24),
+    "dense_cut_window_2_uncorrected": TrainConfig(recipe="dense_all_action", batch_size=17, lr=3e-3, n_history=3,
+                                                  n_targets=3, target_len=5, target_window=2, num_negatives=0,
+                                                  logq_correction=False),
 }
 EPOCHS = 2
 # measured: the 2-rank weights and losses differ from one process by <= 5e-7 (float rounding of
