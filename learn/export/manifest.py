@@ -138,18 +138,24 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
-def check_sizes(directory: str | Path, manifest: dict) -> None:
-    """Every file ``manifest`` lists is in ``directory`` with its recorded size: the cheap check (no
-    byte is read) for a directory whose digests were just computed by its writer."""
-    directory = Path(directory)
+def _listed(directory: Path, manifest: dict):
+    """(name, path, entry) of every file the manifest lists; a name escaping ``directory`` is an error."""
     for name, entry in manifest["files"].items():
         try:
             file = directory / _check_name(name)
         except ValueError as e:
             raise ArtifactError(f"{directory / MANIFEST}: {e}") from None
+        yield name, file, entry if isinstance(entry, dict) else {}
+
+
+def check_sizes(directory: str | Path, manifest: dict) -> None:
+    """Every file ``manifest`` lists is in ``directory`` with its recorded size: the cheap check (no
+    byte is read) for a directory whose digests were just computed by its writer."""
+    directory = Path(directory)
+    for name, file, entry in _listed(directory, manifest):
         if not file.is_file():
             raise ArtifactError(f"{name}: listed in {MANIFEST} but missing from {directory}")
-        size = entry.get("size") if isinstance(entry, dict) else None
+        size = entry.get("size")
         if file.stat().st_size != size:
             raise ArtifactError(f"{name}: {file.stat().st_size} bytes, {MANIFEST} records {size}")
 
@@ -158,14 +164,9 @@ def verify_manifest(directory: str | Path) -> dict:
     """Re-hash every file listed in ``directory/manifest.json``; raise ``ArtifactError`` naming the
     first missing or altered file (with expected and actual sha256). Returns the manifest."""
     directory = Path(directory)
-    path = directory / MANIFEST
     manifest = read_manifest(directory)
-    for name, entry in manifest["files"].items():
-        try:
-            file = directory / _check_name(name)
-        except ValueError as e:
-            raise ArtifactError(f"{path}: {e}") from None
-        expected = entry.get("sha256") if isinstance(entry, dict) else None
+    for name, file, entry in _listed(directory, manifest):
+        expected = entry.get("sha256")
         if not isinstance(expected, str):
             raise ArtifactError(f"{name}: no sha256 recorded in {MANIFEST}")
         if not file.is_file():
