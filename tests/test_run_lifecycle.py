@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import mlflow
@@ -66,6 +67,23 @@ def test_a_signal_ends_the_run_killed_and_exits_128_plus_signum(tmp_path, signum
     assert exit_info.value.code == 128 + signum
     assert _runs(uri, "sig")["victim"].info.status == "KILLED"
     assert signal.getsignal(signum) is before  # restored once the run is closed
+
+
+def test_a_signal_with_a_ray_up_before_the_run_raises_instead_of_leaving_the_process(tmp_path, monkeypatch):
+    """A Ray the process had before the run (a test session's, an embedding program's) is not the run's:
+    the signal ends the run KILLED and unwinds as SystemExit; only a Ray the run started makes it os._exit
+    (this test session would otherwise end with 143 here)."""
+    driver = types.SimpleNamespace(worker=types.SimpleNamespace(mode=0))  # SCRIPT_MODE, as in a driver
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: driver, WORKER_MODE=1)
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(SystemExit) as exit_info:
+        with Tracker(True, uri, "sig", run_name="ray-before"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            pytest.fail("the signal did not interrupt the run")
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert _runs(uri, "sig")["ray-before"].info.status == "KILLED"
 
 
 def test_handlers_only_in_the_main_thread(tmp_path):

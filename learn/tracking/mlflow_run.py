@@ -114,6 +114,11 @@ def _param_value(key: str, value: Any) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 class Tracker:
     """A thin wrapper so the pipeline code reads the same with tracking on or off."""
 
@@ -129,6 +134,7 @@ class Tracker:
         self._mlflow = None
         self._owner: int | None = None  # the process whose signal handlers end the run
         self._saved_handlers: dict[int, Any] = {}
+        self._ray_before = True  # whether Ray was up when the run began (set at enter)
 
     def __enter__(self) -> "Tracker":
         if self.enabled:
@@ -145,6 +151,7 @@ class Tracker:
             run = mlflow.start_run(run_name=self.run_name, log_system_metrics=self.system_metrics, tags=tags)
             self.run_id = run.info.run_id
             self._mlflow = mlflow
+            self._ray_before = _ray_initialized()
             if _driver_main_thread():
                 self._owner = pid
                 self._saved_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -169,10 +176,10 @@ class Tracker:
         if isinstance(exc, (RunInterrupted, SystemExit)) and signum:
             print(f"interrupted by {signal.Signals(signum).name}: run {self.run_id} marked KILLED", file=sys.stderr,
                   flush=True)
-            ray = sys.modules.get("ray")
-            if ray is not None and ray.is_initialized():
-                # once Ray's core has seen the signal, interpreter teardown aborts (exit 134): the run is
-                # ended, so leave now with the signal's code (Ray's raylet reaps the driver's workers)
+            if _ray_initialized() and not self._ray_before:
+                # a Ray this run started has seen the signal: interpreter teardown aborts (exit 134), so
+                # leave now with the signal's code (Ray's raylet reaps the driver's workers). A Ray that was
+                # up before the run (an embedding program's, a test session's) is left to its owner
                 sys.stdout.flush()
                 os._exit(128 + signum)
             raise SystemExit(128 + signum) from None
