@@ -39,6 +39,11 @@ FREEZE_3 = "conf/scientific/2026-11-26-3-four-one-layer-members.yaml"
 LATEST = "conf/scientific.yaml"  # the floors: a baseline ignores the towers' settings
 TPL_PRODUCT = ['data.text_template="Product: {text}"', "embed.store=.cache/learn/content/Scientific-minilm-tpl-product.parquet"]
 SAMPLED = ["train.recipe=sampled_softmax", "train.num_negatives=1024"]
+# dense_all_action as the paper has it (the recipe's defaults now add logQ terms and a negative pool)
+DENSE_PAPER = ["train.num_negatives=0", "train.logq_correction=false"]
+# dense_all_action as fixed: every position a cut, next-item positives, 1,024 logQ-corrected negatives
+DENSE_FIXED = ["train.recipe=dense_all_action", "train.all_positions=true", "train.target_window=1",
+               "train.num_negatives=1024"]
 
 ROWS: list[tuple[str, str, str, list[str]]] = [
     ("floor_last_minilm", "no training: user = last item, MiniLM", LATEST, ["train.recipe=content_last"]),
@@ -66,10 +71,12 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
     ("lever_lr_1e3", "lever: learning rate 1e-3", FREEZE_1, ["train.lr=0.001"]),
     ("lever_layers_1", "lever: 1 transformer layer", FREEZE_1, ["model.n_layers=1"]),
     ("lever_dout_64", "lever: output dimension 64", FREEZE_1, ["model.d_out=64"]),
-    ("lever_dense", "lever: dense all-action recipe", FREEZE_1, ["train.recipe=dense_all_action", "train.all_positions=false"]),
+    # the paper's recipe as published: one cut per user, far targets, no logQ terms, no pool
+    ("lever_dense", "lever: dense all-action recipe", FREEZE_1, ["train.recipe=dense_all_action", "train.all_positions=false",
+                                                                 *DENSE_PAPER]),
     # dense with item tower (b): targets encoded alone in training, as every item is served
     ("lever_dense_b", "lever: dense all-action recipe, item tower (b)", FREEZE_1, ["train.recipe=dense_all_action", "model.item_tower=b",
-                                                                                             "train.all_positions=false"]),
+                                                                                             "train.all_positions=false", *DENSE_PAPER]),
     ("lever_tokens_64", "lever: token budget 64", FREEZE_1, ["embed.max_tokens=64"]),
     ("lever_layers_4", "lever: 4 transformer layers", FREEZE_1, ["model.n_layers=4"]),
     ("lever_wd_01", "lever: weight decay 0.1", FREEZE_1, ["train.weight_decay=0.1"]),
@@ -89,6 +96,14 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
     ("learn_sampled_mixed_seed1", "LEARN sampled softmax, mixed negatives, seed 1", FREEZE_3, [*SAMPLED, "seed=1"]),
     ("learn_sampled_popularity", "LEARN sampled softmax, 1,024 popularity negatives, logQ", FREEZE_3,
      [*SAMPLED, "train.negative_sampler=popularity"]),
+    ("learn_dense_fixed", "LEARN dense all-action as fixed: every cut, next-item positives, 1,024 logQ negatives",
+     FREEZE_3, DENSE_FIXED),
+    # issue 14: how the frozen vectors are conditioned (third freeze, full softmax)
+    ("lever_mlp_adaptor", "lever: MLP adaptor (hidden 2 x d_model)", FREEZE_3, ["model.adaptor=mlp"]),
+    ("lever_views_whiten_group_mlp", "lever: whitened + group-whitened views, MLP adaptors, summed", FREEZE_3,
+     ["model.adaptor=mlp", "model.input_views=[whiten,group]"]),
+    ("lever_views_whiten_group_mlp_seed1", "whitened + group-whitened views, MLP adaptors, seed 1", FREEZE_3,
+     ["model.adaptor=mlp", "model.input_views=[whiten,group]", "seed=1"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM", FREEZE_1, ["model.item_id_embedding=true", "export.enabled=false"]),
 ]

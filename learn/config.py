@@ -119,6 +119,17 @@ class ModelConfig:
     # an ensemble of independently initialised stacks trained and exported as one pair of towers;
     # d_out is the total width (d_out / members per member)
     members: int = 1
+    # how the frozen vectors are conditioned before the adaptor, one adaptor per view, outputs summed:
+    # center (catalog mean removed, unit mean norm) | whiten (ZCA, covariance shrunk by whiten_shrinkage x
+    # its mean eigenvalue) | group (ZCA within whiten_groups blocks of dimensions). Fitted once on the
+    # training catalog and exported with the towers; new items get the same statistics
+    input_views: list[str] = field(default_factory=lambda: ["center"])
+    whiten_shrinkage: float = 0.1
+    whiten_groups: int = 4
+    # linear (one Linear(d_llm, d_model)) | mlp (Linear -> GELU -> dropout -> Linear; hidden width
+    # adaptor_hidden, 0: 2 x d_model)
+    adaptor: Literal["linear", "mlp"] = "linear"
+    adaptor_hidden: int = 0
 
 
 @dataclass
@@ -392,6 +403,14 @@ def _check_effects(cfg: Config, explicit: set[str]) -> None:
                 raise ConfigError(f"key '{key}' has no effect with train.recipe=dense_all_action and "
                                   f"train.all_positions=true (every position is a cut; targets are single "
                                   f"items): remove it or set train.all_positions=false")
+    views = cfg.model.input_views
+    for key, needs, ok in (("model.whiten_shrinkage", "'whiten' or 'group' in model.input_views",
+                            bool({"whiten", "group"} & set(views))),
+                           ("model.whiten_groups", "'group' in model.input_views", "group" in views),
+                           ("model.adaptor_hidden", "model.adaptor=mlp", cfg.model.adaptor == "mlp")):
+        if key in explicit and not ok:
+            raise ConfigError(f"key '{key}' has no effect unless {needs} (here model.input_views={views}, "
+                              f"model.adaptor={cfg.model.adaptor}): remove it")
     for key, (other, value) in _ONLY_UNDER.items():
         values = value if isinstance(value, tuple) else (value,)
         if key in explicit and flatten(cfg)[other] not in values:
@@ -448,6 +467,21 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
     if cfg.model.item_id_embedding and (cfg.export.enabled or cfg.train.backend != "local"):
         raise ConfigError("model.item_id_embedding=true is an ablation: set export.enabled=false (exported towers "
                           "take content vectors only) and train.backend=local")
+    views = cfg.model.input_views
+    if not views or len(set(views)) != len(views) or any(v not in ("center", "whiten", "group") for v in views):
+        raise ConfigError(f"key 'model.input_views' must be a non-empty list of distinct views out of "
+                          f"[center, whiten, group], got {views}")
+    if views != ["center"] and (not cfg.model.center_inputs or cfg.model.item_tower == "c"):
+        raise ConfigError(f"model.input_views={views} needs model.center_inputs=true and model.item_tower a or b "
+                          f"(item tower c serves the centred content itself)")
+    if cfg.model.whiten_shrinkage <= 0:
+        raise ConfigError(f"key 'model.whiten_shrinkage' must be > 0 (it keeps whitening invertible), "
+                          f"got {cfg.model.whiten_shrinkage}")
+    if cfg.model.whiten_groups < 2:
+        raise ConfigError(f"key 'model.whiten_groups' must be >= 2, got {cfg.model.whiten_groups}")
+    if cfg.model.adaptor_hidden < 0:
+        raise ConfigError(f"key 'model.adaptor_hidden' must be >= 0 (0: 2 x model.d_model), "
+                          f"got {cfg.model.adaptor_hidden}")
     if cfg.model.item_tower != "c" and cfg.model.d_out % cfg.model.members:
         raise ConfigError(f"key 'model.d_out' ({cfg.model.d_out}) must be a multiple of model.members "
                           f"({cfg.model.members}): each member gets d_out / members dimensions")

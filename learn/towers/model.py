@@ -3,6 +3,17 @@
 Both towers share one stack:  content vector -> (centring) -> adaptor Linear(d_llm, d_model)
 -> [+ learned positions] -> causal post-LN transformer -> head Linear(d_model, d_out) -> L2 norm.
 
+input views  ``input_views`` conditions the frozen vectors before the adaptor: ``center`` (catalog mean
+            removed, rescaled to unit mean norm), ``whiten`` (ZCA whitening of the centred vectors with
+            shrinkage: the covariance plus ``whiten_shrinkage`` x its mean eigenvalue), ``group`` (the
+            same within ``whiten_groups`` contiguous blocks of dimensions). Every statistic is fitted
+            once on the catalog the towers are built over and kept as a buffer, so exported towers
+            apply the training catalog's statistics to new items unchanged. With several views each
+            gets its own adaptor and their outputs are summed (with linear adaptors that is still one
+            linear map: several views matter in front of ``adaptor=mlp``).
+adaptor      ``linear`` (one Linear) or ``mlp`` (Linear(d_llm, hidden) -> GELU -> dropout -> Linear(hidden,
+            d_model), hidden = ``adaptor_hidden`` or 2 x d_model when 0).
+
 user tower  the stack over a user's history; the user vector is the output at the last real
             (non-padding) position.
 item tower  variant a/b: the same stack over a single item (sequence length 1), so every item
@@ -18,7 +29,7 @@ members     ``members`` = K > 1 gives K independently initialised stacks (adapto
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -46,6 +57,11 @@ class TowerConfig:
     # training; num_id_items = catalog size when on, 0 = off
     num_id_items: int = 0
     members: int = 1  # independently initialised stacks whose outputs are concatenated (d_out / members each)
+    input_views: list[str] = field(default_factory=lambda: ["center"])  # center | whiten | group (see above)
+    whiten_shrinkage: float = 0.1  # added to the covariance, as a multiple of its mean eigenvalue
+    whiten_groups: int = 4  # blocks of dimensions the group view whitens separately
+    adaptor: str = "linear"  # linear | mlp
+    adaptor_hidden: int = 0  # the MLP adaptor's hidden width (0: 2 x d_model)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +72,7 @@ class TowerConfig:
         serves the raw content vectors, so its output dimension is the encoder's (``model.d_out``
         does not apply to it)."""
         shared = {f.name: getattr(m, f.name) for f in fields(cls) if hasattr(m, f.name)}
+        shared["input_views"] = list(shared.get("input_views", ["center"]))
         if m.item_tower == "c":
             shared["d_out"] = d_llm
         return cls(d_llm=d_llm, num_id_items=num_id_items, **shared)
@@ -83,6 +100,7 @@ class TwinTowers(nn.Module):
             raise ValueError(f"model.d_out ({cfg.d_out}) must be a multiple of model.members ({cfg.members})")
         if cfg.item_tower == "c" and cfg.members > 1:
             raise ValueError("item tower 'c' has no item-side stack to ensemble: use model.members=1")
+        check_input_views(cfg)
         if cfg.item_tower == "c" and cfg.d_out != cfg.d_llm:
             raise ValueError(
                 f"item tower 'c' uses raw content vectors as item embeddings, so model.d_out must equal "
@@ -101,6 +119,10 @@ class TwinTowers(nn.Module):
             scale = torch.tensor(1.0)
         self.register_buffer("content_mean", mean)
         self.register_buffer("content_scale", scale.reshape(()))
+        for view in cfg.input_views:  # whitening matrices, fitted once on this catalog (buffers: exported)
+            if view != "center":
+                groups = cfg.whiten_groups if view == "group" else 1
+                self.register_buffer(f"{view}_matrix", whitening_matrix(content, mean, cfg.whiten_shrinkage, groups))
         if not padded:
             full = torch.cat([torch.zeros(1, content.shape[1]), content], 0)
         self.register_buffer("content", full, persistent=False)
@@ -138,6 +160,18 @@ class TwinTowers(nn.Module):
     def _inputs(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.center_vectors(self.content[tokens], tokens > 0)
 
+    def input_views(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Raw content vectors [..., d_llm] -> one conditioned tensor per ``cfg.input_views`` (padding
+        positions exactly zero): what the members' adaptors read."""
+        out = []
+        for view in self.cfg.input_views:
+            if view == "center":
+                out.append(self.center_vectors(x, valid))
+                continue
+            y = (x.float() - self.content_mean) @ getattr(self, f"{view}_matrix")
+            out.append(y if valid is None else y * valid.unsqueeze(-1).to(y.dtype))
+        return out
+
     def encode_vectors(
         self, x: torch.Tensor, valid: torch.Tensor | None = None, self_only: bool = False, user: bool = False,
         tokens: torch.Tensor | None = None,
@@ -150,7 +184,7 @@ class TwinTowers(nn.Module):
         [B, L]: the items' tokens, for the ID-embedding ablation only.
         """
         L = x.shape[1]
-        inputs = self.center_vectors(x, valid)
+        inputs = self.input_views(x, valid)
         ids = None
         if self.cfg.num_id_items:
             if tokens is None:
@@ -218,7 +252,10 @@ class Stack(nn.Module):
     def __init__(self, cfg: TowerConfig):
         super().__init__()
         width = cfg.d_out // cfg.members
-        self.adaptor = nn.Linear(cfg.d_llm, cfg.d_model)
+        self.adaptor = make_adaptor(cfg)  # the first input view's
+        # one adaptor per further input view, outputs summed (absent with one view: the same weights
+        # and state-dict keys as before views existed)
+        self.view_adaptors = nn.ModuleList(make_adaptor(cfg) for _ in cfg.input_views[1:]) or None
         self.positions = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.positions == "learned" else None
         self.in_norm = nn.LayerNorm(cfg.d_model)
         self.in_drop = nn.Dropout(cfg.dropout)
@@ -233,14 +270,17 @@ class Stack(nn.Module):
             self.id_embedding = nn.Embedding(cfg.num_id_items + 1, cfg.d_model, padding_idx=0)
             nn.init.zeros_(self.id_embedding.weight)  # training starts from the content-only model
 
-    def forward(self, inputs: torch.Tensor, ids: torch.Tensor | None, mask: torch.Tensor, self_only: bool,
+    def forward(self, inputs: list[torch.Tensor], ids: torch.Tensor | None, mask: torch.Tensor, self_only: bool,
                 user: bool) -> torch.Tensor:
-        """Centred inputs [B, L, d_llm] -> normalised [B, L, d_out / members]."""
-        h = self.adaptor(inputs)
+        """Conditioned inputs (one [B, L, d_llm] per input view) -> normalised [B, L, d_out / members]."""
+        h = self.adaptor(inputs[0])
+        if self.view_adaptors is not None:
+            for adaptor, view in zip(self.view_adaptors, inputs[1:]):
+                h = h + adaptor(view)
         if self.id_embedding is not None:
             h = h + self.id_embedding(ids)
         if self.positions is not None:
-            h = h + self.positions(torch.arange(inputs.shape[1], device=inputs.device))
+            h = h + self.positions(torch.arange(h.shape[1], device=h.device))
         h = self.in_drop(self.in_norm(h))
         # Sequences are right-padded, so under the causal (or self-only) mask a real position never
         # sees padding and no key-padding mask is needed; outputs at padded positions are unused.
@@ -248,6 +288,55 @@ class Stack(nn.Module):
         h = self.encoder(h, mask=mask, is_causal=not self_only)
         head = self.user_head if (user and self.user_head is not None) else self.head
         return F.normalize(head(h), dim=-1)
+
+
+INPUT_VIEWS = ("center", "whiten", "group")
+
+
+def check_input_views(cfg: TowerConfig) -> None:
+    views = list(cfg.input_views)
+    if not views or len(set(views)) != len(views) or any(v not in INPUT_VIEWS for v in views):
+        raise ValueError(f"model.input_views must be distinct names out of {list(INPUT_VIEWS)}, got {views}")
+    if views != ["center"] and (not cfg.center_inputs or cfg.item_tower == "c"):
+        raise ValueError(f"model.input_views={views} needs model.center_inputs=true and an item-side stack "
+                         f"(item tower a or b)")
+    if "group" in views and (cfg.whiten_groups < 2 or cfg.d_llm % cfg.whiten_groups):
+        raise ValueError(f"model.whiten_groups ({cfg.whiten_groups}) must be >= 2 and divide the encoder's "
+                         f"dimension ({cfg.d_llm})")
+    if cfg.adaptor not in ("linear", "mlp"):
+        raise ValueError(f"model.adaptor must be 'linear' or 'mlp', got {cfg.adaptor!r}")
+
+
+def make_adaptor(cfg: TowerConfig) -> nn.Module:
+    if cfg.adaptor == "linear":
+        return nn.Linear(cfg.d_llm, cfg.d_model)
+    hidden = cfg.adaptor_hidden or 2 * cfg.d_model
+    return nn.Sequential(nn.Linear(cfg.d_llm, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, cfg.d_model))
+
+
+@torch.no_grad()
+def whitening_matrix(content: torch.Tensor, mean: torch.Tensor, shrinkage: float, groups: int = 1,
+                     block: int = 65536) -> torch.Tensor:
+    """[d, d] ZCA whitening of ``content`` - ``mean`` (block-diagonal over ``groups`` contiguous blocks
+    of dimensions), each block's covariance shrunk by ``shrinkage`` x its mean eigenvalue, scaled so the
+    catalog's whitened vectors have unit mean norm. Streams over rows (float64 sums): memory O(d^2)."""
+    n, d = content.shape
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    for s in range(0, n, block):
+        x = content[s : s + block].double() - mean.double()
+        cov += x.T @ x
+    cov /= max(1, n - 1)
+    w = torch.zeros(d, d, dtype=torch.float64)
+    size = d // groups
+    for g in range(groups):
+        sl = slice(g * size, (g + 1) * size)
+        evals, evecs = torch.linalg.eigh(cov[sl, sl])
+        evals = evals.clamp_min(0)
+        w[sl, sl] = evecs @ torch.diag((evals + shrinkage * evals.mean()).clamp_min(1e-12).rsqrt()) @ evecs.T
+    norm_sum = 0.0
+    for s in range(0, n, block):
+        norm_sum += float(((content[s : s + block].double() - mean.double()) @ w).norm(dim=1).sum())
+    return (w / max(norm_sum / max(1, n), 1e-12)).float()
 
 
 def member_slices(vectors: torch.Tensor, members: int) -> list[torch.Tensor]:
