@@ -151,6 +151,10 @@ class TrainConfig:
     # successor (instead of one sampled target per user and epoch); dense_all_action: every position is
     # a cut, predicting the items after it within target_window (instead of one cut per user and epoch)
     all_positions: bool = False
+    # with all_positions, what one epoch covers: window (one random window of max_history + 1 items per
+    # user: a user with ~100 items gets ~40% of its transitions per epoch) | transitions (each user's
+    # sequence in consecutive windows: every training transition is a target exactly once per epoch)
+    epoch_coverage: Literal["window", "transitions"] = "window"
     eval_every: int = 1
     num_threads: int = 0  # torch threads; 0 = leave torch's default
     # backend=local: where the towers train and evaluate (cpu | cuda | auto: cuda when available), and the
@@ -378,6 +382,7 @@ _ONLY_UNDER = {
     "train.num_negatives": ("train.recipe", ("sampled_softmax", "dense_all_action")),
     "train.negative_sampler": ("train.recipe", ("sampled_softmax", "dense_all_action")),
     "train.logq_correction": ("train.recipe", ("sampled_softmax", "dense_all_action")),
+    "train.epoch_coverage": ("train.all_positions", True),
 }
 # dense_all_action with train.all_positions=true (every position a cut) samples no positions or
 # targets and reads no target sequence: these have no effect there
@@ -413,10 +418,11 @@ def _check_effects(cfg: Config, explicit: set[str]) -> None:
                               f"model.adaptor={cfg.model.adaptor}): remove it")
     for key, (other, value) in _ONLY_UNDER.items():
         values = value if isinstance(value, tuple) else (value,)
+        shown = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731 (as written in a config)
         if key in explicit and flatten(cfg)[other] not in values:
-            wanted = " or ".join(f"{other}={v}" for v in values)
+            wanted = " or ".join(f"{other}={shown(v)}" for v in values)
             raise ConfigError(f"key '{key}' has no effect unless {wanted} (here {other}="
-                              f"{flatten(cfg)[other]}): remove it")
+                              f"{shown(flatten(cfg)[other])}): remove it")
 
 
 def _check_serve(s: ServeConfig) -> None:

@@ -1,8 +1,13 @@
 """Training examples per recipe, drawn afresh each epoch from the users' training sequences.
 
 pair batches             one (history, target) per user and epoch: target index uniform in
-                          [first_target(L), L-1]; or, with all_positions, every position of the
-                          sequence predicts its successor (full_softmax, in_batch).
+                          [first_target(L), L-1]; or, with all_positions, every position of a window of
+                          max_history + 1 items predicts its successor (full_softmax, in_batch): one
+                          random window per user and epoch (``coverage="window"``), or every user's
+                          sequence cut into consecutive windows so that each training transition is a
+                          target exactly once per epoch (``coverage="transitions"``: a user with L items
+                          is ceil((L - 1) / max_history) batch rows; long sequences are no longer
+                          sampled at one window per epoch).
 dense_all_action          each sequence is cut at a point into a history part and a target part;
                           N_h history positions and N_t targets (recency-weighted) are sampled; or,
                           with all_positions, every position is a cut; optionally only targets within
@@ -87,6 +92,19 @@ class DenseBatch:
     neg_log_q: torch.Tensor  # [M] log of each pool entry's expected count in the pool
 
 
+def sequence_lengths(train) -> np.ndarray:
+    return train.lengths() if hasattr(train, "lengths") else np.fromiter(map(len, train), np.int64, len(train))
+
+
+def _shard(units: np.ndarray, rank: int, world_size: int, equalize: bool) -> np.ndarray:
+    if world_size > 1:
+        per = len(units) // world_size if equalize else None
+        units = units[rank::world_size]
+        if per is not None:
+            units = units[:per]
+    return units
+
+
 def shard_users(train: list[np.ndarray], min_len: int, rank: int, world_size: int, order_rng: np.random.Generator,
                 equalize: bool = True) -> np.ndarray:
     """Shuffled users with at least ``min_len`` training items, this worker's share.
@@ -94,32 +112,71 @@ def shard_users(train: list[np.ndarray], min_len: int, rank: int, world_size: in
     ``order_rng`` must be seeded the same on every worker (e.g. by seed and epoch) so the shards are
     disjoint; with ``equalize`` every worker gets the same count (the tail is cut) so DDP steps line up.
     """
-    lengths = train.lengths() if hasattr(train, "lengths") else np.fromiter(map(len, train), np.int64, len(train))
-    users = np.flatnonzero(lengths >= min_len).astype(np.int64)
-    users = users[order_rng.permutation(len(users))]
-    if world_size > 1:
-        per = len(users) // world_size if equalize else None
-        users = users[rank::world_size]
-        if per is not None:
-            users = users[:per]
-    return users
+    users = np.flatnonzero(sequence_lengths(train) >= min_len).astype(np.int64)
+    return _shard(users[order_rng.permutation(len(users))], rank, world_size, equalize)
+
+
+def windows_per_user(lengths: np.ndarray, max_history: int) -> np.ndarray:
+    """How many consecutive windows of ``max_history`` targets cover each sequence's L - 1 transitions."""
+    return np.where(lengths >= 2, -(-(lengths - 1) // max_history), 0)
+
+
+def shard_windows(train, max_history: int, rank: int, world_size: int, order_rng: np.random.Generator,
+                  equalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``coverage="transitions"``: every (user, window) of the epoch, shuffled, this worker's share, as
+    (users, ends): the window of ``end`` predicts targets max(1, end - max_history + 1) .. end of the
+    user's sequence (the last window ends at the last item; earlier ones every max_history before)."""
+    lengths = sequence_lengths(train).astype(np.int64)
+    k = windows_per_user(lengths, max_history)
+    users = np.repeat(np.arange(len(lengths), dtype=np.int64), k)
+    first = np.repeat(np.cumsum(k) - k, k)
+    ends = lengths[users] - 1 - (np.arange(len(users), dtype=np.int64) - first) * max_history
+    order = _shard(order_rng.permutation(len(users)), rank, world_size, equalize)
+    return users[order], ends[order]
+
+
+def epoch_rows(train, max_history: int, coverage: str = "window", all_positions: bool = False) -> int:
+    """Batch rows in one epoch over ``train`` (before sharding)."""
+    lengths = sequence_lengths(train)
+    if all_positions and coverage == "transitions":
+        return int(windows_per_user(lengths, max_history).sum())
+    return int((lengths >= 2).sum())
+
+
+def _window(seq: np.ndarray, L: int, max_history: int, end: int | None, rng: np.random.Generator) -> np.ndarray:
+    """The items of one all-positions window: the epoch's ``end`` (coverage transitions) or a random
+    window of max_history + 1 items (coverage window)."""
+    if end is None:
+        start = int(rng.integers(0, max(1, L - max_history)))
+        return seq[start : start + max_history + 1]
+    return seq[max(0, end - max_history) : end + 1]
+
+
+def _epoch_units(train, max_history: int, coverage: str, all_positions: bool, rank: int, world_size: int,
+                 order_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    if all_positions and coverage == "transitions":
+        return shard_windows(train, max_history, rank, world_size, order_rng)
+    if coverage not in ("window", "transitions"):
+        raise ValueError(f"coverage must be 'window' or 'transitions', got {coverage!r}")
+    return shard_users(train, 2, rank, world_size, order_rng), None
 
 
 def pair_batches(train: list[np.ndarray], *, batch_size: int, max_history: int,
                  first_target: Callable[[int], int], all_positions: bool,
                  rng: np.random.Generator, order_rng: np.random.Generator | None = None, rank: int = 0,
-                 world_size: int = 1):
-    users = shard_users(train, 2, rank, world_size, order_rng or rng)
+                 world_size: int = 1, coverage: str = "window"):
+    users, ends = _epoch_units(train, max_history, coverage, all_positions, rank, world_size, order_rng or rng)
     for start in range(0, len(users), batch_size):
         chunk = users[start : start + batch_size]
+        chunk_ends = ends[start : start + batch_size] if ends is not None else [None] * len(chunk)
         hists, tgts, npos = [], [], []
-        for u in chunk:
+        for u, end in zip(chunk, chunk_ends):
             seq = train[u]
             L = len(seq)
             if all_positions:
-                # a random window of max_history + 1 items: over epochs every transition is a target
-                start = int(rng.integers(0, max(1, L - max_history)))
-                window = seq[start : start + max_history + 1]
+                # max_history + 1 items: over epochs (window) or in every epoch (transitions) every
+                # transition is a target
+                window = _window(seq, L, max_history, end, rng)
                 hists.append(window[:-1])
                 tgts.append(window[1:])
                 npos.append(len(window) - 1)
@@ -181,13 +238,14 @@ def dense_batches(train, *, batch_size: int, max_history: int, target_len: int, 
                   n_targets: int, recency: bool, rng: np.random.Generator,
                   order_rng: np.random.Generator | None = None, rank: int = 0, world_size: int = 1,
                   target_window: int = 0, all_positions: bool = False, sampler: NegativeSampler | None = None,
-                  num_negatives: int = 0):
+                  num_negatives: int = 0, coverage: str = "window"):
     """Dense all-action batches. ``train``: per-user sequences (a list of arrays or any sequence-like
     container whose ``[u]`` is an array).
 
     cut mode (the paper's)  each sequence cut at a point uniform in [L//2, L-1]; N_h history positions of
                             the part before the cut, N_t targets (recency-weighted) of the part after it
-    all_positions           every position is a cut: a random window of ``max_history`` + 1 items, each
+    all_positions           every position is a cut: a window of ``max_history`` + 1 items (random, or with
+                            ``coverage="transitions"`` consecutive windows covering every transition), each
                             position's positives are the items after it in the window
     ``target_window`` W > 0: a pair is a positive only if the target comes at most W items after the
     history position (W = 1: next item only); in cut mode the targets are drawn from the first W items
@@ -197,16 +255,16 @@ def dense_batches(train, *, batch_size: int, max_history: int, target_len: int, 
     terms (zeros), no pool). With W = 0, no sampler and cut mode the draws are the paper recipe's as
     they always were (the golden values of that configuration did not move).
     """
-    users = shard_users(train, 2, rank, world_size, order_rng or rng)
+    users, ends = _epoch_units(train, max_history, coverage, all_positions, rank, world_size, order_rng or rng)
     for start in range(0, len(users), batch_size):
         chunk = users[start : start + batch_size]
+        chunk_ends = ends[start : start + batch_size] if ends is not None else [None] * len(chunk)
         hists, tgts, hpos, tpos, lags = [], [], [], [], []  # lags[r]: [n_h, n_t] target minus position
-        for u in chunk:
+        for u, end in zip(chunk, chunk_ends):
             seq = train[u]
             L = len(seq)
             if all_positions:
-                first = int(rng.integers(0, max(1, L - max_history)))
-                window = seq[first : first + max_history + 1]
+                window = _window(seq, L, max_history, end, rng)
                 n = len(window) - 1
                 hists.append(window[:-1])
                 tgts.append(window[1:])

@@ -62,7 +62,7 @@ from learn.secrets import with_env_credentials
 from learn.tracking.mlflow_run import resolve_uri
 from learn.evaluate.metrics import metrics_both_modes, sample_users, target_ranks_both
 from learn.train.fit import FitResult, FitState, cpu_state, evaluation_due
-from learn.train.loop import (evaluate_model, make_optimizer, make_scheduler, run_epoch, steps_per_epoch,
+from learn.train.loop import (cfg_steps_per_epoch, evaluate_model, make_optimizer, make_scheduler, run_epoch,
                               user_embeddings)
 from learn.train.recipes import whole_rows
 
@@ -255,7 +255,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     core: TwinTowers = ddp.module if hasattr(ddp, "module") else ddp
     device = next(core.parameters()).device
     opt = make_optimizer(core, tc)
-    sched = make_scheduler(opt, tc, steps_per_epoch(spec.train, tc.batch_size))
+    sched = make_scheduler(opt, tc, cfg_steps_per_epoch(spec.train, tc, spec.max_history))
     state = FitState.start(tc, ev)
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])

@@ -22,7 +22,7 @@ from learn.config import EvalConfig, TrainConfig
 from learn.data.sequences import Splits
 from learn.device import resolve_device
 from learn.evaluate.metrics import sample_users
-from learn.train.loop import evaluate_model, make_optimizer, make_scheduler, run_epoch, steps_per_epoch
+from learn.train.loop import cfg_steps_per_epoch, evaluate_model, make_optimizer, make_scheduler, run_epoch
 
 OnEpoch = Callable[[int, dict[str, float]], None]
 
@@ -113,7 +113,7 @@ def fit(model, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max
     device = resolve_device(train_cfg.device, "train.device")
     model.to(device)
     opt = make_optimizer(model, train_cfg)
-    sched = make_scheduler(opt, train_cfg, steps_per_epoch(splits.train, train_cfg.batch_size))
+    sched = make_scheduler(opt, train_cfg, cfg_steps_per_epoch(splits.train, train_cfg, max_history))
     state = FitState.start(train_cfg, eval_cfg)
     valid_split = sample_users(splits.valid, eval_cfg.valid_max_users, seed)  # fixed for the whole fit
     bar = tqdm(range(1, train_cfg.epochs + 1), desc="epochs", disable=not progress)

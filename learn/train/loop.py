@@ -23,6 +23,7 @@ from learn.data.sequences import EvalSplit
 from learn.device import autocast
 from learn.evaluate.metrics import evaluate_both_modes
 from learn.towers.model import TwinTowers, pad_tails
+from learn.train.batches import epoch_rows
 from learn.train.recipes import RowMap, compute_loss, epoch_batches, whole_rows
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -46,9 +47,17 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def steps_per_epoch(train: list[np.ndarray], batch_size: int, world_size: int = 1) -> int:
-    users = sum(1 for s in train if len(s) >= 2) // world_size
-    return max(1, math.ceil(users / batch_size))
+def steps_per_epoch(train: list[np.ndarray], batch_size: int, world_size: int = 1, rows: int | None = None) -> int:
+    """Optimiser steps per epoch on each of ``world_size`` workers; ``rows``: the epoch's batch rows
+    (``epoch_rows``; default one per user with at least two items)."""
+    rows = epoch_rows(train, 1) if rows is None else rows
+    return max(1, math.ceil(rows // world_size / batch_size))
+
+
+def cfg_steps_per_epoch(train, cfg: TrainConfig, max_history: int, world_size: int = 1) -> int:
+    """``steps_per_epoch`` for ``cfg``'s recipe (its epoch coverage decides the rows)."""
+    return steps_per_epoch(train, cfg.batch_size, world_size,
+                           epoch_rows(train, max_history, cfg.epoch_coverage, cfg.all_positions))
 
 
 def train_step(model, batch, opt, sched, cfg: TrainConfig, rows: RowMap = whole_rows) -> float:
@@ -75,7 +84,7 @@ def run_epoch(model, train: list[np.ndarray], cfg: TrainConfig, max_history: int
     """Mean loss over the epoch's batches. ``rank``/``world_size`` shard the users (each worker its
     own batches); ``rows`` instead shares each whole batch's rows out (see ``RowMap``)."""
     total, n = 0.0, 0
-    steps = steps_per_epoch(train, cfg.batch_size, world_size)
+    steps = cfg_steps_per_epoch(train, cfg, max_history, world_size)
     core = model.module if hasattr(model, "module") else model
     bar = tqdm(epoch_batches(train, cfg, max_history, seed, epoch, rank, world_size, core.num_items), total=steps,
                desc=desc, disable=not progress, leave=False)

@@ -75,7 +75,7 @@ def _pair_batches(first_target: Callable[[int], int]) -> Batches:
     def batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size, num_items):
         return pair_batches(train, batch_size=cfg.batch_size, max_history=max_history, first_target=first_target,
                             all_positions=cfg.all_positions, rng=rng, order_rng=order_rng, rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, coverage=cfg.epoch_coverage)
     return batches
 
 
@@ -96,7 +96,7 @@ def _dense_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, w
                          n_history=cfg.n_history, n_targets=cfg.n_targets, recency=cfg.recency_weighting,
                          rng=rng, order_rng=order_rng, rank=rank, world_size=world_size,
                          target_window=cfg.target_window, all_positions=cfg.all_positions, sampler=sampler,
-                         num_negatives=cfg.num_negatives)
+                         num_negatives=cfg.num_negatives, coverage=cfg.epoch_coverage)
 
 
 def full_softmax(model, batch: PairBatch, cfg: TrainConfig, rows) -> torch.Tensor:

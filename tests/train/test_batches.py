@@ -83,3 +83,54 @@ def test_dense_batches_split_history_and_targets():
             tg = b.tgt_items[r][b.tgt_valid[r]].tolist()
             assert tg and max(hist) < min(tg)  # targets come after the cut
             assert b.hist_valid[r].sum() == min(3, len(hist))
+
+
+# ---- epoch coverage: every transition once per epoch ------------------------------------------
+
+def _epoch_pairs(train, coverage, max_history=5, batch_size=4, seed=0, rank=0, world_size=1, dense=False):
+    """(user, position in sequence, target item) of every predicting position of one epoch."""
+    kw = dict(batch_size=batch_size, max_history=max_history, all_positions=True, rng=np.random.default_rng(seed),
+              order_rng=np.random.default_rng(seed + 1), rank=rank, world_size=world_size, coverage=coverage)
+    if dense:
+        batches = dense_batches(train, target_len=8, n_history=2, n_targets=2, recency=False, target_window=1, **kw)
+        return [int(t) for b in batches for t in b.tgt_items[b.tgt_valid].tolist()]
+    batches = pair_batches(train, first_target=lambda length: 1, **kw)
+    return [int(t) for b in batches for t in b.targets.tolist()]
+
+
+def test_transitions_coverage_makes_every_transition_a_target_once_per_epoch():
+    # items are unique per user (offset by user), so a target names its (user, position)
+    lengths = [30, 2, 6, 7, 1, 13]
+    train = [1000 * u + np.arange(n) for u, n in enumerate(lengths)]
+    every = sorted(int(x) for s in train for x in s[1:])
+    for dense in (False, True):
+        got = _epoch_pairs(train, "transitions", dense=dense)
+        assert sorted(got) == every, dense
+    # one random window per user covers a 30-item user's 29 transitions only partly
+    assert len(_epoch_pairs(train, "window")) < len(every)
+
+
+def test_transitions_windows_keep_their_context_and_order():
+    train = [np.arange(12)]
+    for b in pair_batches(train, batch_size=8, max_history=5, first_target=lambda length: 1, all_positions=True,
+                          rng=np.random.default_rng(0), coverage="transitions"):
+        for r in range(b.tokens.shape[0]):
+            row = b.tokens[r][b.tokens[r] > 0] - 1  # the window's history, in order
+            assert np.all(np.diff(row.numpy()) == 1)
+            mine = b.rows == r
+            assert (b.targets[mine] == row[-int(mine.sum()):] + 1).all()  # each position predicts its successor
+
+
+def test_transitions_shards_are_disjoint_and_steps_count_windows():
+    from learn.config import TrainConfig
+    from learn.train.batches import epoch_rows
+    from learn.train.loop import cfg_steps_per_epoch
+
+    train = [1000 * u + np.arange(n) for u, n in enumerate([30, 2, 6, 7, 1, 13, 11, 4])]
+    parts = [_epoch_pairs(train, "transitions", rank=r, world_size=2, batch_size=3) for r in range(2)]
+    assert not set(parts[0]) & set(parts[1])
+    # 30 items at 5 per window: 6 windows; 13: 3; 11: 2; the other users one each (1 item: none)
+    assert epoch_rows(train, 5, "transitions", all_positions=True) == 6 + 1 + 1 + 2 + 3 + 2 + 1
+    assert epoch_rows(train, 5, "transitions", all_positions=False) == 7  # users with 2+ items
+    cfg = TrainConfig(batch_size=4, all_positions=True, epoch_coverage="transitions")
+    assert cfg_steps_per_epoch(train, cfg, 5) == 4 and cfg_steps_per_epoch(train, cfg, 5, world_size=2) == 2
