@@ -104,6 +104,8 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
      ["model.adaptor=mlp", "model.input_views=[whiten,group]"]),
     ("lever_views_whiten_group_mlp_seed1", "whitened + group-whitened views, MLP adaptors, seed 1", FREEZE_3,
      ["model.adaptor=mlp", "model.input_views=[whiten,group]", "seed=1"]),
+    ("lever_two_stage", "lever: two stages, in-batch pre-training (batch 256) then full softmax from its best epoch",
+     FREEZE_3, ["train.pretrain_epochs=20", "train.pretrain_batch_size=256"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM", FREEZE_1, ["model.item_id_embedding=true", "export.enabled=false"]),
 ]

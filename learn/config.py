@@ -155,6 +155,12 @@ class TrainConfig:
     # user: a user with ~100 items gets ~40% of its transitions per epoch) | transitions (each user's
     # sequence in consecutive windows: every training transition is a target exactly once per epoch)
     epoch_coverage: Literal["window", "transitions"] = "window"
+    # two stages (the paper's Amazon schedule) when pretrain_epochs > 0: pretrain_recipe for up to that
+    # many epochs (early stopping as below), then train.recipe fine-tunes from the best pre-training
+    # epoch with a fresh optimiser and schedule; selection on valid runs over both stages. 0: one stage
+    pretrain_epochs: int = 0
+    pretrain_recipe: Literal["in_batch", "sampled_softmax", "full_softmax"] = "in_batch"
+    pretrain_batch_size: int = 0  # 0: train.batch_size
     eval_every: int = 1
     num_threads: int = 0  # torch threads; 0 = leave torch's default
     # backend=local: where the towers train and evaluate (cpu | cuda | auto: cuda when available), and the
@@ -408,6 +414,10 @@ def _check_effects(cfg: Config, explicit: set[str]) -> None:
                 raise ConfigError(f"key '{key}' has no effect with train.recipe=dense_all_action and "
                                   f"train.all_positions=true (every position is a cut; targets are single "
                                   f"items): remove it or set train.all_positions=false")
+    for key in ("train.pretrain_recipe", "train.pretrain_batch_size"):
+        if key in explicit and cfg.train.pretrain_epochs == 0:
+            raise ConfigError(f"key '{key}' has no effect unless train.pretrain_epochs > 0 (a two-stage fit): "
+                              f"remove it or set train.pretrain_epochs")
     views = cfg.model.input_views
     for key, needs, ok in (("model.whiten_shrinkage", "'whiten' or 'group' in model.input_views",
                             bool({"whiten", "group"} & set(views))),
@@ -485,6 +495,15 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
                           f"got {cfg.model.whiten_shrinkage}")
     if cfg.model.whiten_groups < 2:
         raise ConfigError(f"key 'model.whiten_groups' must be >= 2, got {cfg.model.whiten_groups}")
+    for key in ("pretrain_epochs", "pretrain_batch_size"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"key 'train.{key}' must be >= 0, got {getattr(cfg.train, key)}")
+    if cfg.train.pretrain_epochs and cfg.train.backend != "local":
+        raise ConfigError("train.pretrain_epochs (a two-stage fit) runs with train.backend=local only for now "
+                          f"(here train.backend={cfg.train.backend})")
+    if cfg.train.pretrain_epochs and cfg.train.recipe not in ("full_softmax", "sampled_softmax", "in_batch"):
+        raise ConfigError(f"train.pretrain_epochs needs a trained pair recipe to fine-tune with (full_softmax, "
+                          f"sampled_softmax or in_batch), here train.recipe={cfg.train.recipe}")
     if cfg.model.adaptor_hidden < 0:
         raise ConfigError(f"key 'model.adaptor_hidden' must be >= 0 (0: 2 x model.d_model), "
                           f"got {cfg.model.adaptor_hidden}")

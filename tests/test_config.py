@@ -98,3 +98,16 @@ def test_the_recipe_tables_cover_every_recipe_name():
 def test_the_scientific_config_is_its_latest_freeze():
     latest = sorted((ROOT / "conf" / "scientific").glob("*.yaml"))[-1]
     assert to_dict(load_config(ROOT / "conf/scientific.yaml")) == to_dict(load_config(latest)), latest.name
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.pretrain_recipe=sampled_softmax"], "no effect unless train.pretrain_epochs > 0"),
+    (["train.pretrain_batch_size=64"], "no effect unless train.pretrain_epochs > 0"),
+    (["train.pretrain_epochs=-1"], "train.pretrain_epochs"),
+    (["train.pretrain_epochs=3", "train.backend=ray"], "train.backend=local only"),
+    (["train.pretrain_epochs=3", "train.recipe=dense_all_action"], "trained pair recipe"),
+    (["train.epoch_coverage=transitions", "train.all_positions=false"], "unless train.all_positions=true"),
+])
+def test_two_stage_and_coverage_keys_are_refused_where_they_cannot_act(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "conf/tiny.yaml", overrides)

@@ -11,6 +11,7 @@ are loaded back at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -105,24 +106,59 @@ class FitState:
         return cls(**data)
 
 
+def pretrain_config(train_cfg: TrainConfig) -> TrainConfig:
+    """The first stage of a two-stage fit (``train.pretrain_epochs`` > 0): ``train.pretrain_recipe`` for
+    up to that many epochs, at ``train.pretrain_batch_size`` (0: ``train.batch_size``)."""
+    return dataclasses.replace(train_cfg, recipe=train_cfg.pretrain_recipe, epochs=train_cfg.pretrain_epochs,
+                               batch_size=train_cfg.pretrain_batch_size or train_cfg.batch_size, pretrain_epochs=0)
+
+
 def fit(model, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max_history: int, seed: int = 0,
         on_epoch: OnEpoch | None = None, progress: bool = True) -> FitResult:
     """Train in this process with early stopping on the valid split; the best weights are loaded back.
-    The model moves to ``train.device`` (and stays there: ``export_towers`` copies it to CPU)."""
+    The model moves to ``train.device`` (and stays there: ``export_towers`` copies it to CPU).
+
+    Two stages when ``train.pretrain_epochs`` > 0 (the paper's Amazon schedule): the pre-training
+    recipe first, with its own early stopping; then ``train.recipe`` from the best pre-training
+    weights with a fresh optimiser and schedule. Epochs are numbered on across both stages (each row
+    says its ``stage``: 1 or 2), and selection runs over both: if fine-tuning never beats the best
+    pre-training epoch on valid, the pre-trained weights are the result."""
     start = time.perf_counter()
     device = resolve_device(train_cfg.device, "train.device")
     model.to(device)
+    valid_split = sample_users(splits.valid, eval_cfg.valid_max_users, seed)  # fixed for the whole fit
+    state = FitState.start(train_cfg, eval_cfg)
+    stages = [(train_cfg, 0)]
+    if train_cfg.pretrain_epochs > 0:
+        stages = [(pretrain_config(train_cfg), 1), (dataclasses.replace(train_cfg, pretrain_epochs=0), 2)]
+    for cfg, stage in stages:
+        if stage == 2:
+            print(f"[train] stage 2: {cfg.recipe} from the best pre-training epoch ({state.best_epoch})", flush=True)
+            state.restore_best(model)
+            state.bad_epochs, state.stopped = 0, False
+        _fit_stage(model, splits, cfg, max_history, seed, state, valid_split, eval_cfg, device, on_epoch, progress,
+                   stage)
+    state.restore_best(model)
+    return state.result(time.perf_counter() - start)
+
+
+def _fit_stage(model, splits: Splits, train_cfg: TrainConfig, max_history: int, seed: int, state: FitState,
+               valid_split, eval_cfg: EvalConfig, device, on_epoch: OnEpoch | None, progress: bool, stage: int) -> None:
+    """Up to ``train_cfg.epochs`` epochs of one recipe, numbered after ``state.epoch``."""
     opt = make_optimizer(model, train_cfg)
     sched = make_scheduler(opt, train_cfg, cfg_steps_per_epoch(splits.train, train_cfg, max_history))
-    state = FitState.start(train_cfg, eval_cfg)
-    valid_split = sample_users(splits.valid, eval_cfg.valid_max_users, seed)  # fixed for the whole fit
-    bar = tqdm(range(1, train_cfg.epochs + 1), desc="epochs", disable=not progress)
+    first = state.epoch
+    bar = tqdm(range(first + 1, first + train_cfg.epochs + 1), desc="epochs" if not stage else f"stage {stage} epochs",
+               disable=not progress)
     for epoch in bar:
-        loss = run_epoch(model, splits.train, train_cfg, max_history, opt, sched, seed, epoch, progress=progress,
-                         desc=f"epoch {epoch}", device=device)
+        # the batches' RNG is seeded by the epoch number, numbered on across stages: stage 2 draws afresh
+        loss = run_epoch(model, splits.train, train_cfg, max_history, opt, sched, seed, epoch,
+                         progress=progress, desc=f"epoch {epoch}", device=device)
         row = {"epoch": epoch, "train_loss": loss, "lr": sched.get_last_lr()[0]}
+        if stage:
+            row["stage"] = stage
         valid = (evaluate_model(model, valid_split, eval_cfg, max_history, prefix="valid_")
-                 if evaluation_due(epoch, train_cfg) else None)
+                 if evaluation_due(epoch - first, train_cfg) else None)
         stop = state.end_epoch(epoch, row, valid, model)
         bar.set_postfix(loss=f"{loss:.4f}", valid=f"{row.get(state.key, float('nan')):.4f}", best=state.best_epoch)
         print(state.describe(row), flush=True)
@@ -130,5 +166,3 @@ def fit(model, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max
             on_epoch(epoch, row)
         if stop:
             break
-    state.restore_best(model)
-    return state.result(time.perf_counter() - start)

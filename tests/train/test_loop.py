@@ -140,3 +140,51 @@ def test_bf16_step_runs_the_towers_in_bfloat16_and_stays_near_fp32():
         dtypes[precision] = set(seen)
     assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
+
+
+def test_two_stage_fine_tunes_from_the_best_pretraining_epoch_and_selects_over_both(monkeypatch):
+    """train.pretrain_epochs: the pre-training recipe first (own early stopping), then train.recipe
+    from the best pre-training weights; epochs numbered on; the best epoch may be a pre-training one."""
+    import learn.train.fit as fit_module
+
+    splits, content = synthetic()
+    model = model_for(content)
+    # stage 1 peaks at its epoch 2 and stops (patience 2) after epoch 4; stage 2 never beats 0.5 and
+    # stops after two epochs (of its 3)
+    scores = iter([0.1, 0.5, 0.3, 0.2, 0.4, 0.45])
+    snapshots, starts = {}, []
+
+    def fake_eval(m, split, ev, max_history, train_popularity=None, prefix=""):
+        snapshots[len(snapshots) + 1] = {k: v.clone() for k, v in m.state_dict().items()}
+        return {f"{prefix}ndcg_at_10": next(scores)}
+
+    real_optimizer = fit_module.make_optimizer
+
+    def spy_optimizer(m, cfg):
+        starts.append((cfg.recipe, {k: v.clone() for k, v in m.state_dict().items()}))
+        return real_optimizer(m, cfg)
+
+    monkeypatch.setattr(fit_module, "evaluate_model", fake_eval)
+    monkeypatch.setattr(fit_module, "make_optimizer", spy_optimizer)
+    tc = TrainConfig(recipe="full_softmax", epochs=3, patience=2, lr=1e-2, batch_size=32, pretrain_epochs=5)
+    result = fit(model, splits, tc, EvalConfig(ks=[10]), 10, progress=False)
+    assert [(int(r["epoch"]), int(r["stage"])) for r in result.history] == [(1, 1), (2, 1), (3, 1), (4, 1),
+                                                                            (5, 2), (6, 2)]
+    assert [recipe for recipe, _ in starts] == ["in_batch", "full_softmax"]
+    for k, v in starts[1][1].items():  # stage 2 starts from epoch 2's weights, not the last epoch's
+        torch.testing.assert_close(v, snapshots[2][k])
+    assert result.best_epoch == 2
+    for k, v in model.state_dict().items():  # fine-tuning never beat it: the pre-trained weights stay
+        torch.testing.assert_close(v, snapshots[2][k])
+    assert not torch.equal(snapshots[6]["stacks.0.adaptor.weight"], snapshots[2]["stacks.0.adaptor.weight"])
+
+
+def test_two_stage_fit_learns():
+    splits, content = synthetic()
+    model = model_for(content)
+    ev = EvalConfig(ks=[10])
+    before = evaluate_model(model, splits.valid, ev, 10)["ndcg_at_10"]
+    tc = TrainConfig(recipe="full_softmax", epochs=10, batch_size=32, lr=3e-3, patience=0, pretrain_epochs=10)
+    result = fit(model, splits, tc, ev, max_history=10, progress=False)
+    assert len(result.history) == 20 and result.history[10]["stage"] == 2
+    assert evaluate_model(model, splits.valid, ev, 10)["ndcg_at_10"] > before + 0.2
