@@ -156,6 +156,7 @@ def data_only(n_items: int, args, work: Path) -> dict:
     with timer("data"):
         _, data = load_sequences(cfg.data)
         splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
+        data.release_times()  # as run_pipeline does
         splits.train_popularity(data.num_items)
         data.fingerprint()
     out = {"items": n_items, "interactions": facts["interactions"], "users": facts["users"], "data_only": True,

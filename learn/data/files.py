@@ -400,13 +400,16 @@ def read_files(
                 f"{len(bad)} such interactions; set missing_text=drop to drop them"
             )
         drops.add("interaction_item_without_text", len(bad), [cols.items[i] for i in bad[:5]])
+    keep_rows = slice(None) if has_item.all() else has_item  # no copy of 20M rows when every row stays
     interactions = pd.DataFrame(
         {
-            "user_id": cols.users[has_item],
-            "item_id": cols.items[has_item],
-            "timestamp": stamps[has_item],
-        }
+            "user_id": cols.users[keep_rows],
+            "item_id": cols.items[keep_rows],
+            "timestamp": stamps[keep_rows],
+        },
+        copy=False,
     )
+    del cols, stamps, has_item
 
     if name is None:
         parent = items_path.resolve().parent.name

@@ -107,5 +107,5 @@ def load_sequences(cfg: DataConfig) -> tuple[RawDataset, SequenceData]:
     data = build_sequences(raw, item_texts(raw, cfg.text_template), cfg.unsorted_timestamps)
     # the sequences hold every kept row: the interactions table is released (at 20M rows it is
     # most of the memory a run would otherwise hold); the items table, drops and source stay
-    raw.interactions = raw.interactions.iloc[:0]
+    raw.interactions = raw.interactions.iloc[:0].copy()  # a copy: a slice would keep the 20M-row arrays alive
     return raw, data

@@ -71,12 +71,13 @@ class SequenceData:
     texts: list[str]  # catalog index -> text the encoder reads
     user_ids: np.ndarray  # user index -> user id
     seqs: Ragged  # user index -> catalog indices, chronological
-    times: Ragged  # user index -> timestamps (int64, or float64 sub-second seconds), same order
+    times: Ragged | None  # user index -> timestamps (int64, or float64 sub-second seconds), same order;
+    # None once released (``release_times``: only the split reads them)
     drops: DropReport
 
     def __post_init__(self) -> None:
         self.seqs = _ragged(self.seqs)
-        if not isinstance(self.times, Ragged):
+        if self.times is not None and not isinstance(self.times, Ragged):
             arrays = list(self.times)
             dtype = np.float64 if any(np.asarray(t).dtype.kind == "f" for t in arrays) else np.int64
             self.times = Ragged.from_arrays(arrays, dtype=dtype)
@@ -111,7 +112,14 @@ class SequenceData:
             h.update(buf.tobytes())
         return h.hexdigest()[:16]
 
+    def release_times(self) -> None:
+        """Drop the timestamps (8 bytes per interaction) once the split is made: nothing after it reads
+        them. A later ``split(kind="time_cut")`` is then an error."""
+        self.times = None
+
     def split(self, kind: str, time_cut: float = 0.8, seed: int = 0) -> Splits:
+        if kind == "time_cut" and self.times is None:
+            raise RuntimeError(f"{self.name}: the timestamps were released; time_cut needs them")
         if kind == "leave_one_out":
             splits = leave_one_out(self)
         elif kind == "time_cut":
@@ -207,8 +215,11 @@ def build_sequences(ds: RawDataset, texts: pd.Series, unsorted: str = "sort") ->
             f"(or set data.unsorted_timestamps=sort)"
         )
     ds.drops.set_changed("reordered_timestamps", n_back)
-    del by_user
-    order = np.lexsort((ts, user))  # by user, then time; ties keep file order (lexsort is stable)
+    if n_back:
+        del by_user
+        order = np.lexsort((ts, user))  # by user, then time; ties keep file order (lexsort is stable)
+    else:  # every user already in time order in the file: the stable sort by user is that order
+        order = by_user
     lengths = np.bincount(user, minlength=len(user_ids))
     del user
     seqs = Ragged.from_lengths(codes[order], lengths)
@@ -231,7 +242,7 @@ def leave_one_out(data: SequenceData) -> Splits:
     short = n < 3  # cannot hold out two items: the whole sequence trains, the user is not evaluated
     train = seqs.slice_each(0, np.where(short, n, n - 2))
     users = np.flatnonzero(~short)
-    ev = seqs.take(users)
+    ev = seqs if len(users) == len(seqs) else seqs.take(users)  # no copy when every user is evaluated
     return Splits(
         kind="leave_one_out",
         train=train,

@@ -88,3 +88,16 @@ def test_splits_that_leave_nothing_to_evaluate_or_train_are_errors():
     ds = dataset([(f"u{k}", f"i{j}", j) for k in range(3) for j in range(3)])  # 3 items each: train of 1
     with pytest.raises(DataError, match="nothing to train on"):
         build_sequences(ds, render_texts(ds.items, "{title}")).split("leave_one_out")
+
+
+def test_leave_one_out_without_short_users_and_released_times():
+    rows = [("a", f"i{k}", k) for k in range(4)] + [("b", f"i{k}", 10 - k) for k in range(3)]
+    ds = dataset(rows)
+    data = build_sequences(ds, render_texts(ds.items, "{title}"))
+    sp = data.split("leave_one_out")  # every user evaluated: the histories read the sequences themselves
+    assert sp.valid.histories[0].tolist() == [0, 1] and sp.test.histories[0].tolist() == [0, 1, 2]
+    assert sp.valid.histories[1].tolist() == [2] and sp.test.targets.tolist() == [3, 0]
+    data.release_times()
+    assert data.split("leave_one_out").test.targets.tolist() == [3, 0]  # needs no timestamps
+    with pytest.raises(RuntimeError, match="released"):
+        data.split("time_cut", 0.5)
