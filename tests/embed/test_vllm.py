@@ -149,7 +149,7 @@ def wait_until_gone(pgid: int, timeout_s: float = 30.0) -> list[int]:
     return left
 
 
-def scientific_texts(n_long: int = 60, n_random: int = 140) -> tuple[list[str], list[str]]:
+def scientific_texts(n_long: int = 40, n_random: int = 60) -> tuple[list[str], list[str]]:
     """The catalog's longest texts (truncation at work) and a random sample, as the pipeline writes them."""
     from learn.config import DataConfig
     from learn.data.load import item_texts, load_dataset
