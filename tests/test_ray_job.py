@@ -40,7 +40,7 @@ def ray_head(tmp_path):
     url = f"http://127.0.0.1:{dash}"
     wait_for_http(f"{url}/api/version", proc, tmp_path / "head.log", "ray head", timeout_s=120)
     yield url, env["RAY_AUTH_TOKEN"], proc.pid, {gcs, dash, metrics}
-    stop_process_group(proc)
+    stop_process_group(proc, timeout_s=10)  # a throwaway head: killed after 10 s (its graceful stop took ~30)
     log.close()
 
 
