@@ -101,7 +101,6 @@ def main() -> int:
     from learn.embed.catalog import embed_items
     from learn.towers.model import TwinTowers
     from learn.train.distributed import fit_distributed
-    from learn.towers.model import TwinTowers
     from learn.train.fit import fit
     from learn.utils import seed_everything
 
