@@ -396,6 +396,11 @@ _NOT_WITH_DENSE_ALL_POSITIONS = ("train.n_history", "train.n_targets", "train.ta
                                  "model.item_tower")
 
 
+def _shown(value):
+    """A value as a config file writes it (true / false for booleans)."""
+    return str(value).lower() if isinstance(value, bool) else value
+
+
 def _check_effects(cfg: Config, explicit: set[str]) -> None:
     """Refuse an option that has no effect in this combination, naming both keys."""
     recipe = cfg.train.recipe
@@ -428,11 +433,10 @@ def _check_effects(cfg: Config, explicit: set[str]) -> None:
                               f"model.adaptor={cfg.model.adaptor}): remove it")
     for key, (other, value) in _ONLY_UNDER.items():
         values = value if isinstance(value, tuple) else (value,)
-        shown = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731 (as written in a config)
         if key in explicit and flatten(cfg)[other] not in values:
-            wanted = " or ".join(f"{other}={shown(v)}" for v in values)
+            wanted = " or ".join(f"{other}={_shown(v)}" for v in values)
             raise ConfigError(f"key '{key}' has no effect unless {wanted} (here {other}="
-                              f"{shown(flatten(cfg)[other])}): remove it")
+                              f"{_shown(flatten(cfg)[other])}): remove it")
 
 
 def _check_serve(s: ServeConfig) -> None:
@@ -455,6 +459,22 @@ def _check_serve(s: ServeConfig) -> None:
         raise ConfigError(f"key 'serve.log_keep_days' must be >= 0 (0: keep every day), got {s.log_keep_days}")
     if s.batch_wait_s < 0:
         raise ConfigError(f"key 'serve.batch_wait_s' must be >= 0, got {s.batch_wait_s}")
+
+
+INPUT_VIEWS = ("center", "whiten", "group")
+
+
+def input_views_problem(views: list[str], center_inputs: bool, item_tower: str) -> str | None:
+    """What is wrong with ``model.input_views`` in this combination (None: nothing); the config's check
+    and the towers' own (a saved tower config) share it."""
+    views = list(views)
+    if not views or len(set(views)) != len(views) or any(v not in INPUT_VIEWS for v in views):
+        return (f"key 'model.input_views' must be a non-empty list of distinct views out of "
+                f"[center, whiten, group], got {views}")
+    if views != ["center"] and (not center_inputs or item_tower == "c"):
+        return (f"model.input_views={views} needs model.center_inputs=true and model.item_tower a or b "
+                f"(item tower c serves the centred content itself)")
+    return None
 
 
 def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
@@ -483,13 +503,9 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
     if cfg.model.item_id_embedding and (cfg.export.enabled or cfg.train.backend != "local"):
         raise ConfigError("model.item_id_embedding=true is an ablation: set export.enabled=false (exported towers "
                           "take content vectors only) and train.backend=local")
-    views = cfg.model.input_views
-    if not views or len(set(views)) != len(views) or any(v not in ("center", "whiten", "group") for v in views):
-        raise ConfigError(f"key 'model.input_views' must be a non-empty list of distinct views out of "
-                          f"[center, whiten, group], got {views}")
-    if views != ["center"] and (not cfg.model.center_inputs or cfg.model.item_tower == "c"):
-        raise ConfigError(f"model.input_views={views} needs model.center_inputs=true and model.item_tower a or b "
-                          f"(item tower c serves the centred content itself)")
+    problem = input_views_problem(cfg.model.input_views, cfg.model.center_inputs, cfg.model.item_tower)
+    if problem:
+        raise ConfigError(problem)
     if cfg.model.whiten_shrinkage <= 0:
         raise ConfigError(f"key 'model.whiten_shrinkage' must be > 0 (it keeps whitening invertible), "
                           f"got {cfg.model.whiten_shrinkage}")

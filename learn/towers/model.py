@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learn.config import ModelConfig
+from learn.config import ModelConfig, input_views_problem
 
 
 @dataclass
@@ -290,17 +290,11 @@ class Stack(nn.Module):
         return F.normalize(head(h), dim=-1)
 
 
-INPUT_VIEWS = ("center", "whiten", "group")
-
-
 def check_input_views(cfg: TowerConfig) -> None:
-    views = list(cfg.input_views)
-    if not views or len(set(views)) != len(views) or any(v not in INPUT_VIEWS for v in views):
-        raise ValueError(f"model.input_views must be distinct names out of {list(INPUT_VIEWS)}, got {views}")
-    if views != ["center"] and (not cfg.center_inputs or cfg.item_tower == "c"):
-        raise ValueError(f"model.input_views={views} needs model.center_inputs=true and an item-side stack "
-                         f"(item tower a or b)")
-    if "group" in views and (cfg.whiten_groups < 2 or cfg.d_llm % cfg.whiten_groups):
+    problem = input_views_problem(cfg.input_views, cfg.center_inputs, cfg.item_tower)
+    if problem:
+        raise ValueError(problem)
+    if "group" in cfg.input_views and (cfg.whiten_groups < 2 or cfg.d_llm % cfg.whiten_groups):
         raise ValueError(f"model.whiten_groups ({cfg.whiten_groups}) must be >= 2 and divide the encoder's "
                          f"dimension ({cfg.d_llm})")
     if cfg.adaptor not in ("linear", "mlp"):

@@ -137,6 +137,7 @@ class Tracker:
         self._ray_before = True  # whether Ray was up when the run began (set at enter)
 
     def __enter__(self) -> "Tracker":
+        self._ray_before = _ray_initialized()  # tracking on or off: Ray's own SIGTERM handler may end the run
         if self.enabled:
             import mlflow
 
@@ -151,7 +152,6 @@ class Tracker:
             run = mlflow.start_run(run_name=self.run_name, log_system_metrics=self.system_metrics, tags=tags)
             self.run_id = run.info.run_id
             self._mlflow = mlflow
-            self._ray_before = _ray_initialized()
             if _driver_main_thread():
                 self._owner = pid
                 self._saved_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
