@@ -30,12 +30,14 @@ sys.path.insert(0, str(ROOT))
 from learn.config import flatten, load_config  # noqa: E402
 from learn.utils import atomic_write_text  # noqa: E402
 
-# conf/scientific.yaml was frozen three times (2026-11-26), each freeze kept as a dated file: one member
-# of two layers (d_out 128), then 2 members of two layers, then 4 members of one layer. Every row names
+# conf/scientific.yaml was frozen three times on 2026-11-26, each freeze kept as a dated file: one member
+# of two layers (d_out 128), then 2 members of two layers, then 4 members of one layer; and a fourth time on
+# 2026-12-02 (every transition per epoch, the served score mix). Every row names
 # the freeze it ran against, so its command reproduces it as it is.
 FREEZE_1 = "conf/scientific/2026-11-26-1-one-member.yaml"
 FREEZE_2 = "conf/scientific/2026-11-26-2-two-members.yaml"
 FREEZE_3 = "conf/scientific/2026-11-26-3-four-one-layer-members.yaml"
+FREEZE_4 = "conf/scientific/2026-12-02-4-score-mix-transitions.yaml"
 LATEST = "conf/scientific.yaml"  # the floors: a baseline ignores the towers' settings
 TPL_PRODUCT = ['data.text_template="Product: {text}"', "embed.store=.cache/learn/content/Scientific-minilm-tpl-product.parquet"]
 SAMPLED = ["train.recipe=sampled_softmax", "train.num_negatives=1024"]
@@ -44,6 +46,10 @@ DENSE_PAPER = ["train.num_negatives=0", "train.logq_correction=false"]
 # dense_all_action as fixed: every position a cut, next-item positives, 1,024 logQ-corrected negatives
 DENSE_FIXED = ["train.recipe=dense_all_action", "train.all_positions=true", "train.target_window=1",
                "train.num_negatives=1024"]
+
+# the served score mix (learn/towers/mix.py): candidate weights of the last item's content score and of the
+# popularity prior, every pair scored on valid after training; the towers are the third freeze's, unchanged
+SCORE_MIX = ["score.content_weights=[0,0.05,0.1,0.2,0.3]", "score.popularity_weights=[0,0.02,0.05,0.1]"]
 
 ROWS: list[tuple[str, str, str, list[str]]] = [
     ("floor_last_minilm", "no training: user = last item, MiniLM", LATEST, ["train.recipe=content_last"]),
@@ -106,6 +112,16 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
      ["model.adaptor=mlp", "model.input_views=[whiten,group]", "seed=1"]),
     ("lever_two_stage", "lever: two stages, in-batch pre-training (batch 256) then full softmax from its best epoch",
      FREEZE_3, ["train.pretrain_epochs=20", "train.pretrain_batch_size=256"]),
+    ("lever_score_mix", "lever: served score mix (last item's content + popularity prior), weights chosen on valid",
+     FREEZE_3, SCORE_MIX),
+    ("lever_score_mix_seed1", "served score mix, seed 1", FREEZE_3, [*SCORE_MIX, "seed=1"]),
+    ("learn_freeze_4", "fourth freeze: third freeze's towers, every transition per epoch, score mix chosen on valid",
+     FREEZE_4, []),
+    ("learn_freeze_4_seed1", "fourth freeze, seed 1", FREEZE_4, ["seed=1"]),
+    ("lever_item_ids_score_mix", "lever: served item ID vectors (warm items) + score mix", FREEZE_3,
+     ["model.item_id_embedding=true", *SCORE_MIX]),
+    ("lever_item_ids_score_mix_seed1", "served item ID vectors + score mix, seed 1", FREEZE_3,
+     ["model.item_id_embedding=true", *SCORE_MIX, "seed=1"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM", FREEZE_1, ["model.item_id_embedding=true", "export.enabled=false"]),
 ]
@@ -141,7 +157,18 @@ def row_from_summary(name: str, path: Path, overrides: list[str], data: str, con
     shown = ["python", "flows/full_pipeline.py", "--config", config, f"data.path={data}", *overrides]
     return {"name": name, "command": shlex.join(shown), "wall_s": round(wall, 1),
             "run_id": summary["run_id"], "encoder_id": summary["encoder_id"],
-            "metrics": {k: summary["metrics"].get(k) for k in KEYS + ["best_epoch", "epochs_run"]}}
+            "metrics": {k: v for k, v in summary["metrics"].items() if k in KEYS + ["best_epoch", "epochs_run"]
+                        or k.startswith(MIX_PREFIXES) or _segment_key(k)}}
+
+
+# a score-mix run also reports what it chose and what the towers alone score on test
+MIX_PREFIXES = ("score_mix_content_weight", "score_mix_popularity_weight", "score_mix_valid_ndcg_at_10",
+                "test_towers_ndcg_at_10", "test_towers_recall_at_10")
+
+
+def _segment_key(key: str) -> bool:
+    """The test NDCG@10 of the popularity segments (cold / tail / mid / head), both history modes."""
+    return key.startswith(("test_ndcg_at_10_pop_", "test_towers_ndcg_at_10_pop_"))
 
 
 # set per invocation by run_row (where outputs go, threads when rows share the machine), not by the row

@@ -8,7 +8,9 @@ Stages (the wall time of each is logged as ``time_<stage>_s``):
   data    read the dataset, render item texts, build sequences and the split
   embed   frozen-LLM content vectors, reusing every still-valid vector in the content store
   train   twin towers with early stopping on the valid split (a baseline trains nothing)
-  test    full ranking on the test split, both history modes, segment breakdown
+  score_mix (``score.*`` candidates) the served score's weights chosen on valid (learn/towers/mix.py)
+  test    full ranking on the test split, both history modes, segment breakdown (with a score mix: of
+          the served score, and of the towers alone as ``test_towers_*``)
   export  (trained recipes, ``export.enabled``) the serving bundle -- towers, content and item-embedding
           tables, faiss index, manifest -- logged once, as the artifacts of the run's pyfunc ``retriever``,
           registered under ``tracking.registered_model`` as ``challenger`` (and ``champion`` when it is the first)
@@ -45,7 +47,9 @@ from learn.tracking.mlflow_run import Tracker  # noqa: E402
 from learn.tracking.plots import plot_segments, plot_training_curves  # noqa: E402
 from learn.train.distributed import MlflowTarget, fit_distributed  # noqa: E402
 from learn.train.fit import fit  # noqa: E402
-from learn.train.loop import evaluate_model  # noqa: E402
+from learn.train.fit import selection_key  # noqa: E402
+from learn.train.loop import choose_score_mix, evaluate_model  # noqa: E402
+from learn.towers.mix import ScoreMix, candidates, popularity_prior  # noqa: E402
 from learn.utils import StageTimer, atomic_write_text, seed_everything  # noqa: E402
 
 
@@ -140,11 +144,33 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
                             **{f"best_{k}": v for k, v in result.best_valid.items()}})
             save_tower_weights(model, out_dir / "towers")
 
+            # score mix: the served score's weights, chosen on the valid users training selected on
+            mix, prior = ScoreMix(), popularity_prior(popularity)
+            options = candidates(cfg.score.content_weights, cfg.score.popularity_weights)
+            if len(options) > 1 or options[0].enabled:
+                with timer("score_mix"):
+                    key = selection_key(cfg.eval)
+                    mix, table = choose_score_mix(
+                        model, sample_users(splits.valid, cfg.eval.valid_max_users, cfg.seed), cfg.eval,
+                        cfg.data.max_history, options, prior, key)
+                metrics.update(table)
+                metrics.update({"score_mix_content_weight": mix.content_weight,
+                                "score_mix_popularity_weight": mix.popularity_weight,
+                                f"score_mix_valid_{key}": table[f"score_mix_valid_{key}_c{mix.content_weight:g}"
+                                                                f"_p{mix.popularity_weight:g}"]})
+                print(f"[score_mix] chosen on valid {key} over {len(options)} candidates: content weight "
+                      f"{mix.content_weight:g}, popularity weight {mix.popularity_weight:g} (valid "
+                      f"{metrics[f'score_mix_valid_{key}']:.4f}; towers alone {metrics['best_valid_' + key]:.4f})",
+                      flush=True)
+
             # test: full ranking over the catalog, both history modes, segments
             with timer("test"):
                 test = sample_users(splits.test, cfg.eval.test_max_users, cfg.seed)
                 metrics.update(evaluate_model(model, test, cfg.eval, cfg.data.max_history,
-                                              train_popularity=popularity, prefix="test_"))
+                                              train_popularity=popularity, prefix="test_", mix=mix, prior=prior))
+                if mix.enabled:  # what the towers alone score, beside the served mix
+                    metrics.update(evaluate_model(model, test, cfg.eval, cfg.data.max_history,
+                                                  train_popularity=popularity, prefix="test_towers_"))
                 metrics["data_test_users_scored"] = float(len(test))
             if cfg.export.plots:
                 plot_training_curves(result.history, out_dir / "plots" / "training_curves.png")
@@ -160,7 +186,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
                         model, [str(i) for i in data.item_ids], content, out_dir / "bundle", info, cfg.export,
                         seed=cfg.seed, max_history=cfg.data.max_history,
                         tracking_uri=tracker.uri if tracker.run_id is not None else None,
-                        registered_model=cfg.tracking.registered_model)
+                        registered_model=cfg.tracking.registered_model, mix=mix, prior=prior)
                     bundle, name = exported.bundle, cfg.tracking.registered_model
                     metrics.update({"index_items": float(bundle.n_items),
                                     "index_recall_at_10_vs_flat": float(bundle.index_recall_at_10)})

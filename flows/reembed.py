@@ -50,8 +50,8 @@ from learn.data.load import load_sequences  # noqa: E402
 from learn.embed.catalog import check_before_run, embed_items  # noqa: E402
 from learn.export.bundle import load_bundle, rebuild_bundle  # noqa: E402
 from learn.export.reembed import (FINGERPRINT_TAG, SOURCE_TAG, ReembedError, ReembedResult,  # noqa: E402
-                                  catalog_fingerprint, finished_bundle, item_vectors, new_item_recall,
-                                  new_item_targets, publish_catalog_version, served_bundle)
+                                  catalog_fingerprint, catalog_id_vectors, finished_bundle, item_vectors,
+                                  new_item_recall, new_item_targets, publish_catalog_version, served_bundle)
 from learn.tracking.mlflow_run import Tracker, resolve_uri  # noqa: E402
 from learn.utils import text_hash  # noqa: E402
 
@@ -127,7 +127,7 @@ def reembed(cfg: Config, progress: bool = True) -> ReembedResult:
             if new is None:
                 rebuild_bundle(source, ids, content, embeddings, bundle_dir, info, index_kind=cfg.export.index_kind,
                                flat_max_items=cfg.export.flat_max_items, recall_queries=cfg.export.recall_queries,
-                               seed=cfg.seed)
+                               seed=cfg.seed, id_vectors=catalog_id_vectors(source, ids, changed_rows))
                 new = load_bundle(bundle_dir)
             metrics["index_items"] = float(new.index.size)
             metrics["index_recall_at_10_vs_flat"] = float(new.manifest["info"]["index_recall_at_10_vs_flat"])

@@ -112,9 +112,10 @@ class ModelConfig:
     # shared (LEARN: one stack and head for both towers) | separate (the user side gets its own
     # output Linear, so a one-item history no longer maps onto that item's own vector)
     user_head: Literal["shared", "separate"] = "shared"
-    # ablation (transductive, off by default): a learned ID embedding added to the content input of
-    # every item seen in training; cold items get none. Not exportable (the towers need ids), so it
-    # needs export.enabled=false; one process only (train.backend=local)
+    # transductive option (off by default): a learned ID embedding added to the content input of every
+    # item seen in training; cold items and every item new or re-embedded since training get none (a zero
+    # ID vector: served from content alone). Exported: the bundle carries the ID vectors
+    # (item_id_vectors.parquet) and the exported towers take them. One process only (train.backend=local)
     item_id_embedding: bool = False
     # an ensemble of independently initialised stacks trained and exported as one pair of towers;
     # d_out is the total width (d_out / members per member)
@@ -232,6 +233,16 @@ class ExportConfig:
 
 
 @dataclass
+class ScoreConfig:
+    # the served score (learn/towers/mix.py): the towers' cosine + content_weight x cos(raw content of the
+    # user's last item, the item's) + popularity_weight x log-popularity prior (0 for items unseen in
+    # training, and for every new item). Lists are candidates: every pair is scored on valid after
+    # training and the best is tested, exported and served; [0.0] and [0.0]: the towers alone
+    content_weights: list[float] = field(default_factory=lambda: [0.0])
+    popularity_weights: list[float] = field(default_factory=lambda: [0.0])
+
+
+@dataclass
 class ReembedConfig:
     # flows/reembed.py: the registered retriever (tracking.registered_model) to bring up to date
     alias: str = "champion"  # read from this alias, and move it to the new version when done
@@ -274,6 +285,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     reembed: ReembedConfig = field(default_factory=ReembedConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
@@ -378,7 +390,7 @@ def _set_dotted(cfg: Config, key: str, value: Any, where: str) -> None:
 
 
 # options that act under one setting of another key only: setting them elsewhere is an error
-# naming both keys (a baseline ignores model.* and train.* altogether and is exempt)
+# naming both keys (a baseline ignores model.*, train.* and score.* altogether and is exempt)
 _ONLY_UNDER = {
     "train.n_history": ("train.recipe", "dense_all_action"),
     "train.n_targets": ("train.recipe", "dense_all_action"),
@@ -500,9 +512,9 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
         values = flat[key] if isinstance(flat[key], list) else [flat[key]]
         if key != "data.time_cut" and any(not 0 <= v < 1 for v in values):
             raise ConfigError(f"key '{key}' must be in [0, 1), got {flat[key]}")
-    if cfg.model.item_id_embedding and (cfg.export.enabled or cfg.train.backend != "local"):
-        raise ConfigError("model.item_id_embedding=true is an ablation: set export.enabled=false (exported towers "
-                          "take content vectors only) and train.backend=local")
+    if cfg.model.item_id_embedding and cfg.train.backend != "local":
+        raise ConfigError("model.item_id_embedding=true runs with train.backend=local only for now (here "
+                          f"train.backend={cfg.train.backend})")
     problem = input_views_problem(cfg.model.input_views, cfg.model.center_inputs, cfg.model.item_tower)
     if problem:
         raise ConfigError(problem)
@@ -536,6 +548,11 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
                           f"(here {cfg.embed.executor}, {cfg.embed.backend}): Ray Data actors take embed.gpus_per_actor "
                           f"and vLLM the GPUs its process sees")
     _check_serve(cfg.serve)
+    for key in ("content_weights", "popularity_weights"):
+        weights = getattr(cfg.score, key)
+        if not weights or any(w < 0 for w in weights) or len(set(weights)) != len(weights):
+            raise ConfigError(f"key 'score.{key}' must be a non-empty list of distinct weights >= 0 (candidates "
+                              f"chosen on valid; [0.0]: off), got {weights}")
     if not cfg.reembed.alias.strip():
         raise ConfigError("key 'reembed.alias' must be a non-empty alias name")
     for key in ("valid_max_users", "test_max_users"):

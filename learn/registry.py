@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from learn.config import ExportConfig
 from learn.export.bundle import Bundle, BundleInfo, BundleSummary, Stages, load_bundle, write_bundle
 from learn.serve.retriever import BUNDLE_ARTIFACT, log_retriever
+from learn.towers.mix import ScoreMix
 from learn.towers.model import TwinTowers
 from learn.tracking.mlflow_run import prepare_store, resolve_uri
 
@@ -144,17 +145,19 @@ class Exported:
 
 def export_trained(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray, out_dir: Path, info: BundleInfo,
                    export: ExportConfig, seed: int, max_history: int, tracking_uri: str | None = None,
-                   registered_model: str | None = None, stages: Stages | None = None) -> Exported:
+                   registered_model: str | None = None, stages: Stages | None = None, mix: ScoreMix | None = None,
+                   prior: np.ndarray | None = None) -> Exported:
     """The pipeline's export and registration stage. Writes the bundle at ``out_dir``
     (:func:`write_bundle` with ``export.*``: streamed, every file hashed once). With ``tracking_uri``
     (an MLflow run must be active) it logs the retriever over the bundle, with the writer's digests
     and without loading the bundle: that is how the bundle reaches MLflow, once, as the run's logged
     model (the run's tags ``retriever_model_uri`` and ``bundle_uri`` name it and the bundle in it).
     With ``registered_model`` too, the retriever is a new version, ``challenger`` (and ``champion``
-    when it is the first). ``stages`` as in write_bundle, plus "mlflow"."""
+    when it is the first). ``stages`` as in write_bundle, plus "mlflow"; ``mix`` and ``prior``: the
+    served score (write_bundle)."""
     summary = write_bundle(model, item_ids, content, out_dir, info, index_kind=export.index_kind,
                            flat_max_items=export.flat_max_items, recall_queries=export.recall_queries, seed=seed,
-                           stages=stages)
+                           stages=stages, mix=mix, prior=prior)
     if tracking_uri is None:
         return Exported(summary)
     with (stages or (lambda name: contextlib.nullcontext()))("mlflow"):

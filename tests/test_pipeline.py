@@ -12,6 +12,7 @@ import pytest
 
 from learn.config import load_config
 from learn.data.schema import DataError
+from learn.export.bundle import load_bundle
 from tests.flows import run_pipeline
 from tests.conftest import tiny_config
 
@@ -127,6 +128,10 @@ def _time_cut(run, base, cfg) -> None:
 def _id_embedding_params(run, base, cfg) -> None:
     # one learned d_model vector per catalog item (and the padding row) on top of the base towers
     assert run[1] - base[1] == (cfg.data.demo.num_items + 1) * cfg.model.d_model
+    # exported: the bundle carries the ID vectors (zeros for the demo's cold items) and serves the towers
+    bundle = load_bundle(run[2] / "bundle")
+    assert bundle.id_vectors.shape == (cfg.data.demo.num_items, cfg.model.d_model)
+    assert (np.abs(bundle.id_vectors).sum(1) == 0).sum() >= cfg.data.demo.cold_items
 
 
 def _two_stacks(run, base, cfg) -> None:
@@ -151,7 +156,7 @@ def _item_vectors_are_the_content(run, base, cfg) -> None:
       "train.n_targets=4", "train.target_len=8"], _time_cut),
     (["model.item_tower=c", "model.center_inputs=false", "model.positions=learned", "train.all_positions=true",
       "export.enabled=true", "tracking.enabled=false"], _item_vectors_are_the_content),
-    (["model.item_id_embedding=true"], _id_embedding_params),
+    (["model.item_id_embedding=true", "export.enabled=true", "tracking.registered_model="], _id_embedding_params),
     (["model.members=2"], _two_stacks),
 ], ids=["in_batch", "dense-b-time_cut", "item_tower_c", "item_id_embedding", "members"])
 def test_recipes_and_variants_take_effect(variant_cfg, base_run, overrides, check):

@@ -12,6 +12,14 @@ Layout (all listed in ``manifest.json``, which is written last)::
     item_embeddings.parquet  item_id: string, vector: fixed_size_list<float32>[d_out]
     index/                   FAISS index of the item embeddings (ItemIndex.save)
     index/provenance.json    {"tower_id", "item_embeddings_sha256"}: what the index was built from
+    item_id_vectors.parquet  item_id: string, vector: fixed_size_list<float32>[members x d_model]
+                             (towers with item ID embeddings only: each item's learned ID vector,
+                             zeros for an item without one; the exported towers take them as input)
+
+With a served score mix (learn/towers/mix.py, manifest info ``score_mix``) the item embeddings
+and the index hold the mix's item side, [item tower | normalised content | prior pair] / sqrt(parts)
+(``Bundle.priors`` reads the priors back), and ``Bundle.user_vectors`` gives the user side;
+without one they are the towers' vectors.
 
 ``tower_id`` is the sha256 of ``towers_state.pt``. Rows of the content table, the item embeddings
 and the index are in the same (catalog) order. The bundle is assembled in a hidden temp directory
@@ -69,12 +77,14 @@ from learn.index.faiss_index import (
     load_index,
     recall_of_rows,
 )
+from learn.towers.mix import ScoreMix
 from learn.towers.model import TowerConfig, TwinTowers
 from learn.utils import file_sha256
 
 log = logging.getLogger(__name__)
 
 CONTENT = "content.parquet"
+ITEM_ID_VECTORS = "item_id_vectors.parquet"
 ITEM_EMBEDDINGS = "item_embeddings.parquet"
 INDEX_DIR = "index"
 PROVENANCE = f"{INDEX_DIR}/provenance.json"
@@ -303,22 +313,30 @@ def _check_catalog(item_ids: Sequence[str], content: np.ndarray, d_llm: int) -> 
     return ids, arr
 
 
+def _tower_call(tower: nn.Module, content: np.ndarray, ids: np.ndarray | None, s: int, e: int) -> np.ndarray:
+    """The item tower on rows s..e (with their ID vectors when the towers take them)."""
+    args = (torch.from_numpy(content[s:e]),) if ids is None else (torch.from_numpy(content[s:e]),
+                                                                  torch.from_numpy(ids[s:e]))
+    return tower(*args).numpy()
+
+
 @torch.no_grad()
-def _run_item_tower(tower: nn.Module, content: np.ndarray) -> np.ndarray:
+def _run_item_tower(tower: nn.Module, content: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
     """The reference: the item tower over all of ``content`` at once, in BATCH-row calls."""
-    out = [tower(torch.from_numpy(content[s:s + BATCH])).numpy() for s in range(0, len(content), BATCH)]
+    out = [_tower_call(tower, content, ids, s, s + BATCH) for s in range(0, len(content), BATCH)]
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
 @torch.no_grad()
-def _item_tower_rows(tower: nn.Module, content: np.ndarray, start: int, stop: int) -> np.ndarray:
+def _item_tower_rows(tower: nn.Module, content: np.ndarray, start: int, stop: int,
+                     ids: np.ndarray | None = None) -> np.ndarray:
     """Item vectors of ``content[start:stop]`` (``start`` a multiple of BATCH), computed in the same
     BATCH-row calls as :func:`_run_item_tower`, so they equal its rows bit for bit."""
     if start % BATCH:
         raise ValueError(f"item-tower groups must start at multiples of BATCH={BATCH}, got row {start}")
     out = None
     for s in range(start, stop, BATCH):
-        vecs = tower(torch.from_numpy(content[s:min(s + BATCH, stop)])).numpy()
+        vecs = _tower_call(tower, content, ids, s, min(s + BATCH, stop))
         if out is None:
             out = np.empty((stop - start, vecs.shape[1]), dtype=np.float32)
         out[s - start:s - start + len(vecs)] = vecs
@@ -401,7 +419,8 @@ def _start_bundle(out_dir: str | Path, info: BundleInfo, index_params: dict[str,
 def write_bundle(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray, out_dir: str | Path,
                  info: BundleInfo, index_kind: str = "auto", flat_max_items: int = 100_000,
                  index_params: dict[str, Any] | None = None, recall_queries: int = 1000,
-                 seed: int = 0, stages: Stages | None = None) -> BundleSummary:
+                 seed: int = 0, stages: Stages | None = None, mix: ScoreMix | None = None,
+                 prior: np.ndarray | None = None) -> BundleSummary:
     """Export ``model``'s towers, embed the catalog (``item_ids`` with raw ``content`` [N, d_llm],
     catalog order) with the exported item tower, index it, and publish all of it at ``out_dir``.
 
@@ -415,11 +434,15 @@ def write_bundle(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray
     time straight into the Parquet tables (one row group each), the index is built from the written
     table, and every file is hashed once, while it is written. ``stages`` (optional) is called with
     each sub-stage's name ("towers", "item_tower", "index", "recall", "manifest") and must return a
-    context manager wrapped around it (timings for benchmarks).
+    context manager wrapped around it (timings for benchmarks). ``mix`` (with ``prior`` [N], the
+    training split's popularity prior in catalog order, when it has a popularity term) makes the
+    served vectors the mix's (module docstring).
     """
     cfg = model.cfg
     stage = stages or _no_stage
+    mix = mix or ScoreMix()
     ids, content = _check_catalog(item_ids, content, cfg.d_llm)
+    prior = _check_prior(mix, prior, len(ids))
     out_dir, params, tmp = _start_bundle(out_dir, info, index_params, recall_queries)
     try:
         with stage("towers"):
@@ -427,21 +450,46 @@ def write_bundle(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray
             tower_id = file_sha256(paths["state"])
             digests = {TOWERS_STATE: {"size": paths["state"].stat().st_size, "sha256": tower_id}}
             tower = load_item_tower(paths["item_tower"])
-        summary = _finish_bundle(tmp, out_dir, ids, content, lambda a, b: _item_tower_rows(tower, content, a, b),
-                                 digests, tower_id, cfg.d_llm, cfg.d_out, info, index_kind, flat_max_items, params,
-                                 recall_queries, seed, stage)
+        id_rows = None
+        if model.id_width:  # [N, members x d_model], zeros for items unseen in training
+            id_rows = np.empty((len(ids), model.id_width), dtype=np.float32)
+            for a in range(0, len(ids), GROUP_ROWS):
+                b = min(a + GROUP_ROWS, len(ids))
+                id_rows[a:b] = model.id_vectors(torch.arange(a, b, device=model.content.device)).cpu().numpy()
+
+        def embed(a: int, b: int) -> np.ndarray:
+            rows = _item_tower_rows(tower, content, a, b, id_rows)
+            return mix.items(rows, content[a:b], None if prior is None else prior[a:b]).numpy() if mix.enabled else rows
+
+        summary = _finish_bundle(tmp, out_dir, ids, content, embed, digests, tower_id, cfg.d_llm,
+                                 cfg.d_out + mix.extra_dims(cfg.d_llm), info, index_kind, flat_max_items, params,
+                                 recall_queries, seed, stage, mix, id_rows)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 
+def _check_prior(mix: ScoreMix, prior: np.ndarray | None, n: int) -> np.ndarray | None:
+    """The priors a mix with a popularity term needs ([n] finite float32 in [0, 1]), None otherwise."""
+    if mix.popularity_weight <= 0:
+        return None
+    if prior is None:
+        raise ValueError("a score mix with a popularity weight needs the items' prior (learn.towers.mix.popularity_prior)")
+    arr = np.asarray(prior, dtype=np.float32)
+    if arr.shape != (n,) or not np.isfinite(arr).all() or (arr < 0).any() or (arr > 1).any():
+        raise ValueError(f"prior must be [{n}] finite values in [0, 1], got shape {arr.shape}")
+    return arr
+
+
 def _write_tables(tmp: Path, ids: list[str], content: np.ndarray, embed: Callable[[int, int], np.ndarray],
-                  d_out: int) -> tuple[dict[str, dict[str, Any]], float]:
+                  d_out: int, id_rows: np.ndarray | None = None) -> tuple[dict[str, dict[str, Any]], float]:
     """content.parquet and item_embeddings.parquet, GROUP_ROWS rows at a time (``embed(start, stop)``
     gives the item vectors of those rows); returns ({file: manifest entry}, seconds spent hashing)."""
     writers = {CONTENT: _VectorTableWriter(tmp / CONTENT, content.shape[1]),
                ITEM_EMBEDDINGS: _VectorTableWriter(tmp / ITEM_EMBEDDINGS, d_out)}
+    if id_rows is not None:
+        writers[ITEM_ID_VECTORS] = _VectorTableWriter(tmp / ITEM_ID_VECTORS, id_rows.shape[1])
     try:
         for start in range(0, len(ids), GROUP_ROWS):
             stop = min(start + GROUP_ROWS, len(ids))
@@ -455,6 +503,8 @@ def _write_tables(tmp: Path, ids: list[str], content: np.ndarray, embed: Callabl
             group_ids = ids[start:stop]
             writers[CONTENT].write(group_ids, content[start:stop])
             writers[ITEM_EMBEDDINGS].write(group_ids, vectors)
+            if id_rows is not None:
+                writers[ITEM_ID_VECTORS].write(group_ids, id_rows[start:stop])
         entries = {name: w.close() for name, w in writers.items()}
     except BaseException:
         for w in writers.values():
@@ -466,11 +516,12 @@ def _write_tables(tmp: Path, ids: list[str], content: np.ndarray, embed: Callabl
 def _finish_bundle(tmp: Path, out_dir: Path, ids: list[str], content: np.ndarray,
                    embed: Callable[[int, int], np.ndarray], digests: dict[str, dict[str, Any]], tower_id: str,
                    d_llm: int, d_out: int, info: BundleInfo, index_kind: str, flat_max_items: int,
-                   params: dict[str, Any], recall_queries: int, seed: int, stage: Stages) -> BundleSummary:
+                   params: dict[str, Any], recall_queries: int, seed: int, stage: Stages,
+                   mix: ScoreMix, id_rows: np.ndarray | None = None) -> BundleSummary:
     """Tables, index, provenance and manifest into ``tmp`` (which holds the towers, ``digests``
     listing those already hashed), then publish it."""
     with stage("item_tower"):
-        tables, hash_seconds = _write_tables(tmp, ids, content, embed, d_out)
+        tables, hash_seconds = _write_tables(tmp, ids, content, embed, d_out, id_rows)
     digests = {**digests, **tables}
     embeddings = _vector_stream(tmp / ITEM_EMBEDDINGS, ITEM_EMBEDDINGS, len(ids), d_out)
 
@@ -504,6 +555,8 @@ def _finish_bundle(tmp: Path, out_dir: Path, ids: list[str], content: np.ndarray
             "index_params": index.params,
             "index_recall_at_10_vs_flat": recall,
         }
+        if mix.enabled:
+            full_info["score_mix"] = mix.to_json()
         manifest = write_manifest(tmp, files, full_info, digests)
         _publish(tmp, out_dir)
     log.info("wrote bundle %s: %d items, %s index (recall@10 %.4f), tower %s",
@@ -518,15 +571,24 @@ def _finish_bundle(tmp: Path, out_dir: Path, ids: list[str], content: np.ndarray
 def rebuild_bundle(source: "Bundle", item_ids: Sequence[str], content: np.ndarray, embeddings: np.ndarray,
                    out_dir: str | Path, info: BundleInfo, index_kind: str = "auto",
                    flat_max_items: int = 100_000, index_params: dict[str, Any] | None = None,
-                   recall_queries: int = 1000, seed: int = 0, stages: Stages | None = None) -> BundleSummary:
+                   recall_queries: int = 1000, seed: int = 0, stages: Stages | None = None,
+                   id_vectors: np.ndarray | None = None) -> BundleSummary:
     """A new bundle with ``source``'s towers (files copied byte for byte: same tower id) over a new
     catalog: ``item_ids`` with raw ``content`` [N, d_llm] and their item-tower ``embeddings``
-    [N, d_out] (from ``source.embed_items``), a new index over them. Published at ``out_dir`` as
+    [N, served width] (from ``source.embed_items``), a new index over them; ``source``'s score mix;
+    towers with item ID embeddings need the catalog's ``id_vectors`` [N, id width] (zeros for new
+    and re-embedded items: ``learn.export.reembed.item_vectors``). Published at ``out_dir`` as
     :func:`write_bundle` does (assembled aside, renamed into place)."""
     ids, content = _check_catalog(item_ids, content, source.config.d_llm)
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if embeddings.shape != (len(ids), source.config.d_out):
-        raise ValueError(f"embeddings must be finite [{len(ids)}, {source.config.d_out}], got {embeddings.shape}")
+    if embeddings.shape != (len(ids), source.d_out):
+        raise ValueError(f"embeddings must be finite [{len(ids)}, {source.d_out}], got {embeddings.shape}")
+    if (source.id_vectors is None) != (id_vectors is None):
+        raise ValueError("id_vectors must be given exactly when the source bundle's towers take item ID vectors")
+    if id_vectors is not None:
+        id_vectors = np.ascontiguousarray(id_vectors, dtype=np.float32)
+        if id_vectors.shape != (len(ids), source.id_vectors.shape[1]):
+            raise ValueError(f"id_vectors must be [{len(ids)}, {source.id_vectors.shape[1]}], got {id_vectors.shape}")
     out_dir, params, tmp = _start_bundle(out_dir, info, index_params, recall_queries)
     try:
         for name in (USER_TOWER, ITEM_TOWER, TOWERS_STATE, TOWER_CONFIG):
@@ -536,8 +598,8 @@ def rebuild_bundle(source: "Bundle", item_ids: Sequence[str], content: np.ndarra
             raise ArtifactError(f"{TOWERS_STATE} changed while copying from {source.directory}")
         digests = {TOWERS_STATE: {"size": (tmp / TOWERS_STATE).stat().st_size, "sha256": tower_id}}
         summary = _finish_bundle(tmp, out_dir, ids, content, lambda a, b: embeddings[a:b], digests, tower_id,
-                                 source.config.d_llm, source.config.d_out, info, index_kind, flat_max_items, params,
-                                 recall_queries, seed, stages or _no_stage)
+                                 source.config.d_llm, source.d_out, info, index_kind, flat_max_items, params,
+                                 recall_queries, seed, stages or _no_stage, source.mix, id_vectors)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -561,6 +623,8 @@ class Bundle:
     index: ItemIndex
     user_tower: nn.Module
     item_tower: nn.Module
+    mix: ScoreMix = field(default_factory=ScoreMix)  # the served score (none: the towers' cosine)
+    id_vectors: np.ndarray | None = None  # [N, id width] item ID vectors, towers with ID embeddings only
 
     @property
     def tower_id(self) -> str:
@@ -568,7 +632,13 @@ class Bundle:
 
     @property
     def d_out(self) -> int:
+        """Width of the served vectors (the towers' d_out, plus the score mix's dimensions)."""
         return self.item_embeddings.shape[1]
+
+    @property
+    def priors(self) -> np.ndarray | None:
+        """The items' popularity priors (catalog order) when the score mix has a popularity term."""
+        return self.mix.prior_of(self.item_embeddings)
 
     def check_max_history(self, max_history: int) -> int:
         """``max_history`` validated against the towers (learned positions cap it at max_len)."""
@@ -605,12 +675,23 @@ class Bundle:
             x = np.zeros((len(batch), max(lengths), self.content.shape[1]), dtype=np.float32)
             for j, i in enumerate(batch):
                 x[j, : lengths[j]] = self.content[rows[i]]
-            vecs = self.user_tower(torch.from_numpy(x), torch.tensor(lengths, dtype=torch.int64))
+            args = [torch.from_numpy(x), torch.tensor(lengths, dtype=torch.int64)]
+            if self.id_vectors is not None:
+                idx = np.zeros((len(batch), max(lengths), self.id_vectors.shape[1]), dtype=np.float32)
+                for j, i in enumerate(batch):
+                    idx[j, : lengths[j]] = self.id_vectors[rows[i]]
+                args.append(torch.from_numpy(idx))
+            vecs = self.user_tower(*args)
+            if self.mix.enabled:
+                vecs = self.mix.users(vecs, self.content[[rows[i][-1] for i in batch]])
             out[batch] = vecs.numpy()
         return out, unknown
 
-    def embed_items(self, content_vectors: np.ndarray) -> np.ndarray:
-        """Item vectors [M, d_out] for raw content vectors [M, d_llm] (e.g. new or re-embedded items)."""
+    def embed_items(self, content_vectors: np.ndarray, prior: np.ndarray | None = None,
+                    id_vectors: np.ndarray | None = None) -> np.ndarray:
+        """Served item vectors [M, d_out] for raw content vectors [M, d_llm] (e.g. new or re-embedded
+        items); with a score mix their ``prior`` [M] (None: 0, an item unseen in training); with item
+        ID embeddings their ``id_vectors`` [M, id width] (None: zeros, an item without one)."""
         arr = np.asarray(content_vectors)
         if arr.ndim != 2 or arr.shape[1] != self.content.shape[1]:
             raise ValueError(f"content vectors must be [M, {self.content.shape[1]}], got shape {arr.shape}")
@@ -619,7 +700,19 @@ class Bundle:
             raise ValueError("content vectors hold NaN or inf")
         if len(arr) == 0:
             return np.zeros((0, self.d_out), dtype=np.float32)
-        return _run_item_tower(self.item_tower, arr)
+        ids = None
+        if self.id_vectors is not None:
+            width = self.id_vectors.shape[1]
+            ids = np.zeros((len(arr), width), np.float32) if id_vectors is None else \
+                np.ascontiguousarray(id_vectors, dtype=np.float32)
+            if ids.shape != (len(arr), width):
+                raise ValueError(f"id vectors must be [{len(arr)}, {width}], got shape {ids.shape}")
+        vectors = _run_item_tower(self.item_tower, arr, ids)
+        if not self.mix.enabled:
+            return vectors
+        if self.mix.popularity_weight > 0:
+            prior = _check_prior(self.mix, np.zeros(len(arr), np.float32) if prior is None else prior, len(arr))
+        return self.mix.items(vectors, arr, prior).numpy()
 
 
 def check_max_history(config: TowerConfig, max_history: int) -> int:
@@ -726,8 +819,23 @@ def load_bundle(directory: str | Path) -> Bundle:
         config = TowerConfig(**cfg_dict)
     except TypeError as exc:
         raise ArtifactError(f"{TOWER_CONFIG}: not a tower config: {exc}") from exc
+    try:
+        mix = ScoreMix.from_json(info.get("score_mix"), MANIFEST)
+    except ValueError as exc:
+        raise ArtifactError(str(exc)) from None
     content_ids, content = _read_vector_table(directory, CONTENT)
     emb_ids, embeddings = _read_vector_table(directory, ITEM_EMBEDDINGS)
+    id_vectors = None
+    if config.num_id_items:
+        if ITEM_ID_VECTORS not in files:
+            raise ArtifactError(f"{TOWER_CONFIG} has item ID embeddings but {MANIFEST} lists no {ITEM_ID_VECTORS}")
+        vec_ids, id_vectors = _read_vector_table(directory, ITEM_ID_VECTORS)
+        if vec_ids != content_ids:
+            raise ArtifactError(f"item id mismatch: {ITEM_ID_VECTORS} and {CONTENT} list "
+                                f"{_first_difference(vec_ids, content_ids)}")
+        if id_vectors.shape[1] != config.members * config.d_model:
+            raise ArtifactError(f"{ITEM_ID_VECTORS} width {id_vectors.shape[1]}, expected members x d_model = "
+                                f"{config.members * config.d_model}")
     try:
         index = load_index(directory / INDEX_DIR)
     except ItemIndexError as exc:
@@ -739,7 +847,8 @@ def load_bundle(directory: str | Path) -> Bundle:
         f"{MANIFEST} d_llm": info["d_llm"],
     }
     outs = {
-        f"{TOWER_CONFIG} d_out": config.d_out, f"{ITEM_EMBEDDINGS} width": embeddings.shape[1],
+        f"{TOWER_CONFIG} d_out + score mix": config.d_out + mix.extra_dims(config.d_llm),
+        f"{ITEM_EMBEDDINGS} width": embeddings.shape[1],
         f"{INDEX_DIR}/ dim": index.dim, f"{MANIFEST} d_out": info["d_out"],
     }
     sizes = {f"{CONTENT} rows": len(content_ids), f"{ITEM_EMBEDDINGS} rows": len(emb_ids),
@@ -763,11 +872,18 @@ def load_bundle(directory: str | Path) -> Bundle:
     user_tower, item_tower = _load_tower(directory, USER_TOWER), _load_tower(directory, ITEM_TOWER)
     bundle = Bundle(directory=directory, manifest=manifest, info=bundle_info, config=config, item_ids=content_ids,
                     id_to_row=id_to_row, content=content, item_embeddings=embeddings, index=index,
-                    user_tower=user_tower, item_tower=item_tower)
+                    user_tower=user_tower, item_tower=item_tower, mix=mix, id_vectors=id_vectors)
     # spot check: the stored embeddings are what this item tower computes for this content
     rows = np.unique(np.linspace(0, len(content_ids) - 1, min(SPOT_CHECK_ROWS, len(content_ids))).astype(int))
-    fresh = bundle.embed_items(content[rows])
-    err = float(np.abs(fresh - embeddings[rows]).max())
+    try:
+        fresh = bundle.embed_items(content[rows], None if bundle.priors is None else bundle.priors[rows],
+                                   None if id_vectors is None else id_vectors[rows])
+    except ValueError as exc:  # e.g. a prior column outside [0, 1]
+        raise ArtifactError(f"{ITEM_EMBEDDINGS}: {exc}") from None
+    # (with a popularity term the last column is sqrt(1 - prior^2), derived from the prior column and
+    # ill-conditioned near prior 1: the prior column itself is compared)
+    width = embeddings.shape[1] - (1 if mix.popularity_weight > 0 else 0)
+    err = float(np.abs(fresh[:, :width] - embeddings[rows, :width]).max())
     if err > SPOT_CHECK_ATOL:
         raise ArtifactError(f"{ITEM_EMBEDDINGS} does not match {ITEM_TOWER} applied to {CONTENT} "
                             f"(max abs difference {err:.3g} on {len(rows)} sampled items)")

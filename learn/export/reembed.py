@@ -124,15 +124,33 @@ def publish_catalog_version(client: Any, name: str, alias: str, fingerprint: str
 
 def item_vectors(source, ids: list[str], content: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Item vectors for the catalog ``ids`` with raw ``content``: the served ones where an item's
-    content vector is unchanged, the served item tower's elsewhere. Returns (vectors, changed mask)."""
+    content vector is unchanged, the served item tower's elsewhere. With a popularity term in the
+    score mix, a re-embedded item keeps its prior (its interactions are the same item's) and a new
+    item gets an unseen item's (0); with item ID embeddings both are embedded with a zero ID vector
+    (:func:`catalog_id_vectors`). Returns (vectors, changed mask)."""
     rows = np.array([source.id_to_row.get(i, -1) for i in ids])
     known = rows >= 0
     same = np.zeros(len(ids), dtype=bool)
     same[known] = np.all(source.content[rows[known]] == content[known], axis=1)
     vectors = np.empty((len(ids), source.d_out), dtype=np.float32)
     vectors[same] = source.item_embeddings[rows[same]]
-    vectors[~same] = source.embed_items(content[~same])
+    prior = None
+    if source.priors is not None:
+        prior = np.where(known, source.priors[np.maximum(rows, 0)], 0.0).astype(np.float32)[~same]
+    vectors[~same] = source.embed_items(content[~same], prior)
     return vectors, ~same
+
+
+def catalog_id_vectors(source, ids: list[str], changed: np.ndarray) -> np.ndarray | None:
+    """The new catalog's item ID vectors for towers with item ID embeddings (None otherwise): the
+    served one for an item whose content is unchanged, zeros for a new or re-embedded item (its ID
+    vector was learned beside content it no longer has; it is served from content alone)."""
+    if source.id_vectors is None:
+        return None
+    out = np.zeros((len(ids), source.id_vectors.shape[1]), dtype=np.float32)
+    keep = np.flatnonzero(~np.asarray(changed))
+    out[keep] = source.id_vectors[[source.id_to_row[ids[i]] for i in keep]]
+    return out
 
 
 def new_item_targets(data, ids: list[str], new_items: set[str]) -> tuple[list[list[str]], list[str]]:

@@ -3,6 +3,10 @@
 The artifacts (``user_tower.pt2``, ``item_tower.pt2``) load with torch alone, without this
 package, and take raw content vectors rather than catalog indices: items never seen in training
 can be embedded, and histories can be encoded from their items' vectors.
+
+Towers with item ID embeddings (``model.item_id_embedding``) take one more input, the items' ID
+vectors (``TwinTowers.id_vectors``; zeros for an item without one, e.g. any item new since
+training): ``user(history, lengths, history_ids)`` and ``item(content, ids)``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ def _stack(model: TwinTowers) -> TwinTowers:
     the catalog ``content`` buffer (so exports stay catalog-free) nor its train/eval flags."""
     memo: dict[int, object] = {id(t): t for t in (*model.parameters(), model.content_mean, model.content_scale)}
     memo[id(model.content)] = None
+    if model.cfg.num_id_items:  # nor the ID tables: the exported towers take ID vectors as an input
+        for stack in model.stacks:
+            memo[id(stack.id_embedding)] = None
+        memo[id(model.id_known)] = None
     return copy.deepcopy(model, memo).eval()
 
 
@@ -44,12 +52,21 @@ class UserTower(nn.Module):
     def forward(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``history`` float32 [B, L, d_llm] (zeros after each row's ``lengths``), ``lengths`` int64
         [B] in 1..L -> float32 [B, d_out]."""
+        return self._encode(history, lengths, None)
+
+    def _encode(self, history: torch.Tensor, lengths: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         ok = ((lengths >= 1) & (lengths <= history.shape[1])).all()
         torch._assert_async(ok, "UserTower: every length must be in 1..L (no empty histories)")
         positions = torch.arange(history.shape[1], device=history.device)
         valid = positions.unsqueeze(0) < lengths.unsqueeze(1)
-        out = self.towers.encode_vectors(history, valid, user=True)
+        out = self.towers.encode_vectors(history, valid, user=True, id_vectors=ids)
         return out[torch.arange(history.shape[0], device=history.device), lengths - 1]
+
+
+class UserTowerWithIds(UserTower):
+    def forward(self, history: torch.Tensor, lengths: torch.Tensor, history_ids: torch.Tensor) -> torch.Tensor:
+        """As :class:`UserTower`, plus ``history_ids`` float32 [B, L, id width] (zeros: no ID vector)."""
+        return self._encode(history, lengths, history_ids)
 
 
 class ItemTower(nn.Module):
@@ -65,6 +82,12 @@ class ItemTower(nn.Module):
         if self.towers.cfg.item_tower == "c":
             return F.normalize(self.towers.center_vectors(content), dim=-1)
         return self.towers.encode_vectors(content.unsqueeze(1))[:, 0]
+
+
+class ItemTowerWithIds(ItemTower):
+    def forward(self, content: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``content`` float32 [M, d_llm], ``ids`` float32 [M, id width] -> float32 [M, d_out]."""
+        return self.towers.encode_vectors(content.unsqueeze(1), id_vectors=ids.unsqueeze(1))[:, 0]
 
 
 def _export(module: nn.Module, args: tuple, dynamic_shapes: dict) -> torch.export.ExportedProgram:
@@ -86,18 +109,28 @@ def export_towers(model: TwinTowers, out_dir: str | Path) -> dict[str, Path]:
     """
     out_dir = Path(out_dir)
     cfg = model.cfg
-    user, item = UserTower(model), ItemTower(model)
+    with_ids = model.id_width > 0
+    user, item = (UserTowerWithIds(model), ItemTowerWithIds(model)) if with_ids else (UserTower(model), ItemTower(model))
     if any(t.device.type != "cpu" for t in model.state_dict().values()):
         user, item = copy.deepcopy(user).cpu(), copy.deepcopy(item).cpu()  # copies: the model stays put
     seq = Dim("seq", min=1, max=cfg.max_len) if cfg.positions == "learned" else Dim("seq", min=1)
     batch, items = Dim("batch", min=1), Dim("items", min=1)
     lengths = torch.tensor([3, 1])
-    user_ep = _export(
-        user,
-        (torch.randn(2, 3, cfg.d_llm), lengths),
-        {"history": {0: batch, 1: seq}, "lengths": {0: batch}},
-    )
-    item_ep = _export(item, (torch.randn(3, cfg.d_llm),), {"content": {0: items}})
+    if with_ids:
+        w = model.id_width
+        user_ep = _export(
+            user,
+            (torch.randn(2, 3, cfg.d_llm), lengths, torch.randn(2, 3, w)),
+            {"history": {0: batch, 1: seq}, "lengths": {0: batch}, "history_ids": {0: batch, 1: seq}},
+        )
+        item_ep = _export(item, (torch.randn(3, cfg.d_llm), torch.randn(3, w)), {"content": {0: items}, "ids": {0: items}})
+    else:
+        user_ep = _export(
+            user,
+            (torch.randn(2, 3, cfg.d_llm), lengths),
+            {"history": {0: batch, 1: seq}, "lengths": {0: batch}},
+        )
+        item_ep = _export(item, (torch.randn(3, cfg.d_llm),), {"content": {0: items}})
 
     paths = {
         "user_tower": out_dir / USER_TOWER,

@@ -174,29 +174,35 @@ class TwinTowers(nn.Module):
 
     def encode_vectors(
         self, x: torch.Tensor, valid: torch.Tensor | None = None, self_only: bool = False, user: bool = False,
-        tokens: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None, id_vectors: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[B, L, d_llm] raw content vectors (right-padded) -> [B, L, d_out] normalised outputs.
 
         ``valid`` [B, L] bool marks real positions (None: all real); padding enters the stack as
         zeros. Causal attention; ``self_only`` makes each position attend to itself only (variant b);
-        ``user`` applies the user head (the item head unless ``user_head=separate``). ``tokens``
-        [B, L]: the items' tokens, for the ID-embedding ablation only.
+        ``user`` applies the user head (the item head unless ``user_head=separate``). With item ID
+        embeddings (``cfg.num_id_items``) either ``tokens`` [B, L] (the items' tokens: training) or
+        ``id_vectors`` [B, L, members x d_model] (:meth:`id_vectors` rows, zeros for an item without
+        one: the exported towers) give each position its ID vector.
         """
         L = x.shape[1]
         inputs = self.input_views(x, valid)
-        ids = None
+        ids: list[torch.Tensor | None] = [None] * len(self.stacks)
         if self.cfg.num_id_items:
-            if tokens is None:
-                raise ValueError("this model adds item ID embeddings: it needs the items' tokens, not only vectors")
-            ids = torch.where(self.id_known[tokens], tokens, torch.zeros_like(tokens))
+            if id_vectors is not None:
+                ids = list(id_vectors.float().chunk(len(self.stacks), dim=-1))
+            elif tokens is not None:
+                known = torch.where(self.id_known[tokens], tokens, torch.zeros_like(tokens))
+                ids = [stack.id_embedding(known) for stack in self.stacks]
+            else:
+                raise ValueError("this model adds item ID embeddings: it needs the items' tokens or ID vectors")
         if self.cfg.positions == "learned" and L > self.cfg.max_len:
             raise ValueError(f"sequence length {L} exceeds model.max_len={self.cfg.max_len}")
         if self_only:
             mask = ~torch.eye(L, dtype=torch.bool, device=x.device)
         else:
             mask = torch.triu(torch.ones(L, L, dtype=torch.bool, device=x.device), diagonal=1)
-        outs = [stack(inputs, ids, mask, self_only, user) for stack in self.stacks]
+        outs = [stack(inputs, member_ids, mask, self_only, user) for stack, member_ids in zip(self.stacks, ids)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1) / len(outs) ** 0.5
 
     def encode_sequence(self, tokens: torch.Tensor, self_only: bool = False, user: bool = False) -> torch.Tensor:
@@ -214,6 +220,22 @@ class TwinTowers(nn.Module):
         if (lengths == 0).any():
             raise ValueError("a history is empty: every user needs at least one item")
         return out[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]
+
+    @property
+    def id_width(self) -> int:
+        """Width of one item's ID vector (all members' side by side; 0 without item ID embeddings)."""
+        return self.cfg.members * self.cfg.d_model if self.cfg.num_id_items else 0
+
+    @torch.no_grad()
+    def id_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """[M] catalog indices -> [M, members x d_model]: each member's learned ID vector side by side,
+        zeros for items unseen in training (what the exported towers take beside content vectors)."""
+        if not self.cfg.num_id_items:
+            raise ValueError("these towers have no item ID embeddings (model.item_id_embedding=false)")
+        tokens = items + 1
+        seen = self.id_known[tokens]
+        known = torch.where(seen, tokens, torch.zeros_like(tokens))
+        return torch.cat([stack.id_embedding(known) for stack in self.stacks], -1) * seen.unsqueeze(-1)
 
     def item_embedding(self, items: torch.Tensor) -> torch.Tensor:
         """[M] catalog indices -> [M, d_out]: the stack on each item alone (length-1 sequence)."""
@@ -266,19 +288,20 @@ class Stack(nn.Module):
         self.head = nn.Linear(cfg.d_model, width)
         self.user_head = nn.Linear(cfg.d_model, width) if cfg.user_head == "separate" else None
         self.id_embedding = None
-        if cfg.num_id_items:  # the item-ID ablation
+        if cfg.num_id_items:  # learned ID vectors of the items seen in training (model.item_id_embedding)
             self.id_embedding = nn.Embedding(cfg.num_id_items + 1, cfg.d_model, padding_idx=0)
             nn.init.zeros_(self.id_embedding.weight)  # training starts from the content-only model
 
     def forward(self, inputs: list[torch.Tensor], ids: torch.Tensor | None, mask: torch.Tensor, self_only: bool,
                 user: bool) -> torch.Tensor:
-        """Conditioned inputs (one [B, L, d_llm] per input view) -> normalised [B, L, d_out / members]."""
+        """Conditioned inputs (one [B, L, d_llm] per input view) -> normalised [B, L, d_out / members];
+        ``ids``: this member's ID vectors [B, L, d_model] (None without item ID embeddings)."""
         h = self.adaptor(inputs[0])
         if self.view_adaptors is not None:
             for adaptor, view in zip(self.view_adaptors, inputs[1:]):
                 h = h + adaptor(view)
-        if self.id_embedding is not None:
-            h = h + self.id_embedding(ids)
+        if ids is not None:  # this member's ID vectors [B, L, d_model] (the ID-embedding option)
+            h = h + ids
         if self.positions is not None:
             h = h + self.positions(torch.arange(h.shape[1], device=h.device))
         h = self.in_drop(self.in_norm(h))

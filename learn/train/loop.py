@@ -22,6 +22,7 @@ from learn.data.ragged import Ragged
 from learn.data.sequences import EvalSplit
 from learn.device import autocast
 from learn.evaluate.metrics import evaluate_both_modes
+from learn.towers.mix import ScoreMix, last_items
 from learn.towers.model import TwinTowers, pad_tails
 from learn.train.batches import epoch_rows
 from learn.train.recipes import RowMap, compute_loss, epoch_batches, whole_rows
@@ -124,9 +125,14 @@ def user_embeddings(model: TwinTowers, histories: Sequence[np.ndarray], max_hist
 
 
 def evaluate_model(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
-                   train_popularity: np.ndarray | None = None, prefix: str = "") -> dict[str, float]:
+                   train_popularity: np.ndarray | None = None, prefix: str = "", mix: ScoreMix | None = None,
+                   prior: np.ndarray | None = None) -> dict[str, float]:
+    """Full-ranking metrics of the towers on ``split``; with an enabled ``mix`` the served score of
+    learn/towers/mix.py (``prior``: learn.towers.mix.popularity_prior of the training split)."""
     users = user_embeddings(model, split.histories, max_history)
     items = model.all_item_embeddings()
+    if mix is not None and mix.enabled:
+        users, items = mixed_vectors(model, split, users, items, mix, prior)
     return evaluate_both_modes(
         users, items, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
         chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block, train_popularity=train_popularity,
@@ -135,3 +141,33 @@ def evaluate_model(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, ma
     )
 
 
+def mixed_vectors(model: TwinTowers, split: EvalSplit, users: torch.Tensor, items: torch.Tensor, mix: ScoreMix,
+                  prior: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(users, items) of the served score ``mix`` from the towers' vectors of ``split``'s users and
+    of the catalog: the concatenation a bundle serves (learn/towers/mix.py)."""
+    if mix.popularity_weight > 0 and prior is None:
+        raise ValueError("a score mix with a popularity weight needs the training split's prior")
+    raw = model.content[1:]  # the raw content vectors, catalog order (row 0 is the pad)
+    last = torch.as_tensor(last_items(split.histories), device=raw.device)
+    return mix.users(users, raw[last]), mix.items(items, raw, prior)
+
+
+def choose_score_mix(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
+                     candidates: list[ScoreMix], prior: np.ndarray,
+                     key: str = "ndcg_at_10") -> tuple[ScoreMix, dict[str, float]]:
+    """The candidate with the best valid ``key`` on ``split`` (ties: the earlier candidate), and every
+    candidate's value as ``score_mix_valid_{key}_c{content}_p{popularity}``. The towers' vectors are
+    computed once; each candidate is one full ranking of ``split``."""
+    users = user_embeddings(model, split.histories, max_history)
+    items = model.all_item_embeddings()
+    best, best_value, table = None, -math.inf, {}
+    for mix in candidates:
+        u, i = mixed_vectors(model, split, users, items, mix, prior) if mix.enabled else (users, items)
+        value = evaluate_both_modes(u, i, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
+                                    chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block)[key]
+        table[f"score_mix_valid_{key}_c{mix.content_weight:g}_p{mix.popularity_weight:g}"] = value
+        if value > best_value:
+            best, best_value = mix, value
+    if best is None:
+        raise ValueError("no score mix candidates")
+    return best, table
