@@ -58,7 +58,7 @@ SIZES = {  # the full run on a GPU, and --quick: small enough for the CPU test (
              "eval_items": 1_000_000, "eval_users": 50_000, "cpu_eval_users": 2_000, "train_overrides": []},
     "quick": {"texts": 16, "train_items": [500, 2_000], "steps": 4, "agree_max_items": 2_000,
               "eval_items": 20_000, "eval_users": 2_000, "cpu_eval_users": 500,
-              "train_overrides": ["train.batch_size=16", "train.all_positions=false"]},
+              "train_overrides": ["train.batch_size=16"]},
 }
 AGREE_STEPS = 3  # the first steps whose losses are compared with CPU; later steps are the timed ones
 _WORDS = ("adhesive backed sanding roll grit inch stainless steel hex socket cap screw nitrile glove powder free "
