@@ -48,7 +48,7 @@ from learn.tracking.plots import plot_segments, plot_training_curves  # noqa: E4
 from learn.train.distributed import MlflowTarget, fit_distributed  # noqa: E402
 from learn.train.fit import fit  # noqa: E402
 from learn.train.fit import selection_key  # noqa: E402
-from learn.train.loop import choose_score_mix, evaluate_model  # noqa: E402
+from learn.train.loop import choose_score_mix, evaluate_model, mix_metric_key  # noqa: E402
 from learn.towers.mix import ScoreMix, candidates, popularity_prior  # noqa: E402
 from learn.utils import StageTimer, atomic_write_text, seed_everything  # noqa: E402
 
@@ -156,8 +156,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
                 metrics.update(table)
                 metrics.update({"score_mix_content_weight": mix.content_weight,
                                 "score_mix_popularity_weight": mix.popularity_weight,
-                                f"score_mix_valid_{key}": table[f"score_mix_valid_{key}_c{mix.content_weight:g}"
-                                                                f"_p{mix.popularity_weight:g}"]})
+                                f"score_mix_valid_{key}": table[mix_metric_key(key, mix)]})
                 print(f"[score_mix] chosen on valid {key} over {len(options)} candidates: content weight "
                       f"{mix.content_weight:g}, popularity weight {mix.popularity_weight:g} (valid "
                       f"{metrics[f'score_mix_valid_{key}']:.4f}; towers alone {metrics['best_valid_' + key]:.4f})",
@@ -166,11 +165,10 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
             # test: full ranking over the catalog, both history modes, segments
             with timer("test"):
                 test = sample_users(splits.test, cfg.eval.test_max_users, cfg.seed)
+                # with a mix: the served score, and beside it what the towers alone score
                 metrics.update(evaluate_model(model, test, cfg.eval, cfg.data.max_history,
-                                              train_popularity=popularity, prefix="test_", mix=mix, prior=prior))
-                if mix.enabled:  # what the towers alone score, beside the served mix
-                    metrics.update(evaluate_model(model, test, cfg.eval, cfg.data.max_history,
-                                                  train_popularity=popularity, prefix="test_towers_"))
+                                              train_popularity=popularity, prefix="test_", mix=mix, prior=prior,
+                                              towers_prefix="test_towers_"))
                 metrics["data_test_users_scored"] = float(len(test))
             if cfg.export.plots:
                 plot_training_curves(result.history, out_dir / "plots" / "training_curves.png")

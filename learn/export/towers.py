@@ -115,22 +115,16 @@ def export_towers(model: TwinTowers, out_dir: str | Path) -> dict[str, Path]:
         user, item = copy.deepcopy(user).cpu(), copy.deepcopy(item).cpu()  # copies: the model stays put
     seq = Dim("seq", min=1, max=cfg.max_len) if cfg.positions == "learned" else Dim("seq", min=1)
     batch, items = Dim("batch", min=1), Dim("items", min=1)
-    lengths = torch.tensor([3, 1])
-    if with_ids:
-        w = model.id_width
-        user_ep = _export(
-            user,
-            (torch.randn(2, 3, cfg.d_llm), lengths, torch.randn(2, 3, w)),
-            {"history": {0: batch, 1: seq}, "lengths": {0: batch}, "history_ids": {0: batch, 1: seq}},
-        )
-        item_ep = _export(item, (torch.randn(3, cfg.d_llm), torch.randn(3, w)), {"content": {0: items}, "ids": {0: items}})
-    else:
-        user_ep = _export(
-            user,
-            (torch.randn(2, 3, cfg.d_llm), lengths),
-            {"history": {0: batch, 1: seq}, "lengths": {0: batch}},
-        )
-        item_ep = _export(item, (torch.randn(3, cfg.d_llm),), {"content": {0: items}})
+    user_args, user_dims = [torch.randn(2, 3, cfg.d_llm), torch.tensor([3, 1])], {"history": {0: batch, 1: seq},
+                                                                                 "lengths": {0: batch}}
+    item_args, item_dims = [torch.randn(3, cfg.d_llm)], {"content": {0: items}}
+    if with_ids:  # the ID vectors, one more input of each tower
+        user_args.append(torch.randn(2, 3, model.id_width))
+        user_dims["history_ids"] = {0: batch, 1: seq}
+        item_args.append(torch.randn(3, model.id_width))
+        item_dims["ids"] = {0: items}
+    user_ep = _export(user, tuple(user_args), user_dims)
+    item_ep = _export(item, tuple(item_args), item_dims)
 
     paths = {
         "user_tower": out_dir / USER_TOWER,

@@ -126,30 +126,43 @@ def user_embeddings(model: TwinTowers, histories: Sequence[np.ndarray], max_hist
 
 def evaluate_model(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
                    train_popularity: np.ndarray | None = None, prefix: str = "", mix: ScoreMix | None = None,
-                   prior: np.ndarray | None = None) -> dict[str, float]:
+                   prior: np.ndarray | None = None, towers_prefix: str | None = None) -> dict[str, float]:
     """Full-ranking metrics of the towers on ``split``; with an enabled ``mix`` the served score of
-    learn/towers/mix.py (``prior``: learn.towers.mix.popularity_prior of the training split)."""
+    learn/towers/mix.py (``prior``: learn.towers.mix.popularity_prior of the training split), and with
+    ``towers_prefix`` too the towers alone under that prefix (from the same tower vectors)."""
     users = user_embeddings(model, split.histories, max_history)
     items = model.all_item_embeddings()
-    if mix is not None and mix.enabled:
-        users, items = mixed_vectors(model, split, users, items, mix, prior)
-    return evaluate_both_modes(
-        users, items, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
-        chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block, train_popularity=train_popularity,
-        prefix=prefix,
-        popularity_buckets=eval_cfg.popularity_buckets, history_buckets=eval_cfg.history_buckets,
-    )
+
+    def metrics(u: torch.Tensor, i: torch.Tensor, pre: str) -> dict[str, float]:
+        return evaluate_both_modes(
+            u, i, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
+            chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block, train_popularity=train_popularity,
+            prefix=pre, popularity_buckets=eval_cfg.popularity_buckets, history_buckets=eval_cfg.history_buckets,
+        )
+
+    if mix is None or not mix.enabled:
+        return metrics(users, items, prefix)
+    out = metrics(*mixed_vectors(model, split, users, items, mix, prior), prefix)
+    if towers_prefix is not None:
+        out.update(metrics(users, items, towers_prefix))
+    return out
 
 
 def mixed_vectors(model: TwinTowers, split: EvalSplit, users: torch.Tensor, items: torch.Tensor, mix: ScoreMix,
-                  prior: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  prior: np.ndarray | None, served_items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(users, items) of the served score ``mix`` from the towers' vectors of ``split``'s users and
-    of the catalog: the concatenation a bundle serves (learn/towers/mix.py)."""
+    of the catalog: the concatenation a bundle serves (learn/towers/mix.py). ``served_items``: the
+    item side when the caller already has it (it depends on which terms are on, not on the weights)."""
     if mix.popularity_weight > 0 and prior is None:
         raise ValueError("a score mix with a popularity weight needs the training split's prior")
     raw = model.content[1:]  # the raw content vectors, catalog order (row 0 is the pad)
     last = torch.as_tensor(last_items(split.histories), device=raw.device)
-    return mix.users(users, raw[last]), mix.items(items, raw, prior)
+    return mix.users(users, raw[last]), mix.items(items, raw, prior) if served_items is None else served_items
+
+
+def mix_metric_key(key: str, mix: ScoreMix) -> str:
+    """The run's metric of ``mix``'s valid ``key``, e.g. score_mix_valid_ndcg_at_10_c0.05_p0.1."""
+    return f"score_mix_valid_{key}_c{mix.content_weight:g}_p{mix.popularity_weight:g}"
 
 
 def choose_score_mix(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
@@ -161,11 +174,15 @@ def choose_score_mix(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, 
     users = user_embeddings(model, split.histories, max_history)
     items = model.all_item_embeddings()
     best, best_value, table = None, -math.inf, {}
+    item_sides: dict[tuple[bool, bool], torch.Tensor] = {}  # one per combination of terms, not per weight
     for mix in candidates:
-        u, i = mixed_vectors(model, split, users, items, mix, prior) if mix.enabled else (users, items)
+        terms = (mix.content_weight > 0, mix.popularity_weight > 0)
+        u, i = mixed_vectors(model, split, users, items, mix, prior, item_sides.get(terms)) if mix.enabled \
+            else (users, items)
+        item_sides[terms] = i
         value = evaluate_both_modes(u, i, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
                                     chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block)[key]
-        table[f"score_mix_valid_{key}_c{mix.content_weight:g}_p{mix.popularity_weight:g}"] = value
+        table[mix_metric_key(key, mix)] = value
         if value > best_value:
             best, best_value = mix, value
     if best is None:
