@@ -122,6 +122,12 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
      ["model.item_id_embedding=true", *SCORE_MIX]),
     ("lever_item_ids_score_mix_seed1", "served item ID vectors + score mix, seed 1", FREEZE_3,
      ["model.item_id_embedding=true", *SCORE_MIX, "seed=1"]),
+    # issue 14: the full softmax over the items seen in training only, so items no training user has are
+    # never negatives and keep their content score (cold items), on the fourth freeze
+    ("lever_softmax_seen", "lever: full softmax over the items seen in training only (unseen items never negatives)",
+     FREEZE_4, ["train.softmax_items=seen"]),
+    ("lever_softmax_seen_seed1", "full softmax over the seen items, seed 1", FREEZE_4,
+     ["train.softmax_items=seen", "seed=1"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM", FREEZE_1, ["model.item_id_embedding=true", "export.enabled=false"]),
 ]

@@ -483,6 +483,8 @@ def run_target(label: str, uri: str, args, scratch: Path) -> dict[str, Any]:
 
 
 def main() -> int:
+    from learn.config import ServeConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", action="append", required=True, help="name=<tracking uri> (repeatable)")
     p.add_argument("--model", default="learn-retriever")
@@ -496,7 +498,7 @@ def main() -> int:
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--replica-cpus", type=float, default=1.0)
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-s", type=float, default=0.0)
+    p.add_argument("--batch-wait-s", type=float, default=ServeConfig().batch_wait_s, help="serve.batch_wait_s")
     p.add_argument("--poll-s", type=float, default=1.0)
     p.add_argument("--switch-after", type=float, default=15.0, help="seconds before (and after) the alias move")
     p.add_argument("--no-switch", action="store_true", help="leave out the alias switch")

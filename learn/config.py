@@ -181,6 +181,10 @@ class TrainConfig:
     num_negatives: int = 1024
     negative_sampler: Literal["uniform", "popularity", "mixed"] = "mixed"
     logq_correction: bool = True
+    # full_softmax: the items the softmax runs over (catalog: every item | seen: only items that occur in
+    # the training sequences; an item no training user has is then never pushed down as a negative, so
+    # its score comes from its content alone, as a new item's does)
+    softmax_items: Literal["catalog", "seen"] = "catalog"
     # dense_all_action recipe
     n_history: int = 10
     n_targets: int = 10
@@ -269,7 +273,7 @@ class ServeConfig:
     num_replicas: int = 1
     replica_cpus: float = 1.0  # Ray CPUs per replica (also its torch threads, at least 1)
     max_batch_size: int = 32  # concurrent requests scored together (Ray Serve dynamic batching)
-    batch_wait_s: float = 0.0  # wait this long for a batch to fill (0: take what is queued)
+    batch_wait_s: float = 0.003  # wait up to this long for a batch to fill (0: take what is queued; README)
     max_ongoing_requests: int = 64  # per replica; more wait in the proxy
     access_log: bool = False  # Ray Serve's per-request access log (the assignment log records every answer anyway)
 
@@ -401,6 +405,7 @@ _ONLY_UNDER = {
     "train.negative_sampler": ("train.recipe", ("sampled_softmax", "dense_all_action")),
     "train.logq_correction": ("train.recipe", ("sampled_softmax", "dense_all_action")),
     "train.epoch_coverage": ("train.all_positions", True),
+    "train.softmax_items": ("train.recipe", "full_softmax"),
 }
 # dense_all_action with train.all_positions=true (every position a cut) samples no positions or
 # targets and reads no target sequence: these have no effect there

@@ -478,6 +478,7 @@ def test_rayservice_builds_the_serve_application_from_its_args():
     """serveConfigV2 imports learn.serve.app:app_builder with a config that exists and overrides that
     load; the builder accepts them (the application is bound, nothing starts); the proxy's port is
     open on every Ray pod."""
+    from learn.serve import SERVE_RAY_ENV
     from learn.serve import app as serve_app
 
     service = _one("RayService", "rayservice.yaml")
@@ -497,6 +498,9 @@ def test_rayservice_builds_the_serve_application_from_its_args():
     for where, template in pod_templates(service):
         for c in template["spec"]["containers"]:
             assert {"name": "serve", "containerPort": port} in c.get("ports", []), f"{where}: no serve port {port}"
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            # the Serve processes of every pod run in the mode the service was measured in
+            assert {k: env.get(k) for k in SERVE_RAY_ENV} == SERVE_RAY_ENV, f"{where}: Serve's environment"
     with pytest.raises(serve_app.ServeError, match="unknown application args"):
         serve_app.app_builder({**args, "overide": []})
 

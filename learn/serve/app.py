@@ -58,6 +58,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from learn import registry
+from learn.serve import SERVE_RAY_ENV
 from learn.serve.assignments import AssignmentLog
 from learn.serve.retriever import Retriever
 from learn.serve.routing import CHALLENGER, CHAMPION, Router
@@ -69,7 +70,7 @@ APP_NAME = "learn-retriever"
 # Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED, whose direct ingress would move the port): the handler runs
 # on the replica's own event loop instead of a second thread (one hand-over less per request; a
 # batch computes for milliseconds), and request-path log lines are written in batches
-REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}
+REPLICA_ENV = dict(SERVE_RAY_ENV)
 FIELDS = ("user_id", "history", "k", "exclude_history")
 NO_SUCH_ALIAS = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")  # MLflow's error codes for a missing alias
 DEFAULT_K = 10
@@ -104,7 +105,7 @@ class ServeSettings:
     num_replicas: int = 1
     replica_cpus: float = 1.0
     max_batch_size: int = 32
-    batch_wait_s: float = 0.0
+    batch_wait_s: float = 0.003
     max_ongoing_requests: int = 64
     access_log: bool = False
 
@@ -491,6 +492,8 @@ def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, na
             # Ray's own processes binds loopback (README, Network exposure)
             from ray._private import ray_constants
 
+            for key, value in SERVE_RAY_ENV.items():  # Ray's processes inherit this environment
+                os.environ.setdefault(key, value)
             if ray_constants.ENABLE_RAY_CLUSTER:
                 log.warning("starting a local Ray whose internal listeners bind every interface: set "
                             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Python starts to keep them on 127.0.0.1")

@@ -38,6 +38,14 @@ class PairBatch:
 
 
 @dataclass
+class CandidateBatch(PairBatch):
+    """A pair batch whose softmax runs over a subset of the catalog (``train.softmax_items=seen``)."""
+
+    candidates: torch.Tensor  # [C] catalog indices, the softmax's columns (the same tensor every step)
+    target_cols: torch.Tensor  # [P] the column of each target among candidates
+
+
+@dataclass
 class SampledBatch(PairBatch):
     """A pair batch with the step's shared pool of sampled negatives and the logQ terms."""
 

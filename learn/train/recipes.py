@@ -4,7 +4,8 @@ they train. ``train.recipe`` names a row of ``RECIPES``; the no-training floors 
 
 full_softmax      one target per user and epoch, index uniform in [1, L-1] (or every position with
                   ``train.all_positions``); softmax over every catalog item (all items through the
-                  item tower each step: the reference objective, O(catalog) per step)
+                  item tower each step: the reference objective, O(catalog) per step), or over the
+                  items that occur in training only (``train.softmax_items=seen``)
 in_batch          target index uniform in [L//2, L-1] (or every position); softmax over the batch's
                   targets, rows with the same item or of the same user masked
 dense_all_action  each sequence cut into a history and a target part; N_h history positions x N_t
@@ -28,8 +29,8 @@ import torch
 from learn.config import TrainConfig, TrainedRecipe
 from learn.towers.losses import dense_all_action_loss, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
 from learn.towers.model import member_slices
-from learn.train.batches import (DenseBatch, NegativeSampler, PairBatch, SampledBatch, dense_batches, item_popularity,
-                                 pair_batches)
+from learn.train.batches import (CandidateBatch, DenseBatch, NegativeSampler, PairBatch, SampledBatch, dense_batches,
+                                 item_popularity, pair_batches)
 
 Batches = Callable[..., Iterator]
 Loss = Callable[..., torch.Tensor]
@@ -79,6 +80,22 @@ def _pair_batches(first_target: Callable[[int], int]) -> Batches:
     return batches
 
 
+def _full_softmax_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size, num_items):
+    """Pair batches (target index uniform in [1, L-1]); with ``train.softmax_items=seen`` each carries
+    the items that occur in ``train`` as the softmax's columns (every target is one of them)."""
+    batches = _pair_batches(lambda length: 1)(train, cfg, max_history, rng, order_rng, rank, world_size, num_items)
+    if cfg.softmax_items == "catalog":
+        yield from batches
+        return
+    seen = np.flatnonzero(item_popularity(train, num_items) > 0)
+    column = np.full(num_items, -1, dtype=np.int64)
+    column[seen] = np.arange(len(seen))
+    column = torch.from_numpy(column)
+    candidates = torch.from_numpy(seen.astype(np.int64))
+    for batch in batches:
+        yield CandidateBatch(**vars(batch), candidates=candidates, target_cols=column[batch.targets])
+
+
 def _sampled_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size, num_items):
     """Full-softmax pair batches (target index uniform in [1, L-1]), each with its negative pool."""
     popularity = np.bincount(np.concatenate([s for s in train if len(s)]), minlength=num_items)
@@ -102,8 +119,12 @@ def _dense_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, w
 def full_softmax(model, batch: PairBatch, cfg: TrainConfig, rows) -> torch.Tensor:
     user = _user_vectors(model, batch, rows)
     core = _core(model)
-    items = rows(core.item_embedding, torch.arange(core.num_items, device=user.device))
-    return _per_member(model, lambda u, i: full_softmax_loss(u, i, batch.targets, cfg.score_scale), user, items)
+    if isinstance(batch, CandidateBatch):  # the softmax over the batch's candidate items only
+        columns, targets = batch.candidates, batch.target_cols
+    else:
+        columns, targets = torch.arange(core.num_items, device=user.device), batch.targets
+    items = rows(core.item_embedding, columns)
+    return _per_member(model, lambda u, i: full_softmax_loss(u, i, targets, cfg.score_scale), user, items)
 
 
 def sampled_softmax(model, batch: SampledBatch, cfg: TrainConfig, rows) -> torch.Tensor:
@@ -151,7 +172,7 @@ def dense_all_action(model, batch: DenseBatch, cfg: TrainConfig, rows) -> torch.
 
 
 RECIPES: dict[str, Recipe] = {
-    "full_softmax": Recipe(_pair_batches(lambda length: 1), full_softmax),
+    "full_softmax": Recipe(_full_softmax_batches, full_softmax),
     "sampled_softmax": Recipe(_sampled_batches, sampled_softmax),
     "in_batch": Recipe(_pair_batches(lambda length: max(1, length // 2)), in_batch),
     "dense_all_action": Recipe(_dense_batches, dense_all_action),

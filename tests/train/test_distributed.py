@@ -22,6 +22,8 @@ pytestmark = pytest.mark.slow  # real Ray (or spawned DDP processes): tens of se
 CASES = {
     "full_softmax": TrainConfig(recipe="full_softmax", batch_size=17, lr=3e-3),
     "all_positions": TrainConfig(recipe="full_softmax", batch_size=17, lr=3e-3, all_positions=True),
+    "softmax_seen": TrainConfig(recipe="full_softmax", batch_size=17, lr=3e-3, all_positions=True,
+                                softmax_items="seen"),
     "in_batch": TrainConfig(recipe="in_batch", batch_size=17, lr=3e-3),
     "sampled_softmax": TrainConfig(recipe="sampled_softmax", batch_size=17, lr=3e-3, all_positions=True,
                                    num_negatives=24),
