@@ -32,7 +32,9 @@ from learn.utils import atomic_write_text  # noqa: E402
 
 # conf/scientific.yaml was frozen three times on 2026-11-26, each freeze kept as a dated file: one member
 # of two layers (d_out 128), then 2 members of two layers, then 4 members of one layer; and a fourth time on
-# 2026-12-02 (every transition per epoch, the served score mix). Every row names
+# 2026-12-02 (every transition per epoch, the served score mix) and a fifth time on 2026-12-03 (the softmax
+# over the seen items: its rows are lever_softmax_seen and its seed 1, run on FREEZE_4 with the one
+# override conf/scientific/2026-12-03-5-softmax-seen-items.yaml adds to it). Every row names
 # the freeze it ran against, so its command reproduces it as it is.
 FREEZE_1 = "conf/scientific/2026-11-26-1-one-member.yaml"
 FREEZE_2 = "conf/scientific/2026-11-26-2-two-members.yaml"

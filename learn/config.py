@@ -183,7 +183,8 @@ class TrainConfig:
     logq_correction: bool = True
     # full_softmax: the items the softmax runs over (catalog: every item | seen: only items that occur in
     # the training sequences; an item no training user has is then never pushed down as a negative, so
-    # its score comes from its content alone, as a new item's does)
+    # its score comes from its content alone, as a new item's does); sampled_softmax: seen draws the
+    # uniform share of the negatives from the seen items only
     softmax_items: Literal["catalog", "seen"] = "catalog"
     # dense_all_action recipe
     n_history: int = 10
@@ -405,7 +406,7 @@ _ONLY_UNDER = {
     "train.negative_sampler": ("train.recipe", ("sampled_softmax", "dense_all_action")),
     "train.logq_correction": ("train.recipe", ("sampled_softmax", "dense_all_action")),
     "train.epoch_coverage": ("train.all_positions", True),
-    "train.softmax_items": ("train.recipe", "full_softmax"),
+    "train.softmax_items": ("train.recipe", ("full_softmax", "sampled_softmax")),
 }
 # dense_all_action with train.all_positions=true (every position a cut) samples no positions or
 # targets and reads no target sequence: these have no effect there

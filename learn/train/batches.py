@@ -55,16 +55,18 @@ class SampledBatch(PairBatch):
 
 
 class NegativeSampler:
-    """Draws sampled-softmax negatives: ``uniform`` over the catalog, by training ``popularity``
-    (the distribution the batch's targets come from), or their even ``mixed`` mixture. The
-    cumulative table is built once (O(catalog)); a draw of M items costs O(M log catalog)."""
+    """Draws sampled-softmax negatives: ``uniform`` over the catalog (over the items seen in
+    training with ``seen_only``: ``train.softmax_items=seen``), by training ``popularity`` (the
+    distribution the batch's targets come from), or their even ``mixed`` mixture. The cumulative
+    table is built once (O(catalog)); a draw of M items costs O(M log catalog)."""
 
-    def __init__(self, popularity: np.ndarray, kind: str):
+    def __init__(self, popularity: np.ndarray, kind: str, seen_only: bool = False):
         counts = np.asarray(popularity, dtype=np.float64)
         if counts.sum() <= 0:
             raise ValueError("negative sampling needs at least one training interaction")
         self.target_p = counts / counts.sum()
-        uniform = np.full(len(counts), 1.0 / len(counts))
+        support = counts > 0 if seen_only else np.ones(len(counts), dtype=bool)
+        uniform = support / support.sum()
         self.p = {"uniform": uniform, "popularity": self.target_p, "mixed": 0.5 * (uniform + self.target_p)}[kind]
         self.cdf = np.cumsum(self.p)
         self.cdf[-1] = 1.0

@@ -6,7 +6,7 @@ import torch
 
 from learn.config import ConfigError, TrainConfig, load_config
 from learn.towers.losses import full_softmax_loss
-from learn.train.batches import CandidateBatch, PairBatch
+from learn.train.batches import CandidateBatch, NegativeSampler, PairBatch
 from learn.train.recipes import compute_loss, epoch_batches
 from tests.train.test_loop import model_for, synthetic
 
@@ -71,8 +71,23 @@ def test_with_every_item_seen_it_equals_the_catalog_softmax():
     torch.testing.assert_close(compute_loss(model, a, seen_cfg), compute_loss(model, b, catalog_cfg))
 
 
-def test_softmax_items_is_refused_outside_the_full_softmax():
-    with pytest.raises(ConfigError, match=r"train\.softmax_items.*train\.recipe=full_softmax.*in_batch"):
+@pytest.mark.parametrize("kind", ["uniform", "mixed"])
+def test_sampled_softmax_draws_seen_items_only(kind):
+    popularity = np.array([0, 3, 0, 1, 6, 0], dtype=float)
+    sampler = NegativeSampler(popularity, kind, seen_only=True)
+    draws = sampler.draw(100_000, np.random.default_rng(0))
+    assert set(np.unique(draws)) == {1, 3, 4} and np.isclose(sampler.p.sum(), 1.0)
+    assert np.all(sampler.p[[0, 2, 5]] == 0)  # logQ stays the drawing distribution's
+    np.testing.assert_allclose(np.bincount(draws, minlength=6) / len(draws), sampler.p, atol=5e-3)
+    _, content, train, n_seen = _unseen_split()
+    cfg = TrainConfig(recipe="sampled_softmax", batch_size=16, num_negatives=64, softmax_items="seen")
+    for batch in epoch_batches(train, cfg, 10, seed=0, epoch=1, num_items=len(content)):
+        assert batch.negatives.max() < n_seen
+
+
+def test_softmax_items_is_refused_outside_the_full_and_sampled_softmax():
+    with pytest.raises(ConfigError, match=r"train\.softmax_items.*train\.recipe=full_softmax or "
+                                          r"train\.recipe=sampled_softmax.*in_batch"):
         load_config("conf/default.yaml", ["train.recipe=in_batch", "train.softmax_items=seen"])
     with pytest.raises(ConfigError, match="softmax_items"):
         load_config("conf/default.yaml", ["train.softmax_items=some"])
