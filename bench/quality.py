@@ -251,6 +251,13 @@ def markdown(rows: list[dict], labels: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def merge_rows(previous: list[dict], new: list[dict]) -> list[dict]:
+    """``previous`` with each row of ``new`` in place of the row of its name (appended when new)."""
+    fresh = {r["name"]: r for r in new}
+    kept = [fresh.pop(r["name"], r) for r in previous]
+    return kept + [r for r in new if r["name"] in fresh]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="UniSRec-format dataset directory")
@@ -276,14 +283,16 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         rest = [t for t in todo if t not in floors]
         results += list(pool.map(lambda t: run_row(*t, args.data), rest))
+    out = Path(args.json)
+    if wanted and out.is_file():  # --only: the other rows of the file stay as they were
+        results = merge_rows(json.loads(out.read_text())["rows"], results)
     order = [n for n, _, _, _ in ROWS]
-    results.sort(key=lambda r: order.index(r["name"]))
+    results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     peers = json.loads(Path(args.peers).read_text())["rows"] if Path(args.peers).is_file() else []
     labels.update({r["name"]: PEER_LABELS.get(r["name"], r["name"]) for r in peers})
-    out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps({"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                                       "rows": results, "peers": peers}, indent=2))
+                                       "rows": results, "peers": peers}, indent=2) + "\n")
     print(markdown(results + peers, labels))
     print("\ncommands:")
     for r in results + peers:
