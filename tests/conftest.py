@@ -45,10 +45,9 @@ def ray_local():
     # Ray Train's controller polls its workers every 2 s by default: poll faster for tiny runs
     saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    from learn.serve import SERVE_RAY_ENV  # the Serve tests run in the mode flows/serve.py starts Ray in
+    from learn.serve import use_serve_ray_env
 
-    for key, value in SERVE_RAY_ENV.items():
-        os.environ.setdefault(key, value)
+    use_serve_ray_env()  # the Serve tests run in the mode flows/serve.py starts Ray in
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

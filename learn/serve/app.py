@@ -58,7 +58,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from learn import registry
-from learn.serve import SERVE_RAY_ENV
+from learn.serve import SERVE_RAY_ENV, use_serve_ray_env
 from learn.serve.assignments import AssignmentLog
 from learn.serve.retriever import Retriever
 from learn.serve.routing import CHALLENGER, CHAMPION, Router
@@ -66,11 +66,6 @@ from learn.serve.routing import CHALLENGER, CHAMPION, Router
 log = logging.getLogger(__name__)
 
 APP_NAME = "learn-retriever"
-# Ray Serve settings of the replica process (read when it imports Ray Serve; two of the settings of
-# Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED, whose direct ingress would move the port): the handler runs
-# on the replica's own event loop instead of a second thread (one hand-over less per request; a
-# batch computes for milliseconds), and request-path log lines are written in batches
-REPLICA_ENV = dict(SERVE_RAY_ENV)
 FIELDS = ("user_id", "history", "k", "exclude_history")
 NO_SUCH_ALIAS = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")  # MLflow's error codes for a missing alias
 DEFAULT_K = 10
@@ -440,7 +435,7 @@ def build_app(settings: ServeSettings) -> Any:
     """The bound Serve application for ``settings`` (replicas, CPUs, concurrency from it)."""
     deployment = RetrieverDeployment.options(
         num_replicas=settings.num_replicas, max_ongoing_requests=settings.max_ongoing_requests,
-        ray_actor_options={"num_cpus": settings.replica_cpus, "runtime_env": {"env_vars": dict(REPLICA_ENV)}},
+        ray_actor_options={"num_cpus": settings.replica_cpus, "runtime_env": {"env_vars": dict(SERVE_RAY_ENV)}},
         logging_config={"enable_access_log": settings.access_log})
     return deployment.bind(settings)
 
@@ -492,8 +487,7 @@ def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, na
             # Ray's own processes binds loopback (README, Network exposure)
             from ray._private import ray_constants
 
-            for key, value in SERVE_RAY_ENV.items():  # Ray's processes inherit this environment
-                os.environ.setdefault(key, value)
+            use_serve_ray_env()  # Ray's processes inherit this environment
             if ray_constants.ENABLE_RAY_CLUSTER:
                 log.warning("starting a local Ray whose internal listeners bind every interface: set "
                             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Python starts to keep them on 127.0.0.1")

@@ -99,8 +99,8 @@ def _full_softmax_batches(train, cfg: TrainConfig, max_history, rng, order_rng, 
 def _sampled_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size, num_items):
     """Full-softmax pair batches (target index uniform in [1, L-1]), each with its negative pool
     (drawn from the items seen in training only with ``train.softmax_items=seen``)."""
-    popularity = np.bincount(np.concatenate([s for s in train if len(s)]), minlength=num_items)
-    sampler = NegativeSampler(popularity, cfg.negative_sampler, seen_only=cfg.softmax_items == "seen")
+    sampler = NegativeSampler(item_popularity(train, num_items), cfg.negative_sampler,
+                              seen_only=cfg.softmax_items == "seen")
     for batch in _pair_batches(lambda length: 1)(train, cfg, max_history, rng, order_rng, rank, world_size,
                                                  num_items):
         yield sampler.attach(batch, cfg.num_negatives, rng)
