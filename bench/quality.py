@@ -40,6 +40,8 @@ FREEZE_1 = "conf/scientific/2026-11-26-1-one-member.yaml"
 FREEZE_2 = "conf/scientific/2026-11-26-2-two-members.yaml"
 FREEZE_3 = "conf/scientific/2026-11-26-3-four-one-layer-members.yaml"
 FREEZE_4 = "conf/scientific/2026-12-02-4-score-mix-transitions.yaml"
+FREEZE_5 = "conf/scientific/2026-12-03-5-softmax-seen-items.yaml"
+FREEZE_6 = "conf/scientific/2026-12-03-6-cold-floor.yaml"
 LATEST = "conf/scientific.yaml"  # the floors: a baseline ignores the towers' settings
 TPL_PRODUCT = ['data.text_template="Product: {text}"', "embed.store=.cache/learn/content/Scientific-minilm-tpl-product.parquet"]
 SAMPLED = ["train.recipe=sampled_softmax", "train.num_negatives=1024"]
@@ -52,6 +54,7 @@ DENSE_FIXED = ["train.recipe=dense_all_action", "train.all_positions=true", "tra
 # the served score mix (learn/towers/mix.py): candidate weights of the last item's content score and of the
 # popularity prior, every pair scored on valid after training; the towers are the third freeze's, unchanged
 SCORE_MIX = ["score.content_weights=[0,0.05,0.1,0.2,0.3]", "score.popularity_weights=[0,0.02,0.05,0.1]"]
+COLD_CONTENT = "score.cold_content_weights=[0.3,0.6,1,2]"
 
 ROWS: list[tuple[str, str, str, list[str]]] = [
     ("floor_last_minilm", "no training: user = last item, MiniLM", LATEST, ["train.recipe=content_last"]),
@@ -130,6 +133,15 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
      FREEZE_4, ["train.softmax_items=seen"]),
     ("lever_softmax_seen_seed1", "full softmax over the seen items, seed 1", FREEZE_4,
      ["train.softmax_items=seen", "seed=1"]),
+    # issue 14: the content term's weight per item, larger for items unseen in training. The rows in
+    # bench/results/quality.json ran its first form (linear in the prior between the two weights; valid
+    # rejected every cold weight); the code now serves the step form (the cold weight for unseen items only)
+    ("lever_cold_content", "lever: served content weight per item, larger for unseen and tail items, chosen on valid",
+     FREEZE_5, [COLD_CONTENT]),
+    ("lever_cold_content_seed1", "content weight per item, seed 1", FREEZE_5, [COLD_CONTENT, "seed=1"]),
+    ("learn_freeze_6", "sixth freeze: fifth freeze + cold content weight, valid choice kept at the cold floor",
+     FREEZE_6, []),
+    ("learn_freeze_6_seed1", "sixth freeze, seed 1", FREEZE_6, ["seed=1"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM", FREEZE_1, ["model.item_id_embedding=true", "export.enabled=false"]),
 ]
@@ -170,7 +182,8 @@ def row_from_summary(name: str, path: Path, overrides: list[str], data: str, con
 
 
 # a score-mix run also reports what it chose and what the towers alone score on test
-MIX_PREFIXES = ("score_mix_content_weight", "score_mix_popularity_weight", "score_mix_valid_ndcg_at_10",
+MIX_PREFIXES = ("score_mix_content_weight", "score_mix_popularity_weight", "score_mix_cold_content_weight",
+                "score_mix_valid_ndcg_at_10",
                 "test_towers_ndcg_at_10", "test_towers_recall_at_10")
 
 

@@ -146,19 +146,24 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
 
             # score mix: the served score's weights, chosen on the valid users training selected on
             mix, prior = ScoreMix(), popularity_prior(popularity)
-            options = candidates(cfg.score.content_weights, cfg.score.popularity_weights)
+            options = candidates(cfg.score.content_weights, cfg.score.popularity_weights,
+                                 cfg.score.cold_content_weights)
             if len(options) > 1 or options[0].enabled:
                 with timer("score_mix"):
                     key = selection_key(cfg.eval)
                     mix, table = choose_score_mix(
                         model, sample_users(splits.valid, cfg.eval.valid_max_users, cfg.seed), cfg.eval,
-                        cfg.data.max_history, options, prior, key)
+                        cfg.data.max_history, options, prior, key, cold_floor=cfg.score.select == "cold_floor",
+                        train_popularity=popularity)
                 metrics.update(table)
+                cold = mix.content_weight if mix.cold_content_weight is None else mix.cold_content_weight
                 metrics.update({"score_mix_content_weight": mix.content_weight,
                                 "score_mix_popularity_weight": mix.popularity_weight,
+                                "score_mix_cold_content_weight": cold,
                                 f"score_mix_valid_{key}": table[mix_metric_key(key, mix)]})
                 print(f"[score_mix] chosen on valid {key} over {len(options)} candidates: content weight "
-                      f"{mix.content_weight:g}, popularity weight {mix.popularity_weight:g} (valid "
+                      f"{mix.content_weight:g} (unseen items {cold:g}), popularity weight "
+                      f"{mix.popularity_weight:g} (valid "
                       f"{metrics[f'score_mix_valid_{key}']:.4f}; towers alone {metrics['best_valid_' + key]:.4f})",
                       flush=True)
 

@@ -11,7 +11,8 @@ This flow:
    (``tracking.registered_model`` in the store ``tracking.tracking_uri``), the routing share and salt,
    the alias poll period, the assignment log directory and the request limits (``serve.*``);
 2. connects to Ray (``$RAY_ADDRESS``, else a local instance whose listeners stay on 127.0.0.1),
-   starts Ray Serve's HTTP proxy on ``serve.host``:``serve.port`` (127.0.0.1 unless told otherwise)
+   starts Ray Serve's HTTP ingress (HAProxy, learn.serve.SERVE_RAY_ENV) on ``serve.host``:``serve.port``
+   (127.0.0.1 unless told otherwise)
    and deploys the application of learn/serve/app.py: ``models:/<name>@champion`` and, when it
    exists and differs, ``@challenger``, each loaded with ``mlflow.pyfunc.load_model``;
 3. waits for ``/healthz``, prints the URL and the versions served, and keeps serving (aliases read

@@ -245,6 +245,14 @@ class ScoreConfig:
     # training and the best is tested, exported and served; [0.0] and [0.0]: the towers alone
     content_weights: list[float] = field(default_factory=lambda: [0.0])
     popularity_weights: list[float] = field(default_factory=lambda: [0.0])
+    # candidates for the content weight of an item unseen in training (cold items, every new item; seen
+    # items keep content_weight); each (content, popularity) pair is also scored with one weight for every
+    # item. []: one weight for every item
+    cold_content_weights: list[float] = field(default_factory=list)
+    # how valid chooses among the candidates: overall = the best valid NDCG@10; cold_floor = the best among
+    # those whose valid NDCG@10 on the users with a cold target (unseen in training) is at least the
+    # untrained last-item floor's on them (none such, or no cold valid target: as overall)
+    select: Literal["overall", "cold_floor"] = "overall"
 
 
 @dataclass
@@ -559,6 +567,10 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
         if not weights or any(w < 0 for w in weights) or len(set(weights)) != len(weights):
             raise ConfigError(f"key 'score.{key}' must be a non-empty list of distinct weights >= 0 (candidates "
                               f"chosen on valid; [0.0]: off), got {weights}")
+    cold = cfg.score.cold_content_weights
+    if any(w < 0 for w in cold) or len(set(cold)) != len(cold):
+        raise ConfigError(f"key 'score.cold_content_weights' must be a list of distinct weights >= 0 (candidates "
+                          f"chosen on valid; []: every item takes the weight of score.content_weights), got {cold}")
     if not cfg.reembed.alias.strip():
         raise ConfigError("key 'reembed.alias' must be a non-empty alias name")
     for key in ("valid_max_users", "test_max_users"):

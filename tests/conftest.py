@@ -46,8 +46,10 @@ def ray_local():
     saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
     from learn.serve import use_serve_ray_env
+    from learn.serve.loopback import use_free_serve_ports
 
     use_serve_ray_env()  # the Serve tests run in the mode flows/serve.py starts Ray in
+    use_free_serve_ports()  # and leave Ray's fixed ports to what else runs on the machine
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -471,11 +471,12 @@ def write_bundle(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray
 
 
 def _check_prior(mix: ScoreMix, prior: np.ndarray | None, n: int) -> np.ndarray | None:
-    """The priors a mix with a popularity term needs ([n] finite float32 in [0, 1]), None otherwise."""
-    if mix.popularity_weight <= 0:
+    """The priors a mix that stores them needs ([n] finite float32 in [0, 1]), None otherwise."""
+    if not mix.stores_prior:
         return None
     if prior is None:
-        raise ValueError("a score mix with a popularity weight needs the items' prior (learn.towers.mix.popularity_prior)")
+        raise ValueError("a score mix with a popularity weight or a cold content weight needs the items' prior "
+                         "(learn.towers.mix.popularity_prior)")
     arr = np.asarray(prior, dtype=np.float32)
     if arr.shape != (n,) or not np.isfinite(arr).all() or (arr < 0).any() or (arr > 1).any():
         raise ValueError(f"prior must be [{n}] finite values in [0, 1], got shape {arr.shape}")
@@ -710,7 +711,7 @@ class Bundle:
         vectors = _run_item_tower(self.item_tower, arr, ids)
         if not self.mix.enabled:
             return vectors
-        if self.mix.popularity_weight > 0:
+        if self.mix.stores_prior:
             prior = _check_prior(self.mix, np.zeros(len(arr), np.float32) if prior is None else prior, len(arr))
         return self.mix.items(vectors, arr, prior).numpy()
 
@@ -880,10 +881,10 @@ def load_bundle(directory: str | Path) -> Bundle:
                                    None if id_vectors is None else id_vectors[rows])
     except ValueError as exc:  # e.g. a prior column outside [0, 1]
         raise ArtifactError(f"{ITEM_EMBEDDINGS}: {exc}") from None
-    # (with a popularity term the last column is sqrt(1 - prior^2), derived from the prior column and
-    # ill-conditioned near prior 1: the prior column itself is compared)
-    width = embeddings.shape[1] - (1 if mix.popularity_weight > 0 else 0)
-    err = float(np.abs(fresh[:, :width] - embeddings[rows, :width]).max())
+    # (the sqrt(1 - x^2) columns of the mix are derived from the prior column and ill-conditioned near
+    # x = 1: the prior column itself is compared)
+    keep = np.setdiff1d(np.arange(embeddings.shape[1]), mix.derived_columns(embeddings.shape[1]))
+    err = float(np.abs(fresh[:, keep] - embeddings[rows][:, keep]).max())
     if err > SPOT_CHECK_ATOL:
         raise ArtifactError(f"{ITEM_EMBEDDINGS} does not match {ITEM_TOWER} applied to {CONTENT} "
                             f"(max abs difference {err:.3g} on {len(rows)} sampled items)")

@@ -58,14 +58,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from learn import registry
-from learn.serve import SERVE_RAY_ENV, use_serve_ray_env
+from learn.serve import serve_ray_env, use_serve_ray_env
 from learn.serve.assignments import AssignmentLog
+from learn.serve.loopback import use_free_serve_ports
 from learn.serve.retriever import Retriever
 from learn.serve.routing import CHALLENGER, CHAMPION, Router
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "learn-retriever"
+# the local Ray's workers (the Serve controller and its HAProxy manager among them) keep HAProxy's
+# metrics and stats listeners on 127.0.0.1 (learn/serve/loopback.py)
+LOOPBACK_RUNTIME_ENV = {"worker_process_setup_hook": "learn.serve.loopback.keep_haproxy_on_loopback"}
 FIELDS = ("user_id", "history", "k", "exclude_history")
 NO_SUCH_ALIAS = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")  # MLflow's error codes for a missing alias
 DEFAULT_K = 10
@@ -389,9 +393,14 @@ class RetrieverDeployment:
     """HTTP ingress: /recommend and /healthz over one RetrievalService per replica."""
 
     def __init__(self, settings: ServeSettings) -> None:
+        import faiss
         import torch
 
-        torch.set_num_threads(max(1, int(settings.replica_cpus)))
+        # the replica's compute threads: its CPUs, for torch and for faiss alike (faiss's OpenMP default is
+        # every core of the node, whose idle threads spin after each search on cores the proxy needs)
+        threads = max(1, int(settings.replica_cpus))
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
         _keep_replica_grpc_on_loopback()
         self.settings = settings
         self.service = RetrievalService(settings)
@@ -435,7 +444,7 @@ def build_app(settings: ServeSettings) -> Any:
     """The bound Serve application for ``settings`` (replicas, CPUs, concurrency from it)."""
     deployment = RetrieverDeployment.options(
         num_replicas=settings.num_replicas, max_ongoing_requests=settings.max_ongoing_requests,
-        ray_actor_options={"num_cpus": settings.replica_cpus, "runtime_env": {"env_vars": dict(SERVE_RAY_ENV)}},
+        ray_actor_options={"num_cpus": settings.replica_cpus, "runtime_env": {"env_vars": serve_ray_env()}},
         logging_config={"enable_access_log": settings.access_log})
     return deployment.bind(settings)
 
@@ -473,7 +482,7 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> dict[str, Any]:
 
 def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
           timeout_s: float = 180.0) -> str:
-    """Start Serve's HTTP proxy on host:port (on the connected Ray; a local one is started when
+    """Start Serve's HTTP ingress on host:port (on the connected Ray; a local one is started when
     none is) and deploy the application; returns its URL once /healthz answers. A Serve instance
     already running with other HTTP options keeps them: the URL check then fails with a message."""
     import ray
@@ -488,10 +497,11 @@ def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, na
             from ray._private import ray_constants
 
             use_serve_ray_env()  # Ray's processes inherit this environment
+            use_free_serve_ports()  # not Ray's fixed defaults: two local services can coexist
             if ray_constants.ENABLE_RAY_CLUSTER:
                 log.warning("starting a local Ray whose internal listeners bind every interface: set "
                             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Python starts to keep them on 127.0.0.1")
-            ray.init(_node_ip_address="127.0.0.1", log_to_driver=False)
+            ray.init(_node_ip_address="127.0.0.1", log_to_driver=False, runtime_env=LOOPBACK_RUNTIME_ENV)
     serve.start(http_options={"host": host, "port": port},
                 logging_config={"enable_access_log": settings.access_log})  # the proxy's access log
     serve.run(build_app(settings), name=name, route_prefix="/", blocking=False)

@@ -2,28 +2,36 @@
 items they never saw as positives (``score.*`` in the config):
 
     score(user, item) = cos(user tower, item tower)
-                        + content_weight    x cos(raw content of the user's last item, raw content of item)
+                        + w(item)           x cos(raw content of the user's last item, raw content of item)
                         + popularity_weight x prior(item)
+    w(item)           = cold_content_weight for an item unseen in training (prior 0), content_weight otherwise
 
 ``prior(item) = log(1 + training interactions of item) / log(1 + the most popular item's)``, in
 [0, 1]; an item unseen in training (a cold item, any new item) has prior 0. The content term is the
 untrained last-item floor (``train.recipe=content_last``): it ranks a cold item by what it is, where
-full-softmax training has pushed every never-positive item down.
+full-softmax training has pushed every never-positive item down. Its weight is ``content_weight``
+for items seen in training and ``cold_content_weight`` for unseen ones, cold items and every new
+item (None, the default: ``content_weight`` for every item), so the content term can count more for
+the items the towers know nothing about without changing how seen items rank among themselves.
 
-Both terms are one inner product over concatenated vectors, so one faiss index (which holds unit
-vectors: scores are cosines) serves the mix:
+Every term is one inner product over concatenated vectors, so one faiss index (which holds unit
+vectors: scores are cosines) serves the mix. With W = max(content_weight, cold_content_weight) and
+a(item) = w(item) / W in [0, 1]:
 
-    item side  [item tower (d_out) | l2-normalised raw content (d_llm) | prior, sqrt(1 - prior^2)] / sqrt(parts)
-    user side  [user tower (d_out) | content_weight x l2-normalised raw content of the last item | popularity_weight, 0]
+    item side  [item tower (d_out) | a x l2-normalised raw content (d_llm), sqrt(1 - a^2) | prior, sqrt(1 - prior^2)] / sqrt(parts)
+    user side  [user tower (d_out) | W x l2-normalised raw content of the last item, 0 | popularity_weight, 0]
                then l2-normalised
 
-``parts`` counts the unit-norm blocks (the towers', the content's, the prior's pair), so every item
-vector has norm 1 and the inner product is the score above divided by a per-user constant: the same
-ranking. A term whose weight is 0 is left out of both sides (no mix at all: the towers' vectors
-unchanged).
-The weights sit on the user side only, so the item side of a bundle depends on the towers, the
-content and the priors alone. Several candidate weights are chosen on valid after training
-(``learn.train.loop.choose_score_mix``), never on test.
+The ``sqrt(1 - a^2)`` column is there only when the weight varies (a = 1 otherwise); the prior pair
+is there with a popularity term or a varying weight (which needs each item's prior: it is stored in
+the served vectors either way, and read back by :meth:`ScoreMix.prior_of`). ``parts`` counts the
+unit-norm blocks (the towers', the content's, the prior's pair), so every item vector has norm 1 and
+the inner product is the score above divided by a per-user constant: the same ranking. A term whose
+weight is 0 is left out of both sides (no mix at all: the towers' vectors unchanged).
+The user side carries W and the popularity weight; the item side depends on the towers, the
+content, the priors and, when the content weight varies, the ratio of the two content weights.
+Several candidate weights are chosen on valid after training (``learn.train.loop.choose_score_mix``),
+never on test.
 """
 
 from __future__ import annotations
@@ -40,41 +48,93 @@ import torch.nn.functional as F
 class ScoreMix:
     content_weight: float = 0.0
     popularity_weight: float = 0.0
+    cold_content_weight: float | None = None  # w of an item unseen in training (prior 0); None: content_weight
 
     def __post_init__(self) -> None:
-        for key in ("content_weight", "popularity_weight"):
+        for key in ("content_weight", "popularity_weight", "cold_content_weight"):
             value = getattr(self, key)
+            if value is None and key == "cold_content_weight":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
                 raise ValueError(f"score mix {key} must be a finite number >= 0, got {value!r}")
+        if self.cold_content_weight is not None and float(self.cold_content_weight) == float(self.content_weight):
+            object.__setattr__(self, "cold_content_weight", None)  # one weight for every item: one form
+
+    @property
+    def varies(self) -> bool:
+        """Whether the content weight differs between seen and unseen (cold) items."""
+        return self.cold_content_weight is not None
+
+    @property
+    def top_content_weight(self) -> float:
+        """W: the largest content weight of any item (the user side's content factor)."""
+        return max(self.content_weight, self.cold_content_weight or 0.0)
+
+    @property
+    def has_content(self) -> bool:
+        return self.top_content_weight > 0
+
+    @property
+    def stores_prior(self) -> bool:
+        """Whether the served item vectors hold each item's prior (a popularity term or a varying weight)."""
+        return self.popularity_weight > 0 or self.varies
 
     @property
     def enabled(self) -> bool:
-        return self.content_weight > 0 or self.popularity_weight > 0
+        return self.has_content or self.popularity_weight > 0
 
     def extra_dims(self, d_llm: int) -> int:
         """How many dimensions the mix appends to the towers' vectors."""
-        return (d_llm if self.content_weight > 0 else 0) + (2 if self.popularity_weight > 0 else 0)
+        return (d_llm + self.varies if self.has_content else 0) + (2 if self.stores_prior else 0)
 
     @property
     def parts(self) -> int:
-        return 1 + (self.content_weight > 0) + (self.popularity_weight > 0)
+        return 1 + self.has_content + self.stores_prior
+
+    def derived_columns(self, width: int) -> list[int]:
+        """Columns of served item vectors [M, width] that are sqrt(1 - x^2) of another column's value."""
+        cols = []
+        if self.has_content and self.varies:
+            cols.append(width - 1 - (2 if self.stores_prior else 0))
+        if self.stores_prior:
+            cols.append(width - 1)
+        return cols
+
+    def item_side_key(self) -> tuple:
+        """Mixes with equal keys have equal item sides (for caching them across candidates)."""
+        ratios = None if not self.varies else (self.content_weight / self.top_content_weight,
+                                                self.cold_content_weight / self.top_content_weight)
+        return self.has_content, self.stores_prior, ratios
+
+    def content_factor(self, prior: Any) -> torch.Tensor:
+        """a(item) = w(item) / W in [0, 1] for priors [M] (only for a varying weight): an unseen item
+        has prior exactly 0 (seen ones at least log 2 / log(1 + the top count))."""
+        top = self.top_content_weight
+        cold = _f32(prior) <= 0
+        w = torch.where(cold, float(self.cold_content_weight), float(self.content_weight))
+        return (w / top).clamp(0, 1)
 
     def prior_of(self, items: np.ndarray) -> np.ndarray | None:
-        """The priors held in served item vectors [M, width] (None without a popularity term)."""
-        if self.popularity_weight <= 0:
+        """The priors held in served item vectors [M, width] (None when the mix stores none)."""
+        if not self.stores_prior:
             return None
         return np.clip(np.asarray(items)[:, -2] * np.float32(np.sqrt(self.parts)), 0.0, 1.0).astype(np.float32)
 
     def to_json(self) -> dict[str, float]:
-        return {"content_weight": float(self.content_weight), "popularity_weight": float(self.popularity_weight)}
+        out = {"content_weight": float(self.content_weight), "popularity_weight": float(self.popularity_weight)}
+        if self.varies:
+            out["cold_content_weight"] = float(self.cold_content_weight)
+        return out
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> "ScoreMix":
         """The mix of a manifest's ``score_mix`` entry (None or absent: no mix); ValueError naming ``where``."""
         if data is None:
             return cls()
-        if not isinstance(data, dict) or set(data) != {"content_weight", "popularity_weight"}:
-            raise ValueError(f"{where}: score_mix must be {{'content_weight': w, 'popularity_weight': w}}, got {data!r}")
+        required = {"content_weight", "popularity_weight"}
+        if not isinstance(data, dict) or not required <= set(data) <= required | {"cold_content_weight"}:
+            raise ValueError(f"{where}: score_mix must be {{'content_weight': w, 'popularity_weight': w"
+                             f"[, 'cold_content_weight': w]}}, got {data!r}")
         try:
             return cls(**data)
         except ValueError as exc:
@@ -82,17 +142,25 @@ class ScoreMix:
 
     def items(self, tower: Any, content: Any, prior: Any) -> torch.Tensor:
         """Served item vectors [M, d_out + extra] from item-tower outputs [M, d_out], raw content
-        [M, d_llm] and priors [M] (float32)."""
+        [M, d_llm] and priors [M] (float32; needed when :attr:`stores_prior`)."""
         tower = _f32(tower)
         if not self.enabled:
             return tower
-        parts = [tower]
-        if self.content_weight > 0:
-            parts.append(F.normalize(_f32(content), dim=-1))
-        if self.popularity_weight > 0:
+        if self.stores_prior:
+            if prior is None:
+                raise ValueError("this score mix needs the items' prior (learn.towers.mix.popularity_prior)")
             prior = _f32(prior).reshape(-1, 1)
             if len(prior) != len(tower):
                 raise ValueError(f"{len(prior)} priors for {len(tower)} items")
+        parts = [tower]
+        if self.has_content:
+            unit = F.normalize(_f32(content), dim=-1)
+            if self.varies:
+                a = self.content_factor(prior[:, 0]).reshape(-1, 1)
+                parts += [a * unit, (1 - a.square()).clamp_min(0).sqrt()]
+            else:
+                parts.append(unit)
+        if self.stores_prior:
             parts += [prior, (1 - prior.square()).clamp_min(0).sqrt()]
         return torch.cat(parts, 1) / float(np.sqrt(self.parts))
 
@@ -103,9 +171,11 @@ class ScoreMix:
         if not self.enabled:
             return tower
         parts = [tower]
-        if self.content_weight > 0:
-            parts.append(self.content_weight * F.normalize(_f32(last_content), dim=-1))
-        if self.popularity_weight > 0:
+        if self.has_content:
+            parts.append(self.top_content_weight * F.normalize(_f32(last_content), dim=-1))
+            if self.varies:
+                parts.append(torch.zeros(len(tower), 1))
+        if self.stores_prior:
             parts += [torch.full((len(tower), 1), float(self.popularity_weight)), torch.zeros(len(tower), 1)]
         return F.normalize(torch.cat(parts, 1), dim=-1)
 
@@ -126,12 +196,16 @@ def popularity_prior(train_popularity: np.ndarray) -> np.ndarray:
     return (np.log1p(counts) / top).astype(np.float32)
 
 
-def candidates(content_weights: list[float], popularity_weights: list[float]) -> list[ScoreMix]:
-    """Every pair of candidate weights, the unmixed towers (0, 0) first when they are a candidate
-    (ties on valid go to the earlier candidate: the simpler score)."""
-    pairs = sorted({(float(c), float(p)) for c in content_weights for p in popularity_weights},
-                   key=lambda cp: (cp != (0.0, 0.0), cp))
-    return [ScoreMix(c, p) for c, p in pairs]
+def candidates(content_weights: list[float], popularity_weights: list[float],
+               cold_content_weights: list[float] | None = None) -> list[ScoreMix]:
+    """Every combination of candidate weights: each (content, popularity) pair with one content
+    weight for every item, and with each of ``cold_content_weights`` for unseen items. The unmixed
+    towers (0, 0) come first when they are a candidate, then the one-weight mixes, then the varying
+    ones (ties on valid go to the earlier candidate: the simpler score)."""
+    mixes = {ScoreMix(float(c), float(p), None if cold is None else float(cold))
+             for c in content_weights for p in popularity_weights for cold in [None, *(cold_content_weights or [])]}
+    return sorted(mixes, key=lambda m: (m.enabled, m.varies, m.content_weight, m.popularity_weight,
+                                        m.cold_content_weight or 0.0))
 
 
 def last_items(histories: Any) -> np.ndarray:

@@ -152,39 +152,75 @@ def mixed_vectors(model: TwinTowers, split: EvalSplit, users: torch.Tensor, item
                   prior: np.ndarray | None, served_items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(users, items) of the served score ``mix`` from the towers' vectors of ``split``'s users and
     of the catalog: the concatenation a bundle serves (learn/towers/mix.py). ``served_items``: the
-    item side when the caller already has it (it depends on which terms are on, not on the weights)."""
-    if mix.popularity_weight > 0 and prior is None:
-        raise ValueError("a score mix with a popularity weight needs the training split's prior")
+    item side when the caller already has it (the same for mixes of one ``ScoreMix.item_side_key``)."""
+    if mix.stores_prior and prior is None:
+        raise ValueError("a score mix with a popularity weight or a cold content weight needs the training "
+                         "split's prior")
     raw = model.content[1:]  # the raw content vectors, catalog order (row 0 is the pad)
     last = torch.as_tensor(last_items(split.histories), device=raw.device)
     return mix.users(users, raw[last]), mix.items(items, raw, prior) if served_items is None else served_items
 
 
 def mix_metric_key(key: str, mix: ScoreMix) -> str:
-    """The run's metric of ``mix``'s valid ``key``, e.g. score_mix_valid_ndcg_at_10_c0.05_p0.1."""
-    return f"score_mix_valid_{key}_c{mix.content_weight:g}_p{mix.popularity_weight:g}"
+    """The run's metric of ``mix``'s valid ``key``, e.g. score_mix_valid_ndcg_at_10_c0.05_p0.1 (and
+    ..._c0.05_p0.1_cold0.5 with a cold content weight)."""
+    cold = f"_cold{mix.cold_content_weight:g}" if mix.varies else ""
+    return f"score_mix_valid_{key}_c{mix.content_weight:g}_p{mix.popularity_weight:g}{cold}"
 
 
 def choose_score_mix(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
                      candidates: list[ScoreMix], prior: np.ndarray,
-                     key: str = "ndcg_at_10") -> tuple[ScoreMix, dict[str, float]]:
+                     key: str = "ndcg_at_10", cold_floor: bool = False,
+                     train_popularity: np.ndarray | None = None) -> tuple[ScoreMix, dict[str, float]]:
     """The candidate with the best valid ``key`` on ``split`` (ties: the earlier candidate), and every
     candidate's value as ``score_mix_valid_{key}_c{content}_p{popularity}``. The towers' vectors are
-    computed once; each candidate is one full ranking of ``split``."""
+    computed once; each candidate is one full ranking of ``split``.
+
+    ``cold_floor`` (``score.select=cold_floor``; needs ``train_popularity``): the best among the
+    candidates whose ``key`` on the valid users with a cold target (unseen in training) is at least
+    the untrained last-item floor's on the same users (``score_mix_valid_{key}_pop_cold_floor``;
+    each candidate's as ``..._pop_cold_c...``); when none is, or no valid target is cold, the best
+    overall as without it."""
     users = user_embeddings(model, split.histories, max_history)
     items = model.all_item_embeddings()
-    best, best_value, table = None, -math.inf, {}
-    item_sides: dict[tuple[bool, bool], torch.Tensor] = {}  # one per combination of terms, not per weight
+    table: dict[str, float] = {}
+    floor = None
+    segments = {}
+    if cold_floor:
+        if train_popularity is None:
+            raise ValueError("score.select=cold_floor needs the training split's item popularity")
+        from learn.evaluate.baselines import content_item_vectors, content_user_vectors
+
+        raw = model.content[1:].cpu().numpy()
+        segments = dict(train_popularity=train_popularity, segment_k=int(key.rsplit("_", 1)[1]),
+                        popularity_buckets=eval_cfg.popularity_buckets, history_buckets=[])
+        floor = evaluate_both_modes(content_user_vectors(raw, split, "content_last", max_history),
+                                    content_item_vectors(raw), split, ks=eval_cfg.ks,
+                                    exclude_history=eval_cfg.exclude_history, chunk_size=eval_cfg.chunk_size,
+                                    item_block=eval_cfg.item_block, **segments).get(f"{key}_pop_cold")
+        if floor is not None:
+            table[f"score_mix_valid_{key}_pop_cold_floor"] = floor
+    best, best_value, best_ok, best_ok_value = None, -math.inf, None, -math.inf
+    item_sides: dict[tuple, torch.Tensor] = {}  # one per item side (ScoreMix.item_side_key), not per weight
     for mix in candidates:
-        terms = (mix.content_weight > 0, mix.popularity_weight > 0)
-        u, i = mixed_vectors(model, split, users, items, mix, prior, item_sides.get(terms)) if mix.enabled \
+        side = mix.item_side_key()
+        u, i = mixed_vectors(model, split, users, items, mix, prior, item_sides.get(side)) if mix.enabled \
             else (users, items)
-        item_sides[terms] = i
-        value = evaluate_both_modes(u, i, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
-                                    chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block)[key]
+        item_sides[side] = i
+        got = evaluate_both_modes(u, i, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
+                                  chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block,
+                                  **(segments if floor is not None else {}))
+        value = got[key]
         table[mix_metric_key(key, mix)] = value
         if value > best_value:
             best, best_value = mix, value
+        if floor is not None:
+            cold = got[f"{key}_pop_cold"]
+            table[mix_metric_key(f"{key}_pop_cold", mix)] = cold
+            if cold >= floor and value > best_ok_value:
+                best_ok, best_ok_value = mix, value
+    if best_ok is not None:
+        best = best_ok
     if best is None:
         raise ValueError("no score mix candidates")
     return best, table

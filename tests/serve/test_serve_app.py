@@ -29,7 +29,7 @@ from learn.serve.app import BadRequest, ServeSettings, parse_request
 from learn.serve.assignments import read_assignments
 from learn.serve.routing import Router
 from learn.towers.model import TowerConfig, TwinTowers
-from tests.servers import assert_loopback_only, free_ports, stop_process_group, wait_for_http
+from tests.servers import assert_loopback_only, free_ports, listening_sockets, stop_process_group, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -159,6 +159,35 @@ def test_serve_config_names_the_bad_key(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "conf/tiny.yaml", [override])
+
+
+def test_replicas_get_the_serve_environment_this_process_runs_with(monkeypatch):
+    from learn.serve import SERVE_RAY_ENV, serve_ray_env, use_serve_ray_env
+
+    for key in SERVE_RAY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert serve_ray_env() == SERVE_RAY_ENV and SERVE_RAY_ENV["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # an operator's choice stays, replicas included
+    use_serve_ray_env()
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and serve_ray_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+
+
+def test_haproxy_listeners_are_rebound_to_loopback():
+    """The installed Ray's HAProxy template has the two all-interface listeners the setup hook moves
+    to 127.0.0.1, and nothing else of it binds every interface afterwards."""
+    import re
+
+    from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
+
+    from learn.serve.loopback import loopback_template
+
+    patched = loopback_template(HAPROXY_CONFIG_TEMPLATE)
+    binds = [b.strip() for b in re.findall(r"^\s*bind (.+)$", patched, flags=re.M)]
+    assert "127.0.0.1:{{ config.metrics_port }}" in binds and "127.0.0.1:{{ config.stats_port }}" in binds
+    assert not [b for b in binds if b.startswith((":", "*"))], binds  # the frontends take serve.host
+    with pytest.raises(ValueError, match="template"):
+        loopback_template("global\n  bind :9999\n")
 
 
 def test_settings_come_from_the_config(tmp_path):
@@ -365,6 +394,8 @@ def test_the_flow_serves_on_loopback_only_and_stops_cleanly(world, tmp_path):
         status, body, _ = post(url, {"user_id": "flow-user", "history": [IDS[1], IDS[2]]})
         assert status == 200 and body["model_version"] in ("1", "2"), body
         assert_loopback_only([proc.pid], {port})
+        # the port clients address is HAProxy's (learn.serve.SERVE_RAY_ENV), not a Python proxy's
+        assert {name for name, _, _, p in listening_sockets([proc.pid]) if p == port} == {"haproxy"}
         proc.send_signal(signal.SIGTERM)  # the flow alone: it stops Serve and its Ray itself
         assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
     finally:

@@ -24,11 +24,15 @@ HISTORIES = [np.array([3, 7, 9]), np.array([11]), np.array([0, 4, 18, 22, 5]), n
 def formula(tower_u, tower_i, last_content, content, prior, mix):
     """The served score, written out term by term."""
     cos = lambda a, b: F.normalize(torch.as_tensor(a).float(), dim=-1) @ F.normalize(torch.as_tensor(b).float(), dim=-1).T
-    return (torch.as_tensor(tower_u) @ torch.as_tensor(tower_i).T + mix.content_weight * cos(last_content, content)
-            + mix.popularity_weight * torch.as_tensor(prior)[None, :])
+    prior = torch.as_tensor(prior)[None, :]
+    cold = mix.content_weight if mix.cold_content_weight is None else mix.cold_content_weight
+    weight = torch.where(prior == 0, cold, mix.content_weight)  # per item: unseen items get `cold`
+    return (torch.as_tensor(tower_u) @ torch.as_tensor(tower_i).T + weight * cos(last_content, content)
+            + mix.popularity_weight * prior)
 
 
-@pytest.mark.parametrize("mix", [ScoreMix(0.3, 0.0), ScoreMix(0.0, 0.2), ScoreMix(0.15, 0.05)])
+@pytest.mark.parametrize("mix", [ScoreMix(0.3, 0.0), ScoreMix(0.0, 0.2), ScoreMix(0.15, 0.05),
+                                 ScoreMix(0.1, 0.0, 0.6), ScoreMix(0.4, 0.05, 0.0), ScoreMix(0.0, 0.0, 0.5)])
 def test_concatenated_vectors_rank_as_the_formula(mix):
     g = torch.Generator().manual_seed(0)
     u = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
@@ -45,7 +49,7 @@ def test_concatenated_vectors_rank_as_the_formula(mix):
     factor = served / expected
     torch.testing.assert_close(factor, factor[:, :1].expand_as(factor), rtol=1e-4, atol=1e-6)
     assert (factor > 0).all()
-    if mix.popularity_weight > 0:
+    if mix.stores_prior:  # a popularity term or a varying content weight
         np.testing.assert_allclose(mix.prior_of(items.numpy()), prior, atol=1e-6)
     else:
         assert mix.prior_of(items.numpy()) is None
@@ -59,6 +63,14 @@ def test_no_mix_leaves_the_towers_vectors_and_bad_weights_are_refused():
             ScoreMix(bad, 0.0)
     with pytest.raises(ValueError, match="score_mix"):
         ScoreMix.from_json({"content_weight": 0.1}, "manifest.json")
+    with pytest.raises(ValueError, match="cold_content_weight"):
+        ScoreMix(0.1, 0.0, -1.0)
+    # one weight for every item has one form: manifests written before the cold weight read the same
+    assert ScoreMix(0.2, 0.1, 0.2) == ScoreMix(0.2, 0.1) and not ScoreMix(0.2, 0.1, 0.2).varies
+    assert ScoreMix(0.2, 0.1).to_json() == {"content_weight": 0.2, "popularity_weight": 0.1}
+    varying = ScoreMix(0.2, 0.0, 0.7)
+    assert ScoreMix.from_json(varying.to_json(), "m") == varying and varying.to_json()["cold_content_weight"] == 0.7
+    assert varying.extra_dims(5) == 5 + 1 + 2 and varying.parts == 3  # the pad column and the stored prior pair
 
 
 def test_prior_candidates_and_last_items():
@@ -69,6 +81,10 @@ def test_prior_candidates_and_last_items():
         popularity_prior(np.array([1, -1]))
     mixes = candidates([0.2, 0.0], [0.0, 0.1])
     assert mixes[0] == ScoreMix() and len(mixes) == 4  # the towers alone come first: they win ties
+    cold = candidates([0.2, 0.0], [0.0], [0.2, 1.0])
+    # each pair with one weight for every item (0.2 for cold items too is that same mix), then with 1.0 for cold items
+    assert cold == [ScoreMix(), ScoreMix(0.2, 0.0), ScoreMix(0.0, 0.0, 0.2), ScoreMix(0.0, 0.0, 1.0),
+                    ScoreMix(0.2, 0.0, 1.0)]
     assert last_items(EvalSplit(np.arange(4), HISTORIES, np.zeros(4, int)).histories).tolist() == [9, 11, 5, 41]
 
 
@@ -98,11 +114,65 @@ def test_evaluation_scores_the_formula_and_choice_is_on_valid():
     assert mixed["t_ndcg_at_10"] == pytest.approx(table["score_mix_valid_ndcg_at_10_c5_p0"])
 
 
-@pytest.fixture(scope="module")
-def mixed_bundle(tmp_path_factory):
+def test_a_cold_content_weight_wins_on_valid_when_targets_are_unseen_items():
+    model, content = make_model(0)
+    rng = np.random.default_rng(1)
+    unseen = rng.choice(N_ITEMS, N_ITEMS // 4, replace=False)
+    counts = rng.integers(1, 50, N_ITEMS)
+    counts[unseen] = 0
+    prior = popularity_prior(counts)
+    # each user's target: the unseen item whose content is nearest the last item's
+    cos = F.normalize(torch.as_tensor(content), dim=-1)
+    nearest = cos[[9, 11, 5, 41]] @ cos[unseen].T
+    ev = split(unseen[nearest.argmax(1).numpy()].tolist())
+    eval_cfg = EvalConfig(ks=[10])
+    options = candidates([0.0, 0.5], [0.0], [5.0])
+    chosen, table = choose_score_mix(model, ev, eval_cfg, 12, options, prior)
+    assert chosen == ScoreMix(0.0, 0.0, 5.0)
+    assert table["score_mix_valid_ndcg_at_10_c0_p0_cold5"] > max(table["score_mix_valid_ndcg_at_10_c0_p0"],
+                                                                 table["score_mix_valid_ndcg_at_10_c0.5_p0"])
+    # the boost reaches the unseen items alone: the formula, item by item
+    u, i = mixed_vectors(model, ev, user_embeddings(model, ev.histories, 12), model.all_item_embeddings(), chosen, prior)
+    expected = formula(user_embeddings(model, ev.histories, 12), model.all_item_embeddings(), content[[9, 11, 5, 41]],
+                       content, prior, chosen)
+    assert torch.equal((u @ i.T).argsort(1, descending=True)[:, :10], expected.argsort(1, descending=True)[:, :10])
+
+
+def test_cold_floor_selection_keeps_cold_targets_at_the_content_floor():
+    """score.select=cold_floor: overall valid prefers the towers alone (three users whose targets
+    the towers rank first), but the user with a cold target ranks worse than under the last-item
+    floor there, so the boosted candidate, the best of those that reach the floor on cold, is chosen."""
+    model, content = make_model(0)
+    users = user_embeddings(model, split().histories, 12)
+    scores = users @ model.all_item_embeddings().T
+    cos = F.normalize(torch.as_tensor(content), dim=-1)
+    cold_items = np.array([i for i in range(N_ITEMS) if i not in (3, 7, 9, 11, 0, 4, 18, 22, 5, 40, 41)])[:10]
+    top = [int(scores[u].argmax()) for u in range(3)]
+    cold_items = np.setdiff1d(cold_items, top)
+    counts = np.full(N_ITEMS, 5)
+    counts[cold_items] = 0
+    prior = popularity_prior(counts)
+    cold_target = int(cold_items[int((cos[41] @ cos[cold_items].T).argmax())])  # user 3's last item is 41
+    ev = split(top + [cold_target])
+    towers_rank = int((scores[3] > scores[3, cold_target]).sum())
+    assert towers_rank > 1, "precondition: the towers alone rank the cold target below the floor's rank 1"
+    eval_cfg = EvalConfig(ks=[10])
+    options = candidates([0.0], [0.0], [5.0])
+    chosen, _ = choose_score_mix(model, ev, eval_cfg, 12, options, prior)
+    assert chosen == ScoreMix()  # overall: three users at rank 0 beat one
+    chosen, table = choose_score_mix(model, ev, eval_cfg, 12, options, prior, cold_floor=True, train_popularity=counts)
+    assert chosen == ScoreMix(0.0, 0.0, 5.0)
+    floor = table["score_mix_valid_ndcg_at_10_pop_cold_floor"]
+    assert table["score_mix_valid_ndcg_at_10_pop_cold_c0_p0_cold5"] >= floor > table["score_mix_valid_ndcg_at_10_pop_cold_c0_p0"]
+    with pytest.raises(ValueError, match="popularity"):
+        choose_score_mix(model, ev, eval_cfg, 12, options, prior, cold_floor=True)
+
+
+@pytest.fixture(scope="module", params=[ScoreMix(0.25, 0.1), ScoreMix(0.1, 0.0, 0.8)], ids=["one-weight", "cold-weight"])
+def mixed_bundle(tmp_path_factory, request):
     model, content = make_model(0)
     prior = popularity_prior(np.arange(N_ITEMS) % 5)  # every fifth item unseen (prior 0)
-    mix = ScoreMix(0.25, 0.1)
+    mix = request.param
     summary = write_bundle(model, IDS, content, tmp_path_factory.mktemp("mix") / "b", info(), mix=mix, prior=prior)
     return model, content, prior, mix, summary
 
@@ -111,7 +181,7 @@ def test_bundle_serves_what_evaluation_scored(mixed_bundle):
     model, content, prior, mix, summary = mixed_bundle
     bundle = load_bundle(summary.directory)
     assert bundle.mix == mix and summary.manifest["info"]["score_mix"] == mix.to_json()
-    assert bundle.d_out == summary.d_out == model.cfg.d_out + D_LLM + 2
+    assert bundle.d_out == summary.d_out == model.cfg.d_out + mix.extra_dims(D_LLM)
     np.testing.assert_allclose(bundle.priors, prior, atol=1e-6)
     ev = split()
     u, i = mixed_vectors(model, ev, user_embeddings(model, ev.histories, 12), model.all_item_embeddings(), mix, prior)
@@ -150,7 +220,12 @@ def test_tampered_mix_in_the_manifest_is_refused(mixed_bundle, tmp_path):
 def test_config_checks(tmp_path):
     cfg = load_config("conf/tiny.yaml", ["score.content_weights=[0,0.1]", "score.popularity_weights=[0.05]"])
     assert candidates(cfg.score.content_weights, cfg.score.popularity_weights) == [ScoreMix(0, 0.05), ScoreMix(0.1, 0.05)]
-    for bad in (["score.content_weights=[]"], ["score.popularity_weights=[-0.1]"], ["score.content_weights=[0.1,0.1]"]):
+    assert cfg.score.cold_content_weights == []
+    cfg = load_config("conf/tiny.yaml", ["score.content_weights=[0.1]", "score.cold_content_weights=[0.5]"])
+    assert candidates(cfg.score.content_weights, cfg.score.popularity_weights,
+                      cfg.score.cold_content_weights) == [ScoreMix(0.1, 0), ScoreMix(0.1, 0, 0.5)]
+    for bad in (["score.content_weights=[]"], ["score.popularity_weights=[-0.1]"], ["score.content_weights=[0.1,0.1]"],
+                ["score.cold_content_weights=[-1]"], ["score.cold_content_weights=[0.5,0.5]"]):
         with pytest.raises(ConfigError, match="score."):
             load_config("conf/tiny.yaml", bad)
     # a baseline ignores the towers' settings and the mix of the file it runs with (the floors run on the freeze)
