@@ -47,7 +47,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,17 +63,13 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from learn.serve.loopback import free_loopback_port  # noqa: E402
+
 JSON_HEADERS = {"content-type": "application/json"}
 K = 10
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_http(url: str, proc: subprocess.Popen | None, log: Path | None, timeout_s: float) -> None:
     import urllib.error
     import urllib.request
@@ -309,7 +304,7 @@ def check_agreement(histories: list[list[str]], model, ray_url: str, mlflow_url:
 
 # -- servers ------------------------------------------------------------------------------------
 def start_mlflow_serve(uri: str, name: str, version: str, scratch: Path) -> tuple[str, subprocess.Popen, Path]:
-    port = free_port()
+    port = free_loopback_port()
     log = scratch / f"mlflow-serve-{port}.log"
     venv_bin = str(Path(sys.executable).parent)  # it runs `uvicorn` from the PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
@@ -340,7 +335,7 @@ def start_ray_serve(uri: str, name: str, args, scratch: Path, log_dir: Path) -> 
     settings = ServeSettings(tracking_uri=uri, model_name=name, challenger_share=0.1, salt="bench", poll_s=args.poll_s,
                              log_dir=str(log_dir), num_replicas=args.replicas, replica_cpus=args.replica_cpus,
                              max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_s)
-    return start(settings, host="127.0.0.1", port=free_port(), name="bench-retriever", timeout_s=300)
+    return start(settings, host="127.0.0.1", port=free_loopback_port(), name="bench-retriever", timeout_s=300)
 
 
 def alias_switch(uri: str, name: str, version: str, url: str, bodies: list[bytes], args, scratch: Path) -> dict[str, Any]:

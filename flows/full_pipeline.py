@@ -156,13 +156,12 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
                         cfg.data.max_history, options, prior, key, cold_floor=cfg.score.select == "cold_floor",
                         train_popularity=popularity)
                 metrics.update(table)
-                cold = mix.content_weight if mix.cold_content_weight is None else mix.cold_content_weight
                 metrics.update({"score_mix_content_weight": mix.content_weight,
                                 "score_mix_popularity_weight": mix.popularity_weight,
-                                "score_mix_cold_content_weight": cold,
+                                "score_mix_cold_content_weight": mix.unseen_content_weight,
                                 f"score_mix_valid_{key}": table[mix_metric_key(key, mix)]})
                 print(f"[score_mix] chosen on valid {key} over {len(options)} candidates: content weight "
-                      f"{mix.content_weight:g} (unseen items {cold:g}), popularity weight "
+                      f"{mix.content_weight:g} (unseen items {mix.unseen_content_weight:g}), popularity weight "
                       f"{mix.popularity_weight:g} (valid "
                       f"{metrics[f'score_mix_valid_{key}']:.4f}; towers alone {metrics['best_valid_' + key]:.4f})",
                       flush=True)

@@ -47,12 +47,13 @@ def content_item_vectors(content: np.ndarray) -> torch.Tensor:
 
 
 def evaluate_baseline(name: str, content: np.ndarray, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
-                      train_popularity: np.ndarray, prefix: str) -> dict[str, float]:
-    """The baseline ``name``'s metrics on ``split`` (both history modes, segments), as for trained towers."""
+                      train_popularity: np.ndarray, prefix: str, segment_k: int | None = None) -> dict[str, float]:
+    """The baseline ``name``'s metrics on ``split`` (both history modes, segments at ``segment_k``,
+    default the smallest of eval.ks), as for trained towers."""
     return evaluate_both_modes(
         content_user_vectors(content, split, name, max_history), content_item_vectors(content), split,
         ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history, chunk_size=eval_cfg.chunk_size,
         item_block=eval_cfg.item_block,
-        train_popularity=train_popularity, prefix=prefix, popularity_buckets=eval_cfg.popularity_buckets,
-        history_buckets=eval_cfg.history_buckets,
+        train_popularity=train_popularity, prefix=prefix, segment_k=segment_k,
+        popularity_buckets=eval_cfg.popularity_buckets, history_buckets=eval_cfg.history_buckets,
     )

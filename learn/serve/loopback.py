@@ -23,16 +23,21 @@ REBINDS = (("bind :{{ config.metrics_port }}", "bind 127.0.0.1:{{ config.metrics
 FIXED_PORTS = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 
 
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def use_free_serve_ports() -> None:
     """Give each of FIXED_PORTS a free loopback port (what is set already stays), before a local Ray
     starts, so that two local services (or the tests' and a flow's) do not clash on them."""
-    import socket
-
     for key in FIXED_PORTS:
         if key not in os.environ:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                os.environ[key] = str(sock.getsockname()[1])
+            os.environ[key] = str(free_loopback_port())
 
 
 def loopback_template(template: str) -> str:

@@ -66,9 +66,14 @@ class ScoreMix:
         return self.cold_content_weight is not None
 
     @property
+    def unseen_content_weight(self) -> float:
+        """w of an item unseen in training (the content weight when it does not vary)."""
+        return self.content_weight if self.cold_content_weight is None else float(self.cold_content_weight)
+
+    @property
     def top_content_weight(self) -> float:
         """W: the largest content weight of any item (the user side's content factor)."""
-        return max(self.content_weight, self.cold_content_weight or 0.0)
+        return max(self.content_weight, self.unseen_content_weight)
 
     @property
     def has_content(self) -> bool:
@@ -109,10 +114,8 @@ class ScoreMix:
     def content_factor(self, prior: Any) -> torch.Tensor:
         """a(item) = w(item) / W in [0, 1] for priors [M] (only for a varying weight): an unseen item
         has prior exactly 0 (seen ones at least log 2 / log(1 + the top count))."""
-        top = self.top_content_weight
-        cold = _f32(prior) <= 0
-        w = torch.where(cold, float(self.cold_content_weight), float(self.content_weight))
-        return (w / top).clamp(0, 1)
+        w = torch.where(_f32(prior) <= 0, self.unseen_content_weight, float(self.content_weight))
+        return (w / self.top_content_weight).clamp(0, 1)
 
     def prior_of(self, items: np.ndarray) -> np.ndarray | None:
         """The priors held in served item vectors [M, width] (None when the mix stores none)."""

@@ -189,17 +189,15 @@ def choose_score_mix(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, 
     if cold_floor:
         if train_popularity is None:
             raise ValueError("score.select=cold_floor needs the training split's item popularity")
-        from learn.evaluate.baselines import content_item_vectors, content_user_vectors
+        from learn.evaluate.baselines import evaluate_baseline
 
-        raw = model.content[1:].cpu().numpy()
-        segments = dict(train_popularity=train_popularity, segment_k=int(key.rsplit("_", 1)[1]),
-                        popularity_buckets=eval_cfg.popularity_buckets, history_buckets=[])
-        floor = evaluate_both_modes(content_user_vectors(raw, split, "content_last", max_history),
-                                    content_item_vectors(raw), split, ks=eval_cfg.ks,
-                                    exclude_history=eval_cfg.exclude_history, chunk_size=eval_cfg.chunk_size,
-                                    item_block=eval_cfg.item_block, **segments).get(f"{key}_pop_cold")
+        k = int(key.rsplit("_", 1)[1])
+        floor = evaluate_baseline("content_last", model.content[1:].cpu().numpy(), split, eval_cfg, max_history,
+                                  train_popularity, "", segment_k=k).get(f"{key}_pop_cold")
         if floor is not None:
             table[f"score_mix_valid_{key}_pop_cold_floor"] = floor
+            segments = dict(train_popularity=train_popularity, segment_k=k,
+                            popularity_buckets=eval_cfg.popularity_buckets, history_buckets=[])
     best, best_value, best_ok, best_ok_value = None, -math.inf, None, -math.inf
     item_sides: dict[tuple, torch.Tensor] = {}  # one per item side (ScoreMix.item_side_key), not per weight
     for mix in candidates:
@@ -208,8 +206,7 @@ def choose_score_mix(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, 
             else (users, items)
         item_sides[side] = i
         got = evaluate_both_modes(u, i, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
-                                  chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block,
-                                  **(segments if floor is not None else {}))
+                                  chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block, **segments)
         value = got[key]
         table[mix_metric_key(key, mix)] = value
         if value > best_value:
