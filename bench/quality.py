@@ -55,6 +55,7 @@ DENSE_FIXED = ["train.recipe=dense_all_action", "train.all_positions=true", "tra
 # popularity prior, every pair scored on valid after training; the towers are the third freeze's, unchanged
 SCORE_MIX = ["score.content_weights=[0,0.05,0.1,0.2,0.3]", "score.popularity_weights=[0,0.02,0.05,0.1]"]
 COLD_CONTENT = "score.cold_content_weights=[0.3,0.6,1,2]"
+LOGIT_ADJUST = ["train.logit_adjustment=1", "score.popularity_weights=[0,0.02,0.05,0.1,0.2,0.3]"]
 
 ROWS: list[tuple[str, str, str, list[str]]] = [
     ("floor_last_minilm", "no training: user = last item, MiniLM", LATEST, ["train.recipe=content_last"]),
@@ -142,6 +143,11 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
     ("learn_freeze_6", "sixth freeze: fifth freeze + cold content weight, valid choice kept at the cold floor",
      FREEZE_6, []),
     ("learn_freeze_6_seed1", "sixth freeze, seed 1", FREEZE_6, ["seed=1"]),
+    # issue 14, tail on the training side: logit adjustment (each column's training logit + log(1 + count)),
+    # the served prior's grid widened to where the training-time score lies (~0.25 on Scientific)
+    ("lever_logit_adjust", "lever: logit adjustment by log popularity in training, prior re-added on valid",
+     FREEZE_6, LOGIT_ADJUST),
+    ("lever_logit_adjust_seed1", "logit adjustment, seed 1", FREEZE_6, [*LOGIT_ADJUST, "seed=1"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM", FREEZE_1, ["model.item_id_embedding=true", "export.enabled=false"]),
 ]

@@ -186,6 +186,13 @@ class TrainConfig:
     # its score comes from its content alone, as a new item's does); sampled_softmax: seen draws the
     # uniform share of the negatives from the seen items only
     softmax_items: Literal["catalog", "seen"] = "catalog"
+    # full_softmax: logit adjustment for popularity (0 = off). Each column's training logit gets
+    # + logit_adjustment x log(1 + the item's training interactions), so popular items need less of the
+    # towers' score to win and the towers rank by what the popularity does not already explain (an item
+    # unseen in training gets no bonus: it is pushed down no more than its share). Serving uses the
+    # towers' cosine; score.popularity_weights can add popularity back (chosen on valid): weight
+    # logit_adjustment x log(1 + max count) / train.score_scale gives back the training-time score
+    logit_adjustment: float = 0.0
     # dense_all_action recipe
     n_history: int = 10
     n_targets: int = 10
@@ -415,6 +422,7 @@ _ONLY_UNDER = {
     "train.logq_correction": ("train.recipe", ("sampled_softmax", "dense_all_action")),
     "train.epoch_coverage": ("train.all_positions", True),
     "train.softmax_items": ("train.recipe", ("full_softmax", "sampled_softmax")),
+    "train.logit_adjustment": ("train.recipe", "full_softmax"),
 }
 # dense_all_action with train.all_positions=true (every position a cut) samples no positions or
 # targets and reads no target sequence: these have no effect there
@@ -519,6 +527,13 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
     for key in ["train.num_negatives", "train.target_window"]:  # 0: in-batch negatives only / no horizon
         if flat[key] < 0:
             raise ConfigError(f"key '{key}' must be >= 0, got {flat[key]}")
+    if not (math.isfinite(cfg.train.logit_adjustment) and cfg.train.logit_adjustment >= 0):
+        raise ConfigError(f"key 'train.logit_adjustment' must be a finite number >= 0, got "
+                          f"{cfg.train.logit_adjustment}")
+    if cfg.train.logit_adjustment and cfg.train.pretrain_epochs > 0:
+        raise ConfigError("train.logit_adjustment > 0 with train.pretrain_epochs > 0 is not supported: valid would "
+                          "rank the pre-training stage by the cosine and the fine-tuning stage by the adjusted "
+                          "score, and selection compares the two; set one of them to 0")
     if cfg.train.recipe == "sampled_softmax" and cfg.train.num_negatives == 0:
         raise ConfigError("key 'train.num_negatives' must be > 0 with train.recipe=sampled_softmax (0 leaves no "
                           "sampled pool: use train.recipe=in_batch)")

@@ -19,7 +19,7 @@ Every sampler takes ``rank``/``world_size`` so a DDP worker reads only its shard
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -39,10 +39,15 @@ class PairBatch:
 
 @dataclass
 class CandidateBatch(PairBatch):
-    """A pair batch whose softmax runs over a subset of the catalog (``train.softmax_items=seen``)."""
+    """A pair batch whose softmax runs over given columns: a subset of the catalog
+    (``train.softmax_items=seen``) or the whole catalog with a per-column logit bias
+    (``train.logit_adjustment``)."""
 
     candidates: torch.Tensor  # [C] catalog indices, the softmax's columns (the same tensor every step)
     target_cols: torch.Tensor  # [P] the column of each target among candidates
+    column_bias: torch.Tensor  # [C] added to each column's training logit (zeros: none)
+
+    CONSTANT: ClassVar[tuple[str, ...]] = ("candidates", "column_bias")  # the same tensors every step
 
 
 @dataclass

@@ -63,7 +63,7 @@ from learn.tracking.mlflow_run import resolve_uri
 from learn.evaluate.metrics import metrics_both_modes, sample_users, target_ranks_both
 from learn.train.fit import FitResult, FitState, cpu_state, evaluation_due
 from learn.train.loop import (cfg_steps_per_epoch, evaluate_model, make_optimizer, make_scheduler, run_epoch,
-                              user_embeddings)
+                              training_item_bias, user_embeddings, with_item_bias)
 from learn.train.recipes import whole_rows
 
 STATE_FILE = "state.pt"
@@ -157,9 +157,10 @@ def _all_gather_array(local: np.ndarray) -> np.ndarray:
 
 
 def evaluate_sharded(core: TwinTowers, split: EvalSplit, ev: EvalConfig, max_history: int, rank: int,
-                     world: int, prefix: str = "") -> dict[str, float]:
+                     world: int, prefix: str = "", item_bias: torch.Tensor | None = None) -> dict[str, float]:
     """``evaluate_model`` split across the DDP ranks (call on every rank; every rank gets the metrics):
-    rank r embeds the r-th share of the catalog and ranks the r-th share of the users."""
+    rank r embeds the r-th share of the catalog and ranks the r-th share of the users (``item_bias``
+    as in ``evaluate_model``)."""
     was = core.training
     core.eval()
     n = core.num_items
@@ -171,7 +172,7 @@ def evaluate_sharded(core: TwinTowers, split: EvalSplit, ev: EvalConfig, max_his
     core.train(was)
     rows = np.array_split(np.arange(len(split)), world)[rank]
     part = split.subset(rows)
-    users = user_embeddings(core, part.histories, max_history)
+    users, items = with_item_bias(user_embeddings(core, part.histories, max_history), items, item_bias)
     incl, excl = target_ranks_both(users, items, part.targets, part.histories, chunk_size=ev.chunk_size,
                                    item_block=ev.item_block)
     return metrics_both_modes(_all_gather_array(incl), _all_gather_array(excl), split, ks=ev.ks,
@@ -266,6 +267,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             if spec.tracking is not None:
                 _log_missing_epochs(spec.tracking, state.history)
     rows = ShardedRows(rank, world) if world > 1 else whole_rows
+    bias = training_item_bias(tc, spec.train, core.num_items)  # valid ranks as training scores
     for epoch in range(state.epoch + 1, (state.epoch if state.stopped else tc.epochs) + 1):
         if spec.hook is not None:
             spec.hook(epoch, rank)
@@ -276,8 +278,10 @@ def _train_worker(config: dict[str, Any]) -> None:
         stop = False
         valid = None
         if evaluation_due(epoch, tc):
-            valid = (evaluate_sharded(core, spec.valid, ev, spec.max_history, rank, world, prefix="valid_")
-                     if world > 1 else evaluate_model(core, spec.valid, ev, spec.max_history, prefix="valid_"))
+            valid = (evaluate_sharded(core, spec.valid, ev, spec.max_history, rank, world, prefix="valid_",
+                                      item_bias=bias)
+                     if world > 1 else evaluate_model(core, spec.valid, ev, spec.max_history, prefix="valid_",
+                                                      item_bias=bias))
         if rank == 0:  # rank 0 keeps the fit state and decides for all
             stop = state.end_epoch(epoch, row, valid, core)
             print(state.describe(row), flush=True)

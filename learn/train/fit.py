@@ -23,7 +23,8 @@ from learn.config import EvalConfig, TrainConfig
 from learn.data.sequences import Splits
 from learn.device import resolve_device
 from learn.evaluate.metrics import sample_users
-from learn.train.loop import cfg_steps_per_epoch, evaluate_model, make_optimizer, make_scheduler, run_epoch
+from learn.train.loop import (cfg_steps_per_epoch, evaluate_model, make_optimizer, make_scheduler, run_epoch,
+                              training_item_bias)
 
 OnEpoch = Callable[[int, dict[str, float]], None]
 
@@ -148,6 +149,7 @@ def _fit_stage(model, splits: Splits, train_cfg: TrainConfig, max_history: int, 
     opt = make_optimizer(model, train_cfg)
     sched = make_scheduler(opt, train_cfg, cfg_steps_per_epoch(splits.train, train_cfg, max_history))
     first = state.epoch
+    bias = training_item_bias(train_cfg, splits.train, model.num_items)  # valid ranks as training scores
     bar = tqdm(range(first + 1, first + train_cfg.epochs + 1), desc="epochs" if not stage else f"stage {stage} epochs",
                disable=not progress)
     for epoch in bar:
@@ -157,7 +159,7 @@ def _fit_stage(model, splits: Splits, train_cfg: TrainConfig, max_history: int, 
         row = {"epoch": epoch, "train_loss": loss, "lr": sched.get_last_lr()[0]}
         if stage:
             row["stage"] = stage
-        valid = (evaluate_model(model, valid_split, eval_cfg, max_history, prefix="valid_")
+        valid = (evaluate_model(model, valid_split, eval_cfg, max_history, prefix="valid_", item_bias=bias)
                  if evaluation_due(epoch - first, train_cfg) else None)
         stop = state.end_epoch(epoch, row, valid, model)
         bar.set_postfix(loss=f"{loss:.4f}", valid=f"{row.get(state.key, float('nan')):.4f}", best=state.best_epoch)

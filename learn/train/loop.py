@@ -24,7 +24,7 @@ from learn.device import autocast
 from learn.evaluate.metrics import evaluate_both_modes
 from learn.towers.mix import ScoreMix, last_items
 from learn.towers.model import TwinTowers, pad_tails
-from learn.train.batches import epoch_rows
+from learn.train.batches import epoch_rows, item_popularity
 from learn.train.recipes import RowMap, compute_loss, epoch_batches, whole_rows
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -89,9 +89,10 @@ def run_epoch(model, train: list[np.ndarray], cfg: TrainConfig, max_history: int
     core = model.module if hasattr(model, "module") else model
     bar = tqdm(epoch_batches(train, cfg, max_history, seed, epoch, rank, world_size, core.num_items), total=steps,
                desc=desc, disable=not progress, leave=False)
+    moved: dict = {}  # the batches' per-epoch constant tensors, moved once (see batch_to)
     for batch in bar:
         if device is not None:
-            batch = batch_to(batch, device)
+            batch = batch_to(batch, device, moved)
         loss = train_step(model, batch, opt, sched, cfg, rows)
         total += loss
         n += 1
@@ -99,10 +100,22 @@ def run_epoch(model, train: list[np.ndarray], cfg: TrainConfig, max_history: int
     return total / max(1, n)
 
 
-def batch_to(batch, device: torch.device):
-    """The batch with every tensor on ``device``."""
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device)
-                                         for f in dataclasses.fields(batch)})
+def batch_to(batch, device: torch.device, moved: dict | None = None):
+    """The batch with every tensor on ``device``. ``moved`` (kept across one epoch's batches) holds
+    the fields the batch class names in ``CONSTANT`` (the same tensor every step: the softmax's
+    columns and their biases), so each is copied to the device once, not every step."""
+    constant = getattr(type(batch), "CONSTANT", ())
+    out = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if moved is not None and f.name in constant:
+            hit = moved.get(f.name)
+            if hit is None or hit[0] is not value:
+                hit = moved[f.name] = (value, value.to(device))
+            out[f.name] = hit[1]
+        else:
+            out[f.name] = value.to(device)
+    return dataclasses.replace(batch, **out)
 
 
 @torch.no_grad()
@@ -124,14 +137,39 @@ def user_embeddings(model: TwinTowers, histories: Sequence[np.ndarray], max_hist
     return result
 
 
+def training_item_bias(cfg: TrainConfig, train, num_items: int) -> torch.Tensor | None:
+    """[N] what the training logit adds to each item's cosine, in cosine units (the column bias /
+    ``train.score_scale``), when the recipe trains with one (``train.logit_adjustment``); else None.
+    Valid during training ranks by cosine + this bias: the score the towers were trained to rank by
+    (the served score adds popularity back only as ``score.popularity_weights`` chooses on valid)."""
+    if cfg.recipe != "full_softmax" or not cfg.logit_adjustment:
+        return None
+    counts = item_popularity(train, num_items)
+    return torch.from_numpy((cfg.logit_adjustment * np.log1p(counts) / cfg.score_scale).astype(np.float32))
+
+
+def with_item_bias(users: torch.Tensor, items: torch.Tensor, bias: torch.Tensor | None):
+    """(users, items) whose inner product is users @ items.T + bias (one more column each)."""
+    if bias is None:
+        return users, items
+    bias = bias.to(items.device, items.dtype).reshape(-1, 1)
+    return torch.cat([users, torch.ones_like(users[:, :1])], 1), torch.cat([items, bias], 1)
+
+
 def evaluate_model(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
                    train_popularity: np.ndarray | None = None, prefix: str = "", mix: ScoreMix | None = None,
-                   prior: np.ndarray | None = None, towers_prefix: str | None = None) -> dict[str, float]:
+                   prior: np.ndarray | None = None, towers_prefix: str | None = None,
+                   item_bias: torch.Tensor | None = None) -> dict[str, float]:
     """Full-ranking metrics of the towers on ``split``; with an enabled ``mix`` the served score of
     learn/towers/mix.py (``prior``: learn.towers.mix.popularity_prior of the training split), and with
-    ``towers_prefix`` too the towers alone under that prefix (from the same tower vectors)."""
+    ``towers_prefix`` too the towers alone under that prefix (from the same tower vectors).
+    ``item_bias`` [N] (no mix): rank by the towers' score + the item's bias (``training_item_bias``)."""
     users = user_embeddings(model, split.histories, max_history)
     items = model.all_item_embeddings()
+    if item_bias is not None:
+        if mix is not None and mix.enabled:
+            raise ValueError("item_bias is the training-time score: not with a served score mix")
+        users, items = with_item_bias(users, items, item_bias)
 
     def metrics(u: torch.Tensor, i: torch.Tensor, pre: str) -> dict[str, float]:
         return evaluate_both_modes(

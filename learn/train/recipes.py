@@ -5,7 +5,8 @@ they train. ``train.recipe`` names a row of ``RECIPES``; the no-training floors 
 full_softmax      one target per user and epoch, index uniform in [1, L-1] (or every position with
                   ``train.all_positions``); softmax over every catalog item (all items through the
                   item tower each step: the reference objective, O(catalog) per step), or over the
-                  items that occur in training only (``train.softmax_items=seen``)
+                  items that occur in training only (``train.softmax_items=seen``); with
+                  ``train.logit_adjustment`` each column's logit gains a popularity bias (training only)
 in_batch          target index uniform in [L//2, L-1] (or every position); softmax over the batch's
                   targets, rows with the same item or of the same user masked
 dense_all_action  each sequence cut into a history and a target part; N_h history positions x N_t
@@ -82,18 +83,22 @@ def _pair_batches(first_target: Callable[[int], int]) -> Batches:
 
 def _full_softmax_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size, num_items):
     """Pair batches (target index uniform in [1, L-1]); with ``train.softmax_items=seen`` each carries
-    the items that occur in ``train`` as the softmax's columns (every target is one of them)."""
+    the items that occur in ``train`` as the softmax's columns (every target is one of them), and with
+    ``train.logit_adjustment`` each column's logit bias (the weight x log(1 + training interactions))."""
     batches = _pair_batches(lambda length: 1)(train, cfg, max_history, rng, order_rng, rank, world_size, num_items)
-    if cfg.softmax_items == "catalog":
+    if cfg.softmax_items == "catalog" and not cfg.logit_adjustment:
         yield from batches
         return
-    seen = np.flatnonzero(item_popularity(train, num_items) > 0)
+    counts = item_popularity(train, num_items)
+    columns = np.flatnonzero(counts > 0) if cfg.softmax_items == "seen" else np.arange(num_items)
     column = np.full(num_items, -1, dtype=np.int64)
-    column[seen] = np.arange(len(seen))
+    column[columns] = np.arange(len(columns))
     column = torch.from_numpy(column)
-    candidates = torch.from_numpy(seen.astype(np.int64))
+    candidates = torch.from_numpy(columns.astype(np.int64))
+    bias = torch.from_numpy((cfg.logit_adjustment * np.log1p(counts[columns])).astype(np.float32))
     for batch in batches:
-        yield CandidateBatch(**vars(batch), candidates=candidates, target_cols=column[batch.targets])
+        yield CandidateBatch(**vars(batch), candidates=candidates, target_cols=column[batch.targets],
+                             column_bias=bias)
 
 
 def _sampled_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, world_size, num_items):
@@ -120,12 +125,14 @@ def _dense_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, w
 def full_softmax(model, batch: PairBatch, cfg: TrainConfig, rows) -> torch.Tensor:
     user = _user_vectors(model, batch, rows)
     core = _core(model)
-    if isinstance(batch, CandidateBatch):  # the softmax over the batch's candidate items only
+    bias = None
+    if isinstance(batch, CandidateBatch):  # the softmax over the batch's columns, each with its logit bias
         columns, targets = batch.candidates, batch.target_cols
+        bias = batch.column_bias if cfg.logit_adjustment else None
     else:
         columns, targets = torch.arange(core.num_items, device=user.device), batch.targets
     items = rows(core.item_embedding, columns)
-    return _per_member(model, lambda u, i: full_softmax_loss(u, i, targets, cfg.score_scale), user, items)
+    return _per_member(model, lambda u, i: full_softmax_loss(u, i, targets, cfg.score_scale, bias), user, items)
 
 
 def sampled_softmax(model, batch: SampledBatch, cfg: TrainConfig, rows) -> torch.Tensor:

@@ -10,9 +10,9 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from learn.config import EvalConfig, TrainConfig
-from learn.train.distributed import MlflowTarget, ShardedRows, fit_distributed
+from learn.train.distributed import MlflowTarget, ShardedRows, evaluate_sharded, fit_distributed
 from learn.train.fit import fit
-from learn.train.loop import make_optimizer, make_scheduler, run_epoch, steps_per_epoch
+from learn.train.loop import evaluate_model, make_optimizer, make_scheduler, run_epoch, steps_per_epoch
 from tests.fakes import FailOnce
 from tests.train.test_loop import model_for, synthetic
 
@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow  # real Ray (or spawned DDP processes): tens of se
 CASES = {
     "full_softmax": TrainConfig(recipe="full_softmax", batch_size=17, lr=3e-3),
     "all_positions": TrainConfig(recipe="full_softmax", batch_size=17, lr=3e-3, all_positions=True),
+    # the seen items' columns, each with its logit-adjustment bias
     "softmax_seen": TrainConfig(recipe="full_softmax", batch_size=17, lr=3e-3, all_positions=True,
-                                softmax_items="seen"),
+                                softmax_items="seen", logit_adjustment=1.0),
     "in_batch": TrainConfig(recipe="in_batch", batch_size=17, lr=3e-3),
     "sampled_softmax": TrainConfig(recipe="sampled_softmax", batch_size=17, lr=3e-3, all_positions=True,
                                    num_negatives=24),
@@ -73,7 +74,16 @@ def _ddp_worker(rank, world, init_file, out_dir):
         model = model_for(content)
         losses = two_epochs(model, tc, DistributedDataParallel(model, forward_sync_buffers=False), rank, world)
         torch.save({"losses": losses, "state": model.state_dict()}, Path(out_dir) / f"{name}-{rank}.pt")
+    splits, content = synthetic()  # the sharded valid ranking, plain and with the training-score bias
+    model = model_for(content)
+    got = [evaluate_sharded(model, splits.valid, EvalConfig(ks=[10]), 10, rank, world, item_bias=bias)
+           for bias in (None, _valid_bias(len(content)))]
+    torch.save(got, Path(out_dir) / f"sharded-eval-{rank}.pt")
     dist.destroy_process_group()
+
+
+def _valid_bias(n):
+    return torch.linspace(0.0, 0.6, n)  # strong enough to move the ranking
 
 
 def test_sharded_rows_under_ddp_give_the_one_process_steps(tmp_path):
@@ -93,6 +103,15 @@ def test_sharded_rows_under_ddp_give_the_one_process_steps(tmp_path):
             assert got["losses"] == pytest.approx(losses, abs=ATOL), name
             assert_same_weights(got["state"], model.state_dict(), name)
         assert model.state_dict()["stacks.0.adaptor.weight"].ne(model_for(content).state_dict()["stacks.0.adaptor.weight"]).any()
+    splits, content = synthetic()
+    model = model_for(content)
+    want = [evaluate_model(model, splits.valid, EvalConfig(ks=[10]), 10, item_bias=b)
+            for b in (None, _valid_bias(len(content)))]
+    assert want[0]["ndcg_at_10"] != pytest.approx(want[1]["ndcg_at_10"])
+    for r in range(2):
+        got = torch.load(tmp_path / f"sharded-eval-{r}.pt")
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, abs=1e-6)
 
 
 # patience 1: one process stops after epoch 3 (valid NDCG@10 0.190, 0.240, 0.235; best epoch 2), so

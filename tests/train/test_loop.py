@@ -54,7 +54,7 @@ def test_early_stopping_restores_the_best_epoch(monkeypatch):
     scores = iter([0.1, 0.5, 0.3, 0.2, 0.1, 0.05])
     snapshots = {}
 
-    def fake_eval(m, split, ev, max_history, train_popularity=None, prefix=""):
+    def fake_eval(m, split, ev, max_history, train_popularity=None, prefix="", item_bias=None):
         epoch = len(snapshots) + 1
         snapshots[epoch] = {k: v.clone() for k, v in m.state_dict().items()}
         return {f"{prefix}ndcg_at_10": next(scores)}
@@ -154,7 +154,7 @@ def test_two_stage_fine_tunes_from_the_best_pretraining_epoch_and_selects_over_b
     scores = iter([0.1, 0.5, 0.3, 0.2, 0.4, 0.45])
     snapshots, starts = {}, []
 
-    def fake_eval(m, split, ev, max_history, train_popularity=None, prefix=""):
+    def fake_eval(m, split, ev, max_history, train_popularity=None, prefix="", item_bias=None):
         snapshots[len(snapshots) + 1] = {k: v.clone() for k, v in m.state_dict().items()}
         return {f"{prefix}ndcg_at_10": next(scores)}
 
