@@ -55,6 +55,8 @@ DENSE_FIXED = ["train.recipe=dense_all_action", "train.all_positions=true", "tra
 # popularity prior, every pair scored on valid after training; the towers are the third freeze's, unchanged
 SCORE_MIX = ["score.content_weights=[0,0.05,0.1,0.2,0.3]", "score.popularity_weights=[0,0.02,0.05,0.1]"]
 COLD_CONTENT = "score.cold_content_weights=[0.3,0.6,1,2]"
+ITEM_IDS = ["model.item_id_embedding=true"]
+ID_DROPOUT = [*ITEM_IDS, "model.item_id_dropout=0.5"]
 LOGIT_ADJUST = ["train.logit_adjustment=1", "score.popularity_weights=[0,0.02,0.05,0.1,0.2,0.3]"]
 
 ROWS: list[tuple[str, str, str, list[str]]] = [
@@ -148,6 +150,12 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
     ("lever_logit_adjust", "lever: logit adjustment by log popularity in training, prior re-added on valid",
      FREEZE_6, LOGIT_ADJUST),
     ("lever_logit_adjust_seed1", "logit adjustment, seed 1", FREEZE_6, [*LOGIT_ADJUST, "seed=1"]),
+    # issue 14, served item IDs on the sixth freeze: IDs alone peaked at epoch 3-4 and valid preferred the
+    # content-only towers; with ID dropout half the item occurrences train without their ID vector
+    ("lever_item_ids_freeze_6", "lever: served item ID vectors (warm items) on the sixth freeze", FREEZE_6, ITEM_IDS),
+    ("lever_item_id_dropout", "lever: served item ID vectors, each left out of half the training occurrences",
+     FREEZE_6, ID_DROPOUT),
+    ("lever_item_id_dropout_seed1", "item ID vectors with ID dropout, seed 1", FREEZE_6, [*ID_DROPOUT, "seed=1"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM", FREEZE_1, ["model.item_id_embedding=true", "export.enabled=false"]),
 ]

@@ -117,6 +117,10 @@ class ModelConfig:
     # ID vector: served from content alone). Exported: the bundle carries the ID vectors
     # (item_id_vectors.parquet) and the exported towers take them. One process only (train.backend=local)
     item_id_embedding: bool = False
+    # with item_id_embedding: during training each item occurrence (history position or softmax column)
+    # loses its ID vector with this probability, so the towers also learn to score from content alone and
+    # the ID vectors cannot carry the whole fit (evaluation and serving keep every seen item's ID vector)
+    item_id_dropout: float = 0.0
     # an ensemble of independently initialised stacks trained and exported as one pair of towers;
     # d_out is the total width (d_out / members per member)
     members: int = 1
@@ -438,6 +442,9 @@ def _shown(value):
 def _check_effects(cfg: Config, explicit: set[str]) -> None:
     """Refuse an option that has no effect in this combination, naming both keys."""
     recipe = cfg.train.recipe
+    if cfg.model.item_id_dropout and not cfg.model.item_id_embedding:
+        raise ConfigError(f"model.item_id_dropout={cfg.model.item_id_dropout} has no effect without "
+                          f"model.item_id_embedding=true: set both or drop model.item_id_dropout")
     if recipe in typing.get_args(BaselineName):
         if cfg.model.item_id_embedding:
             raise ConfigError(f"model.item_id_embedding=true has no effect with train.recipe={recipe} (a "
@@ -537,7 +544,7 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
     if cfg.train.recipe == "sampled_softmax" and cfg.train.num_negatives == 0:
         raise ConfigError("key 'train.num_negatives' must be > 0 with train.recipe=sampled_softmax (0 leaves no "
                           "sampled pool: use train.recipe=in_batch)")
-    for key in ["model.dropout", "train.betas", "data.time_cut"]:
+    for key in ["model.dropout", "model.item_id_dropout", "train.betas", "data.time_cut"]:
         values = flat[key] if isinstance(flat[key], list) else [flat[key]]
         if key != "data.time_cut" and any(not 0 <= v < 1 for v in values):
             raise ConfigError(f"key '{key}' must be in [0, 1), got {flat[key]}")

@@ -56,6 +56,7 @@ class TowerConfig:
     # ablation (transductive): a learned ID embedding added after the adaptor for items seen in
     # training; num_id_items = catalog size when on, 0 = off
     num_id_items: int = 0
+    item_id_dropout: float = 0.0  # training only: share of item occurrences whose ID vector is left out
     members: int = 1  # independently initialised stacks whose outputs are concatenated (d_out / members each)
     input_views: list[str] = field(default_factory=lambda: ["center"])  # center | whiten | group (see above)
     whiten_shrinkage: float = 0.1  # added to the covariance, as a multiple of its mean eigenvalue
@@ -192,7 +193,10 @@ class TwinTowers(nn.Module):
             if id_vectors is not None:
                 ids = list(id_vectors.float().chunk(len(self.stacks), dim=-1))
             elif tokens is not None:
-                known = torch.where(self.id_known[tokens], tokens, torch.zeros_like(tokens))
+                keep = self.id_known[tokens]
+                if self.training and self.cfg.item_id_dropout > 0:
+                    keep = keep & (torch.rand(tokens.shape, device=tokens.device) >= self.cfg.item_id_dropout)
+                known = torch.where(keep, tokens, torch.zeros_like(tokens))
                 ids = [stack.id_embedding(known) for stack in self.stacks]
             else:
                 raise ValueError("this model adds item ID embeddings: it needs the items' tokens or ID vectors")

@@ -124,3 +124,43 @@ def test_item_id_embedding_is_refused_where_it_cannot_work():
     with pytest.raises(ValueError, match="id_known"):
         TwinTowers(TowerConfig(d_llm=4, d_model=8, n_layers=1, n_heads=2, d_ff=8, d_out=4, num_id_items=3),
                    torch.randn(3, 4))
+
+
+def test_item_id_dropout_leaves_ids_out_of_training_occurrences_only():
+    torch.manual_seed(0)
+    n, d_llm = 6, 16
+    known = torch.tensor([True] * 5 + [False])  # item 5 is cold
+    cfg = TowerConfig(d_llm=d_llm, d_model=32, n_layers=1, n_heads=2, d_ff=64, d_out=16, dropout=0.0,
+                      num_id_items=n, item_id_dropout=0.5)
+    m = TwinTowers(cfg, torch.randn(n, d_llm), id_known=known)
+    with torch.no_grad():
+        m.stacks[0].id_embedding.weight[1:].normal_()
+    plain = TwinTowers(TowerConfig(**{**cfg.to_dict(), "num_id_items": 0}), m.content[1:].clone())
+    plain.load_state_dict(m.state_dict(), strict=False)
+    m.eval(), plain.eval()
+    items = torch.arange(n)
+    with_ids, content_only = m.item_embedding(items), plain.item_embedding(items)
+    assert (with_ids[:5] - content_only[:5]).abs().max() > 1e-3
+    torch.testing.assert_close(m.item_embedding(items), with_ids)  # evaluation: every seen item keeps its ID
+    m.train()
+    tokens = torch.tensor([[1]] * 4000 + [[6]] * 50)  # item 0 4,000 times, cold item 5 50 times
+    out = m.encode_sequence(tokens)[:, 0]
+    is_id = (out[:4000] - with_ids[0]).abs().max(1).values < 1e-5
+    is_plain = (out[:4000] - content_only[0]).abs().max(1).values < 1e-5
+    assert bool((is_id ^ is_plain).all())  # each occurrence: its ID vector or none, nothing in between
+    assert 0.45 < is_plain.float().mean().item() < 0.55
+    torch.testing.assert_close(out[4000:], content_only[5].expand(50, -1))  # cold: never an ID vector
+
+
+def test_item_id_dropout_needs_item_ids_and_a_probability():
+    from pathlib import Path
+
+    from learn.config import ConfigError, load_config
+
+    conf = Path(__file__).resolve().parents[2] / "conf/tiny.yaml"
+    with pytest.raises(ConfigError, match="model.item_id_dropout=0.5 has no effect without model.item_id_embedding"):
+        load_config(conf, ["model.item_id_dropout=0.5"])
+    with pytest.raises(ConfigError, match="model.item_id_dropout"):
+        load_config(conf, ["model.item_id_embedding=true", "model.item_id_dropout=1"])
+    cfg = load_config(conf, ["model.item_id_embedding=true", "model.item_id_dropout=0.5"])
+    assert TowerConfig.from_model_config(cfg.model, 16, 30).item_id_dropout == 0.5  # the bundle's config keeps it
