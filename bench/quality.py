@@ -153,6 +153,8 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
     # issue 14, served item IDs on the sixth freeze: IDs alone peaked at epoch 3-4 and valid preferred the
     # content-only towers; with ID dropout half the item occurrences train without their ID vector
     ("lever_item_ids_freeze_6", "lever: served item ID vectors (warm items) on the sixth freeze", FREEZE_6, ITEM_IDS),
+    ("lever_item_ids_freeze_6_seed1", "served item ID vectors on the sixth freeze, seed 1", FREEZE_6,
+     [*ITEM_IDS, "seed=1"]),
     ("lever_item_id_dropout", "lever: served item ID vectors, each left out of half the training occurrences",
      FREEZE_6, ID_DROPOUT),
     ("lever_item_id_dropout_seed1", "item ID vectors with ID dropout, seed 1", FREEZE_6, [*ID_DROPOUT, "seed=1"]),
