@@ -36,10 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.ensemble_probe import load_row  # noqa: E402
-from learn.config import load_config  # noqa: E402
-from learn.data.load import load_sequences  # noqa: E402
-from learn.embed.catalog import embed_items  # noqa: E402
+from bench.ensemble_probe import load_row, probe_inputs  # noqa: E402
 from learn.evaluate.metrics import metrics_from_ranks, sample_users, segment_metrics, target_ranks_both  # noqa: E402
 from learn.train.fit import selection_key  # noqa: E402
 from learn.train.loop import choose_score_mix, evaluate_model, mix_metric_key  # noqa: E402
@@ -63,12 +60,7 @@ def main() -> None:
     ap.add_argument("--boosts", default="0,0.02,0.05,0.1,0.2,0.3,0.5")
     ap.add_argument("--json", default="bench/results/cold_probe.json")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    cfg = load_config(ROOT / args.config, [f"data.path={args.data}", *args.set])
-    _, data = load_sequences(cfg.data)
-    splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
-    popularity = splits.train_popularity(data.num_items)
-    content, _, encoder_id = embed_items(cfg.embed, data.name, data.item_ids, data.texts, False)
+    cfg, data, splits, popularity, content, encoder_id = probe_inputs(ROOT / args.config, args.data, args.set)
     model = load_row(args.row, content, popularity, encoder_id)
     if args.rescore:
         return rescore(args, cfg, model, splits, popularity, encoder_id)

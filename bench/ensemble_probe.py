@@ -37,6 +37,18 @@ from learn.train.loop import user_embeddings  # noqa: E402
 from learn.utils import atomic_write_text  # noqa: E402
 
 
+def probe_inputs(config: Path, data_path: str, overrides: list[str] | None = None):
+    """What every probe starts from: the config, the dataset, its splits, the training popularity and
+    the content vectors (from the content store when it holds them) with their encoder id."""
+    torch.set_num_threads(1)
+    cfg = load_config(config, [f"data.path={data_path}", *(overrides or [])])
+    _, data = load_sequences(cfg.data)
+    splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
+    popularity = splits.train_popularity(data.num_items)
+    content, _, encoder_id = embed_items(cfg.embed, data.name, data.item_ids, data.texts, False)
+    return cfg, data, splits, popularity, content, encoder_id
+
+
 def load_row(name: str, content: np.ndarray, popularity: np.ndarray, encoder_id: str) -> TwinTowers:
     found = sorted((ROOT / "runs" / "bench-quality" / name).glob("*/towers/towers_state.pt"),
                    key=lambda p: p.stat().st_mtime)
@@ -60,12 +72,7 @@ def main() -> None:
     ap.add_argument("--pop-weights", default="0", help="weights of the popularity prior (every pair with --weights)")
     ap.add_argument("--json", default="bench/results/ensemble_probe.json")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    cfg = load_config(ROOT / args.config, [f"data.path={args.data}"])
-    _, data = load_sequences(cfg.data)
-    splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
-    popularity = splits.train_popularity(data.num_items)
-    content, _, encoder_id = embed_items(cfg.embed, data.name, data.item_ids, data.texts, False)
+    cfg, data, splits, popularity, content, encoder_id = probe_inputs(ROOT / args.config, args.data)
     weights = [(float(w), float(p)) for w in args.weights.split(",") for p in args.pop_weights.split(",")]
     items_raw = content_item_vectors(content)
     prior = torch.as_tensor(np.log1p(popularity) / np.log1p(popularity.max()), dtype=torch.float32)[:, None]
