@@ -11,8 +11,8 @@ Per row and split, on the towers alone (no served mix), history not excluded:
 - ``ndcg_at_10_seen_pair`` / ``_new_pair``: NDCG@10 on the users whose (last history item -> target)
   transition occurs in some training sequence, and on the others; ``seen_pair_share`` is how many
   users have such a target (a property of the split, the same for every row).
-Scores are computed a block of users at a time ([block, catalog]), ranks as in the runs (items scoring
-at or above the target). Writes ``--json``.
+Ranks come from learn.evaluate.metrics.target_ranks_both, as in the runs (streamed over user chunks and
+item blocks). Writes ``--json``.
 """
 
 from __future__ import annotations
@@ -29,41 +29,36 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.ensemble_probe import load_row, probe_inputs  # noqa: E402
+from learn.evaluate.metrics import metrics_from_ranks, target_ranks_both  # noqa: E402
+from learn.towers.mix import last_items  # noqa: E402
 from learn.train.loop import user_embeddings  # noqa: E402
 from learn.utils import atomic_write_text  # noqa: E402
 
 
 def training_pairs(train, num_items: int) -> np.ndarray:
     """Sorted unique codes a * num_items + b of every consecutive (a, b) in the training sequences."""
-    flat, lengths = train.values, train.lengths()
-    starts = np.cumsum(lengths) - lengths
-    nxt = np.ones(len(flat), dtype=bool)
-    nxt[(starts + lengths - 1)[lengths > 0]] = False  # a sequence's last item has no successor
+    nxt = np.ones(len(train.values), dtype=bool)
+    nxt[train.offsets[1:][np.diff(train.offsets) > 0] - 1] = False  # a sequence's last item has no successor
     idx = np.flatnonzero(nxt)
-    return np.unique(flat[idx].astype(np.int64) * num_items + flat[idx + 1])
+    return np.unique(train.values[idx].astype(np.int64) * num_items + train.values[idx + 1])
 
 
-def probe(model, split, max_history: int, pairs: np.ndarray, num_items: int, block: int = 1024) -> dict:
+def probe(model, split, max_history: int, pairs: np.ndarray, num_items: int) -> dict:
     users = user_embeddings(model, split.histories, max_history)
     items = model.all_item_embeddings()
-    hist = split.histories
-    last = hist.values[hist.offsets[1:] - 1].astype(np.int64)  # every history has at least one item
-    targets = np.asarray(split.targets, dtype=np.int64)
-    ranks, last_rank = np.empty(len(targets), np.int64), np.empty(len(targets), np.int64)
+    last, targets = last_items(split.histories), np.asarray(split.targets, dtype=np.int64)
     with torch.no_grad():
-        for s in range(0, len(targets), block):
-            sc = users[s:s + block] @ items.T
-            rows = torch.arange(sc.shape[0])
-            t = torch.as_tensor(targets[s:s + block])
-            lst = torch.as_tensor(last[s:s + block])
-            ranks[s:s + block] = ((sc >= sc[rows, t].unsqueeze(1)).sum(1) - 1).numpy()
-            last_rank[s:s + block] = ((sc >= sc[rows, lst].unsqueeze(1)).sum(1) - 1).numpy()
-    gain = np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0)
+        ranks, _ = target_ranks_both(users, items, targets, None, need_excluded=False)
+        last_rank, _ = target_ranks_both(users, items, last, None, need_excluded=False)
     seen = np.isin(last * num_items + targets, pairs)
-    return {"users": int(len(targets)), "ndcg_at_10": float(gain.mean()), "recall_at_10": float((ranks < 10).mean()),
+
+    def ndcg(rows: np.ndarray) -> float:
+        return metrics_from_ranks(ranks[rows], (10,))["ndcg_at_10"] if rows.any() else 0.0
+
+    overall = metrics_from_ranks(ranks, (10,))
+    return {"users": int(len(targets)), "ndcg_at_10": overall["ndcg_at_10"], "recall_at_10": overall["recall_at_10"],
             "last_in_top10": float((last_rank < 10).mean()), "seen_pair_share": float(seen.mean()),
-            "ndcg_at_10_seen_pair": float(gain[seen].mean()) if seen.any() else 0.0,
-            "ndcg_at_10_new_pair": float(gain[~seen].mean()) if (~seen).any() else 0.0}
+            "ndcg_at_10_seen_pair": ndcg(seen), "ndcg_at_10_new_pair": ndcg(~seen)}
 
 
 def main() -> None:

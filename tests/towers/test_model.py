@@ -137,7 +137,8 @@ def test_item_id_dropout_leaves_ids_out_of_training_occurrences_only():
         m.stacks[0].id_embedding.weight[1:].normal_()
     plain = TwinTowers(TowerConfig(**{**cfg.to_dict(), "num_id_items": 0}), m.content[1:].clone())
     plain.load_state_dict(m.state_dict(), strict=False)
-    m.eval(), plain.eval()
+    m.eval()
+    plain.eval()
     items = torch.arange(n)
     with_ids, content_only = m.item_embedding(items), plain.item_embedding(items)
     assert (with_ids[:5] - content_only[:5]).abs().max() > 1e-3
