@@ -58,6 +58,9 @@ COLD_CONTENT = "score.cold_content_weights=[0.3,0.6,1,2]"
 ITEM_IDS = ["model.item_id_embedding=true"]
 ID_DROPOUT = [*ITEM_IDS, "model.item_id_dropout=0.5"]
 LOGIT_ADJUST = ["train.logit_adjustment=1", "score.popularity_weights=[0,0.02,0.05,0.1,0.2,0.3]"]
+# issue 14: the sixth freeze's 4 content-only members beside 4 members with item ID vectors (64 dims each),
+# one pair of towers, each group early-stopped on its own valid score (model.id_members)
+CONTENT_ID_MEMBERS = ["model.members=8", "model.d_out=512", *ITEM_IDS, "model.id_members=4"]
 
 ROWS: list[tuple[str, str, str, list[str]]] = [
     ("floor_last_minilm", "no training: user = last item, MiniLM", LATEST, ["train.recipe=content_last"]),
@@ -158,6 +161,11 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
     ("lever_item_id_dropout", "lever: served item ID vectors, each left out of half the training occurrences",
      FREEZE_6, ID_DROPOUT),
     ("lever_item_id_dropout_seed1", "item ID vectors with ID dropout, seed 1", FREEZE_6, [*ID_DROPOUT, "seed=1"]),
+    # issue 14: content towers and ID towers win on different users (bench/id_probe.py); their average was the
+    # best valid-selected score of bench/ensemble_probe.py. Here trained as one pair of towers
+    ("lever_content_id_members", "lever: 4 content-only members + 4 members with item ID vectors, each group at its "
+     "own best epoch", FREEZE_6, CONTENT_ID_MEMBERS),
+    ("lever_content_id_members_seed1", "content-only + ID members, seed 1", FREEZE_6, [*CONTENT_ID_MEMBERS, "seed=1"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM", FREEZE_1, ["model.item_id_embedding=true", "export.enabled=false"]),
 ]

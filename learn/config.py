@@ -121,6 +121,10 @@ class ModelConfig:
     # loses its ID vector with this probability, so the towers also learn to score from content alone and
     # the ID vectors cannot carry the whole fit (evaluation and serving keep every seen item's ID vector)
     item_id_dropout: float = 0.0
+    # with item_id_embedding: only the last id_members of the model.members members get ID vectors, the
+    # others score from content alone (0: every member has them). The two groups are early-stopped apart
+    # (ID members fit in a few epochs, content members keep learning), each kept at its own best epoch
+    id_members: int = 0
     # an ensemble of independently initialised stacks trained and exported as one pair of towers;
     # d_out is the total width (d_out / members per member)
     members: int = 1
@@ -445,6 +449,9 @@ def _check_effects(cfg: Config, explicit: set[str]) -> None:
     if cfg.model.item_id_dropout and not cfg.model.item_id_embedding:
         raise ConfigError(f"model.item_id_dropout={cfg.model.item_id_dropout} has no effect without "
                           f"model.item_id_embedding=true: set both or drop model.item_id_dropout")
+    if cfg.model.id_members and not cfg.model.item_id_embedding:
+        raise ConfigError(f"model.id_members={cfg.model.id_members} has no effect without "
+                          f"model.item_id_embedding=true: set both or drop model.id_members")
     if recipe in typing.get_args(BaselineName):
         if cfg.model.item_id_embedding:
             raise ConfigError(f"model.item_id_embedding=true has no effect with train.recipe={recipe} (a "
@@ -548,6 +555,12 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
         values = flat[key] if isinstance(flat[key], list) else [flat[key]]
         if key != "data.time_cut" and any(not 0 <= v < 1 for v in values):
             raise ConfigError(f"key '{key}' must be in [0, 1), got {flat[key]}")
+    if not 0 <= cfg.model.id_members < cfg.model.members:
+        raise ConfigError(f"key 'model.id_members' must be in 0..model.members-1 ({cfg.model.members - 1}): the "
+                          f"last id_members members get item ID vectors, 0 = every member; got {cfg.model.id_members}")
+    if cfg.model.id_members and cfg.train.pretrain_epochs > 0:
+        raise ConfigError("model.id_members > 0 with train.pretrain_epochs > 0 is not supported: the member groups "
+                          "are early-stopped apart within one stage; set one of them to 0")
     if cfg.model.item_id_embedding and cfg.train.backend != "local":
         raise ConfigError("model.item_id_embedding=true runs with train.backend=local only for now (here "
                           f"train.backend={cfg.train.backend})")

@@ -12,7 +12,7 @@ Layout (all listed in ``manifest.json``, which is written last)::
     item_embeddings.parquet  item_id: string, vector: fixed_size_list<float32>[d_out]
     index/                   FAISS index of the item embeddings (ItemIndex.save)
     index/provenance.json    {"tower_id", "item_embeddings_sha256"}: what the index was built from
-    item_id_vectors.parquet  item_id: string, vector: fixed_size_list<float32>[members x d_model]
+    item_id_vectors.parquet  item_id: string, vector: fixed_size_list<float32>[ID members x d_model]
                              (towers with item ID embeddings only: each item's learned ID vector,
                              zeros for an item without one; the exported towers take them as input)
 
@@ -78,7 +78,7 @@ from learn.index.faiss_index import (
     recall_of_rows,
 )
 from learn.towers.mix import ScoreMix
-from learn.towers.model import TowerConfig, TwinTowers
+from learn.towers.model import TowerConfig, TwinTowers, id_width
 from learn.utils import file_sha256
 
 log = logging.getLogger(__name__)
@@ -451,7 +451,7 @@ def write_bundle(model: TwinTowers, item_ids: Sequence[str], content: np.ndarray
             digests = {TOWERS_STATE: {"size": paths["state"].stat().st_size, "sha256": tower_id}}
             tower = load_item_tower(paths["item_tower"])
         id_rows = None
-        if model.id_width:  # [N, members x d_model], zeros for items unseen in training
+        if model.id_width:  # [N, ID members x d_model], zeros for items unseen in training
             id_rows = np.empty((len(ids), model.id_width), dtype=np.float32)
             for a in range(0, len(ids), GROUP_ROWS):
                 b = min(a + GROUP_ROWS, len(ids))
@@ -834,9 +834,9 @@ def load_bundle(directory: str | Path) -> Bundle:
         if vec_ids != content_ids:
             raise ArtifactError(f"item id mismatch: {ITEM_ID_VECTORS} and {CONTENT} list "
                                 f"{_first_difference(vec_ids, content_ids)}")
-        if id_vectors.shape[1] != config.members * config.d_model:
-            raise ArtifactError(f"{ITEM_ID_VECTORS} width {id_vectors.shape[1]}, expected members x d_model = "
-                                f"{config.members * config.d_model}")
+        if id_vectors.shape[1] != id_width(config):
+            raise ArtifactError(f"{ITEM_ID_VECTORS} width {id_vectors.shape[1]}, expected ID members x d_model = "
+                                f"{id_width(config)}")
     try:
         index = load_index(directory / INDEX_DIR)
     except ItemIndexError as exc:

@@ -36,7 +36,8 @@ def _stack(model: TwinTowers) -> TwinTowers:
     memo[id(model.content)] = None
     if model.cfg.num_id_items:  # nor the ID tables: the exported towers take ID vectors as an input
         for stack in model.stacks:
-            memo[id(stack.id_embedding)] = None
+            if stack.id_embedding is not None:
+                memo[id(stack.id_embedding)] = None
         memo[id(model.id_known)] = None
     return copy.deepcopy(model, memo).eval()
 

@@ -25,6 +25,11 @@ members     ``members`` = K > 1 gives K independently initialised stacks (adapto
             (d_out / K each) divided by sqrt(K), so a dot product is the mean of the members' cosines.
             Training takes each member's loss on its own slice (``member_slices``): an ensemble
             trained, selected and exported as one pair of towers.
+id members  with item ID embeddings (``num_id_items``), ``id_members`` = k in 1..members-1 gives the ID
+            vectors to the last k members only: the first members score from content alone, the last
+            from content + IDs (``member_groups``: the two groups, which ``learn.train.fit`` early-stops
+            apart, since ID members fit in a few epochs and content members keep learning). 0: every
+            member has ID vectors.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class TowerConfig:
     num_id_items: int = 0
     item_id_dropout: float = 0.0  # training only: share of item occurrences whose ID vector is left out
     members: int = 1  # independently initialised stacks whose outputs are concatenated (d_out / members each)
+    id_members: int = 0  # with num_id_items: only the last id_members members get ID vectors (0: all of them)
     input_views: list[str] = field(default_factory=lambda: ["center"])  # center | whiten | group (see above)
     whiten_shrinkage: float = 0.1  # added to the covariance, as a multiple of its mean eigenvalue
     whiten_groups: int = 4  # blocks of dimensions the group view whitens separately
@@ -132,7 +138,13 @@ class TwinTowers(nn.Module):
                 raise ValueError(f"item ID embeddings need num_id_items = catalog size ({content.shape[0]}) and "
                                  f"id_known [{content.shape[0]}] bool")
             self.register_buffer("id_known", torch.cat([torch.zeros(1, dtype=torch.bool), id_known.bool()]))
-        self.stacks = nn.ModuleList(Stack(cfg) for _ in range(cfg.members))  # the ensemble's members
+        if cfg.id_members and not (cfg.num_id_items and 0 < cfg.id_members < cfg.members):
+            raise ValueError(f"model.id_members ({cfg.id_members}) needs item ID embeddings and must be in "
+                             f"1..model.members-1 ({cfg.members - 1}); 0 gives every member ID vectors")
+        with_ids = set(id_member_indices(cfg))
+        self.stacks = nn.ModuleList(Stack(cfg, m in with_ids) for m in range(cfg.members))  # the ensemble's members
+        # members whose training has ended (learn.train.fit): skipped while training, kept in evaluation
+        self.frozen_members: frozenset[int] = frozenset()
 
     @classmethod
     def from_config(cls, m: ModelConfig, content: np.ndarray | torch.Tensor,
@@ -190,14 +202,17 @@ class TwinTowers(nn.Module):
         inputs = self.input_views(x, valid)
         ids: list[torch.Tensor | None] = [None] * len(self.stacks)
         if self.cfg.num_id_items:
+            with_ids = id_member_indices(self.cfg)
             if id_vectors is not None:
-                ids = list(id_vectors.float().chunk(len(self.stacks), dim=-1))
+                for m, part in zip(with_ids, id_vectors.float().chunk(len(with_ids), dim=-1)):
+                    ids[m] = part
             elif tokens is not None:
                 keep = self.id_known[tokens]
                 if self.training and self.cfg.item_id_dropout > 0:
                     keep = keep & (torch.rand(tokens.shape, device=tokens.device) >= self.cfg.item_id_dropout)
                 known = torch.where(keep, tokens, torch.zeros_like(tokens))
-                ids = [stack.id_embedding(known) for stack in self.stacks]
+                for m in with_ids:
+                    ids[m] = self.stacks[m].id_embedding(known)
             else:
                 raise ValueError("this model adds item ID embeddings: it needs the items' tokens or ID vectors")
         if self.cfg.positions == "learned" and L > self.cfg.max_len:
@@ -206,8 +221,19 @@ class TwinTowers(nn.Module):
             mask = ~torch.eye(L, dtype=torch.bool, device=x.device)
         else:
             mask = torch.triu(torch.ones(L, L, dtype=torch.bool, device=x.device), diagonal=1)
-        outs = [stack(inputs, member_ids, mask, self_only, user) for stack, member_ids in zip(self.stacks, ids)]
+        skip = self.frozen_members if self.training else frozenset()
+        width = self.cfg.d_out // len(self.stacks)
+        outs = [x.new_zeros(*x.shape[:-1], width) if m in skip else stack(inputs, member_ids, mask, self_only, user)
+                for m, (stack, member_ids) in enumerate(zip(self.stacks, ids))]
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1) / len(outs) ** 0.5
+
+    def member_groups(self) -> list[list[int]]:
+        """The members that train and early-stop together: one group, or with ``id_members`` the content-only
+        members and the members with ID vectors (in that order)."""
+        with_ids = id_member_indices(self.cfg) if self.cfg.num_id_items else []
+        if not with_ids or len(with_ids) == len(self.stacks):
+            return [list(range(len(self.stacks)))]
+        return [[m for m in range(len(self.stacks)) if m not in with_ids], with_ids]
 
     def encode_sequence(self, tokens: torch.Tensor, self_only: bool = False, user: bool = False) -> torch.Tensor:
         """[B, L] tokens (0 = pad, right-padded) -> [B, L, d_out]: ``encode_vectors`` on their content."""
@@ -227,19 +253,20 @@ class TwinTowers(nn.Module):
 
     @property
     def id_width(self) -> int:
-        """Width of one item's ID vector (all members' side by side; 0 without item ID embeddings)."""
-        return self.cfg.members * self.cfg.d_model if self.cfg.num_id_items else 0
+        """Width of one item's ID vector (the ID members' side by side; 0 without item ID embeddings)."""
+        return id_width(self.cfg)
 
     @torch.no_grad()
     def id_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        """[M] catalog indices -> [M, members x d_model]: each member's learned ID vector side by side,
+        """[M] catalog indices -> [M, ID members x d_model]: each ID member's learned ID vector side by side,
         zeros for items unseen in training (what the exported towers take beside content vectors)."""
         if not self.cfg.num_id_items:
             raise ValueError("these towers have no item ID embeddings (model.item_id_embedding=false)")
         tokens = items + 1
         seen = self.id_known[tokens]
         known = torch.where(seen, tokens, torch.zeros_like(tokens))
-        return torch.cat([stack.id_embedding(known) for stack in self.stacks], -1) * seen.unsqueeze(-1)
+        vectors = [self.stacks[m].id_embedding(known) for m in id_member_indices(self.cfg)]
+        return torch.cat(vectors, -1) * seen.unsqueeze(-1)
 
     def item_embedding(self, items: torch.Tensor) -> torch.Tensor:
         """[M] catalog indices -> [M, d_out]: the stack on each item alone (length-1 sequence)."""
@@ -275,7 +302,7 @@ class Stack(nn.Module):
     """One member: adaptor, optional positions and ID embedding, input norm and dropout, the causal
     post-LN transformer and the output head(s); outputs are L2-normalised, d_out / members wide."""
 
-    def __init__(self, cfg: TowerConfig):
+    def __init__(self, cfg: TowerConfig, with_ids: bool = False):
         super().__init__()
         width = cfg.d_out // cfg.members
         self.adaptor = make_adaptor(cfg)  # the first input view's
@@ -292,7 +319,7 @@ class Stack(nn.Module):
         self.head = nn.Linear(cfg.d_model, width)
         self.user_head = nn.Linear(cfg.d_model, width) if cfg.user_head == "separate" else None
         self.id_embedding = None
-        if cfg.num_id_items:  # learned ID vectors of the items seen in training (model.item_id_embedding)
+        if cfg.num_id_items and with_ids:  # learned ID vectors of the items seen in training (model.item_id_embedding)
             self.id_embedding = nn.Embedding(cfg.num_id_items + 1, cfg.d_model, padding_idx=0)
             nn.init.zeros_(self.id_embedding.weight)  # training starts from the content-only model
 
@@ -315,6 +342,19 @@ class Stack(nn.Module):
         h = self.encoder(h, mask=mask, is_causal=not self_only)
         head = self.user_head if (user and self.user_head is not None) else self.head
         return F.normalize(head(h), dim=-1)
+
+
+def id_member_indices(cfg: TowerConfig) -> list[int]:
+    """The members with item ID vectors: none without ID embeddings, the last ``id_members`` with them
+    (every member when ``id_members`` is 0)."""
+    if not cfg.num_id_items:
+        return []
+    return list(range(cfg.members - cfg.id_members, cfg.members)) if cfg.id_members else list(range(cfg.members))
+
+
+def id_width(cfg: TowerConfig) -> int:
+    """Width of one item's ID vector in a bundle: d_model per member with ID vectors."""
+    return len(id_member_indices(cfg)) * cfg.d_model
 
 
 def check_input_views(cfg: TowerConfig) -> None:

@@ -186,6 +186,33 @@ def evaluate_model(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, ma
     return out
 
 
+def group_columns(vectors: torch.Tensor, group: list[int], members: int) -> torch.Tensor:
+    """The columns of ``group``'s members in tower outputs [..., d_out] (``members`` concatenated), scaled
+    so that a dot product is the mean of those members' cosines: the group's own towers."""
+    width = vectors.shape[-1] // members
+    cols = torch.cat([torch.arange(m * width, (m + 1) * width, device=vectors.device) for m in group])
+    return vectors[..., cols] * (members / len(group)) ** 0.5
+
+
+def evaluate_groups(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
+                    groups: list[list[int]], prefix: str = "",
+                    item_bias: torch.Tensor | None = None) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Full-ranking metrics of the whole towers and of each member group's own towers on ``split``
+    (``TwinTowers.member_groups``), from one pass of the towers; ``item_bias`` as in ``evaluate_model``."""
+    users = user_embeddings(model, split.histories, max_history)
+    items = model.all_item_embeddings()
+    k = model.cfg.members
+
+    def metrics(u: torch.Tensor, i: torch.Tensor) -> dict[str, float]:
+        u, i = with_item_bias(u, i, item_bias)
+        return evaluate_both_modes(u, i, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
+                                   chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block, prefix=prefix,
+                                   popularity_buckets=eval_cfg.popularity_buckets,
+                                   history_buckets=eval_cfg.history_buckets)
+
+    return metrics(users, items), [metrics(group_columns(users, g, k), group_columns(items, g, k)) for g in groups]
+
+
 def mixed_vectors(model: TwinTowers, split: EvalSplit, users: torch.Tensor, items: torch.Tensor, mix: ScoreMix,
                   prior: np.ndarray | None, served_items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(users, items) of the served score ``mix`` from the towers' vectors of ``split``'s users and

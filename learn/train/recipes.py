@@ -58,9 +58,14 @@ def _core(model):
 
 def _per_member(model, loss_fn: Loss, *vectors: torch.Tensor) -> torch.Tensor:
     """Each member trained on its own slice of the tower outputs, as if alone (an ensemble, not
-    one wide model): the mean of the members' losses. ``loss_fn`` takes one slice of each of ``vectors``."""
-    k = _core(model).cfg.members
-    return torch.stack([loss_fn(*parts) for parts in zip(*(member_slices(v, k) for v in vectors))]).mean()
+    one wide model): the mean of the members' losses. ``loss_fn`` takes one slice of each of ``vectors``.
+    Members whose training has ended (``TwinTowers.frozen_members``) add no term; the sum is still
+    divided by every member, so the others' gradients keep their scale."""
+    core = _core(model)
+    k = core.cfg.members
+    terms = [loss_fn(*parts) for m, parts in enumerate(zip(*(member_slices(v, k) for v in vectors)))
+             if m not in core.frozen_members]
+    return torch.stack(terms).mean() if len(terms) == k else torch.stack(terms).sum() / k
 
 
 def _user_vectors(model, batch: PairBatch, rows) -> torch.Tensor:
