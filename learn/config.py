@@ -115,7 +115,7 @@ class ModelConfig:
     # transductive option (off by default): a learned ID embedding added to the content input of every
     # item seen in training; cold items and every item new or re-embedded since training get none (a zero
     # ID vector: served from content alone). Exported: the bundle carries the ID vectors
-    # (item_id_vectors.parquet) and the exported towers take them. One process only (train.backend=local)
+    # (item_id_vectors.parquet) and the exported towers take them
     item_id_embedding: bool = False
     # with item_id_embedding: during training each item occurrence (history position or softmax column)
     # loses its ID vector with this probability, so the towers also learn to score from content alone and
@@ -561,9 +561,6 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
     if cfg.model.id_members and cfg.train.pretrain_epochs > 0:
         raise ConfigError("model.id_members > 0 with train.pretrain_epochs > 0 is not supported: the member groups "
                           "are early-stopped apart within one stage; set one of them to 0")
-    if cfg.model.item_id_embedding and cfg.train.backend != "local":
-        raise ConfigError("model.item_id_embedding=true runs with train.backend=local only for now (here "
-                          f"train.backend={cfg.train.backend})")
     problem = input_views_problem(cfg.model.input_views, cfg.model.center_inputs, cfg.model.item_tower)
     if problem:
         raise ConfigError(problem)

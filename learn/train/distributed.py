@@ -61,9 +61,9 @@ from learn.towers.model import TowerConfig, TwinTowers
 from learn.secrets import with_env_credentials
 from learn.tracking.mlflow_run import resolve_uri
 from learn.evaluate.metrics import metrics_both_modes, sample_users, target_ranks_both
-from learn.train.fit import FitResult, FitState, cpu_state, evaluation_due
-from learn.train.loop import (cfg_steps_per_epoch, evaluate_model, make_optimizer, make_scheduler, run_epoch,
-                              training_item_bias, user_embeddings, with_item_bias)
+from learn.train.fit import FitResult, FitState, cpu_state, evaluation_due, finish_groups, freeze_stopped_groups
+from learn.train.loop import (cfg_steps_per_epoch, evaluate_groups, evaluate_model, group_columns, make_optimizer,
+                              make_scheduler, run_epoch, training_item_bias, user_embeddings, with_item_bias)
 from learn.train.recipes import whole_rows
 
 STATE_FILE = "state.pt"
@@ -93,6 +93,7 @@ class _Spec:
     seed: int
     tracking: MlflowTarget | None
     hook: WorkerHook | None
+    id_known: np.ndarray | None = None  # [num_items] bool: the items with ID vectors (model.item_id_embedding)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -157,10 +158,12 @@ def _all_gather_array(local: np.ndarray) -> np.ndarray:
 
 
 def evaluate_sharded(core: TwinTowers, split: EvalSplit, ev: EvalConfig, max_history: int, rank: int,
-                     world: int, prefix: str = "", item_bias: torch.Tensor | None = None) -> dict[str, float]:
+                     world: int, prefix: str = "", item_bias: torch.Tensor | None = None,
+                     groups: list[list[int]] | None = None):
     """``evaluate_model`` split across the DDP ranks (call on every rank; every rank gets the metrics):
     rank r embeds the r-th share of the catalog and ranks the r-th share of the users (``item_bias``
-    as in ``evaluate_model``)."""
+    as in ``evaluate_model``). With member ``groups``: (the towers' metrics, each group's own), as
+    ``learn.train.loop.evaluate_groups``, from the same tower vectors."""
     was = core.training
     core.eval()
     n = core.num_items
@@ -172,12 +175,21 @@ def evaluate_sharded(core: TwinTowers, split: EvalSplit, ev: EvalConfig, max_his
     core.train(was)
     rows = np.array_split(np.arange(len(split)), world)[rank]
     part = split.subset(rows)
-    users, items = with_item_bias(user_embeddings(core, part.histories, max_history), items, item_bias)
-    incl, excl = target_ranks_both(users, items, part.targets, part.histories, chunk_size=ev.chunk_size,
-                                   item_block=ev.item_block)
-    return metrics_both_modes(_all_gather_array(incl), _all_gather_array(excl), split, ks=ev.ks,
-                              exclude_history=ev.exclude_history, prefix=prefix,
-                              popularity_buckets=ev.popularity_buckets, history_buckets=ev.history_buckets)
+    users = user_embeddings(core, part.histories, max_history)
+
+    def metrics(u: torch.Tensor, i: torch.Tensor) -> dict[str, float]:
+        u, i = with_item_bias(u, i, item_bias)
+        incl, excl = target_ranks_both(u, i, part.targets, part.histories, chunk_size=ev.chunk_size,
+                                       item_block=ev.item_block)
+        return metrics_both_modes(_all_gather_array(incl), _all_gather_array(excl), split, ks=ev.ks,
+                                  exclude_history=ev.exclude_history, prefix=prefix,
+                                  popularity_buckets=ev.popularity_buckets, history_buckets=ev.history_buckets)
+
+    whole = metrics(users, items)
+    if groups is None:
+        return whole
+    k = core.cfg.members
+    return whole, [metrics(group_columns(users, g, k), group_columns(items, g, k)) for g in groups]
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -241,27 +253,34 @@ def _train_worker(config: dict[str, Any]) -> None:
     with warnings.catch_warnings():  # the shared matrix is read-only: the towers never write it
         warnings.filterwarnings("ignore", message=".*not writable.*")
         content = torch.from_numpy(spec.content)
-    model = TwinTowers(spec.tower, content, padded=True)
+    known = None if spec.id_known is None else torch.from_numpy(spec.id_known)
+    model = TwinTowers(spec.tower, content, id_known=known, padded=True)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["content"])
     model.load_state_dict(spec.init_state)
     checkpoint = ray.train.get_checkpoint()
     saved = _load_state(checkpoint) if checkpoint is not None else None
     if saved is not None:
         model.load_state_dict(saved["model"])
+    groups = model.member_groups()
     # the content buffers never change: no per-step buffer broadcast; the item head takes no part
-    # in any loss when the item side is raw content and the user side has its own head
-    unused = spec.tower.item_tower == "c" and spec.tower.user_head == "separate"
+    # in any loss when the item side is raw content and the user side has its own head, and a member
+    # group that has stopped takes no part in any (with several groups)
+    unused = (spec.tower.item_tower == "c" and spec.tower.user_head == "separate") or len(groups) > 1
     ddp = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"forward_sync_buffers": False, "find_unused_parameters": unused})
     core: TwinTowers = ddp.module if hasattr(ddp, "module") else ddp
     device = next(core.parameters()).device
     opt = make_optimizer(core, tc)
     sched = make_scheduler(opt, tc, cfg_steps_per_epoch(spec.train, tc, spec.max_history))
-    state = FitState.start(tc, ev)
+    # one group: rank 0 keeps the fit state and decides for all. Several member groups: every rank keeps
+    # it (every rank gets the same valid metrics), so each freezes its own replica of a stopped group
+    state = FitState.start(tc, ev, groups)
+    keeps_state = rank == 0 or bool(state.groups)
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         state = FitState.from_dict(saved["fit"])
+        freeze_stopped_groups(core, state, log=False)  # the checkpoint's weights have them at their best
         if rank == 0:
             print(f"[train] resumed from the checkpoint of epoch {state.epoch}", flush=True)
             if spec.tracking is not None:
@@ -276,15 +295,22 @@ def _train_worker(config: dict[str, Any]) -> None:
                          rows=rows, device=device)
         row: dict[str, float] = {"epoch": epoch, "train_loss": loss, "lr": sched.get_last_lr()[0]}
         stop = False
-        valid = None
+        valid = group_valid = None
         if evaluation_due(epoch, tc):
-            valid = (evaluate_sharded(core, spec.valid, ev, spec.max_history, rank, world, prefix="valid_",
-                                      item_bias=bias)
-                     if world > 1 else evaluate_model(core, spec.valid, ev, spec.max_history, prefix="valid_",
-                                                      item_bias=bias))
-        if rank == 0:  # rank 0 keeps the fit state and decides for all
-            stop = state.end_epoch(epoch, row, valid, core)
-            print(state.describe(row), flush=True)
+            if world > 1:
+                got = evaluate_sharded(core, spec.valid, ev, spec.max_history, rank, world, prefix="valid_",
+                                       item_bias=bias, groups=state.groups or None)
+                valid, group_valid = got if state.groups else (got, None)
+            elif state.groups:
+                valid, group_valid = evaluate_groups(core, spec.valid, ev, spec.max_history, state.groups,
+                                                     prefix="valid_", item_bias=bias)
+            else:
+                valid = evaluate_model(core, spec.valid, ev, spec.max_history, prefix="valid_", item_bias=bias)
+        if keeps_state:
+            stop = state.end_epoch(epoch, row, valid, core, group_valid)
+            if rank == 0:
+                print(state.describe(row), flush=True)
+            freeze_stopped_groups(core, state, log=rank == 0)
         if world > 1:
             flag = torch.tensor([int(stop)], device=device)
             dist.broadcast(flag, src=0)
@@ -311,10 +337,11 @@ def _train_worker(config: dict[str, Any]) -> None:
 def make_spec(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max_history: int,
               seed: int = 0, tracking: MlflowTarget | None = None, hook: WorkerHook | None = None) -> _Spec:
     """What the workers receive (through the object store, once): flat arrays, no per-user objects."""
+    known = model.id_known[1:].cpu().numpy() if model.cfg.num_id_items else None
     return _Spec(tower=copy.deepcopy(model.cfg), content=model.content.detach().cpu().numpy(),
                  init_state=cpu_state(model), train=Ragged.from_arrays(splits.train),
                  valid=sample_users(splits.valid, eval_cfg.valid_max_users, seed), train_cfg=train_cfg,
-                 eval_cfg=eval_cfg, max_history=max_history, seed=seed, tracking=tracking, hook=hook)
+                 eval_cfg=eval_cfg, max_history=max_history, seed=seed, tracking=tracking, hook=hook, id_known=known)
 
 
 def fit_distributed(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig,
@@ -357,6 +384,9 @@ def fit_distributed(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, e
     state = FitState.from_dict(saved["fit"])
     model.load_state_dict(saved["model"])
     state.restore_best(model)
+    if state.groups:  # every group at its own best epoch: score that ensemble, as fit does
+        finish_groups(model, state, sample_users(splits.valid, eval_cfg.valid_max_users, seed), eval_cfg,
+                      max_history, training_item_bias(train_cfg, splits.train, model.num_items))
     if on_epoch is not None:
         for row in state.history:
             on_epoch(int(row["epoch"]), row)

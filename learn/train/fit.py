@@ -218,20 +218,26 @@ def fit(model, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max
         _fit_stage(model, splits, cfg, max_history, seed, state, valid_split, eval_cfg, device, on_epoch, progress,
                    stage)
     state.restore_best(model)
-    if state.groups:  # every group at its own best epoch: train them all again, and score that ensemble
-        model.frozen_members = frozenset()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        state.best_valid = evaluate_model(model, valid_split, eval_cfg, max_history, prefix="valid_",
-                                          item_bias=training_item_bias(train_cfg, splits.train, model.num_items))
-        state.best_score = state.best_valid[state.key]
-        print(f"[train] member groups at their best epochs ("
-              f"{', '.join(f'{n} {e}' for n, e in zip(state.group_names, state.group_best_epoch))}): "
-              f"{state.key} {state.best_score:.4f}", flush=True)
+    if state.groups:
+        finish_groups(model, state, valid_split, eval_cfg, max_history,
+                      training_item_bias(train_cfg, splits.train, model.num_items))
     return state.result(time.perf_counter() - start)
 
 
-def freeze_stopped_groups(model, state: FitState) -> None:
+def finish_groups(model, state: FitState, valid_split, eval_cfg: EvalConfig, max_history: int, bias) -> None:
+    """After ``restore_best`` with member groups: every group trainable again, and ``best_valid`` the
+    valid score of the ensemble of the groups at their own best epochs."""
+    model.frozen_members = frozenset()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    state.best_valid = evaluate_model(model, valid_split, eval_cfg, max_history, prefix="valid_", item_bias=bias)
+    state.best_score = state.best_valid[state.key]
+    print(f"[train] member groups at their best epochs ("
+          f"{', '.join(f'{n} {e}' for n, e in zip(state.group_names, state.group_best_epoch))}): "
+          f"{state.key} {state.best_score:.4f}", flush=True)
+
+
+def freeze_stopped_groups(model, state: FitState, log: bool = True) -> None:
     """Each group that has stopped gets its best weights back and trains no more (no gradient, no
     forward while training: ``TwinTowers.frozen_members``)."""
     for g, stopped in enumerate(state.group_stopped):
@@ -241,8 +247,9 @@ def freeze_stopped_groups(model, state: FitState) -> None:
                 for p in model.stacks[m].parameters():
                     p.requires_grad_(False)
             model.frozen_members = model.frozen_members | frozenset(state.groups[g])
-            print(f"[train] member group {state.group_names[g]} stopped: its best epoch "
-                  f"{state.group_best_epoch[g]} kept", flush=True)
+            if log:
+                print(f"[train] member group {state.group_names[g]} stopped: its best epoch "
+                      f"{state.group_best_epoch[g]} kept", flush=True)
 
 
 def _fit_stage(model, splits: Splits, train_cfg: TrainConfig, max_history: int, seed: int, state: FitState,
@@ -269,10 +276,10 @@ def _fit_stage(model, splits: Splits, train_cfg: TrainConfig, max_history: int, 
             else:
                 valid = evaluate_model(model, valid_split, eval_cfg, max_history, prefix="valid_", item_bias=bias)
         stop = state.end_epoch(epoch, row, valid, model, group_valid)
-        if state.groups:
-            freeze_stopped_groups(model, state)
         bar.set_postfix(loss=f"{loss:.4f}", valid=f"{row.get(state.key, float('nan')):.4f}", best=state.best_epoch)
         print(state.describe(row), flush=True)
+        if state.groups:
+            freeze_stopped_groups(model, state)
         if on_epoch is not None:
             on_epoch(epoch, row)
         if stop:

@@ -119,8 +119,10 @@ def test_item_id_embedding_is_refused_where_it_cannot_work():
 
     conf = Path(__file__).resolve().parents[2] / "conf/tiny.yaml"
     with pytest.raises(ConfigError, match="item_id_embedding"):
-        load_config(conf, ["model.item_id_embedding=true", "train.backend=ray"])
+        load_config(conf, ["model.item_id_embedding=true", "train.recipe=content_last"])
     assert load_config(conf, ["model.item_id_embedding=true"]).model.item_id_embedding  # exported too
+    # and trained under Ray DDP too (tests/train/test_distributed.py)
+    assert load_config(conf, ["model.item_id_embedding=true", "train.backend=ray"]).train.backend == "ray"
     with pytest.raises(ValueError, match="id_known"):
         TwinTowers(TowerConfig(d_llm=4, d_model=8, n_layers=1, n_heads=2, d_ff=8, d_out=4, num_id_items=3),
                    torch.randn(3, 4))

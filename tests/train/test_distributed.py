@@ -15,6 +15,7 @@ from learn.train.fit import fit
 from learn.train.loop import evaluate_model, make_optimizer, make_scheduler, run_epoch, steps_per_epoch
 from tests.fakes import FailOnce
 from tests.train.test_loop import model_for, synthetic
+from tests.train.test_member_groups import synthetic_id_towers
 
 pytestmark = pytest.mark.slow  # real Ray (or spawned DDP processes): tens of seconds each
 
@@ -155,6 +156,26 @@ def test_ray_ddp_matches_one_process_fit(flaky_run):
             assert mine[k] == pytest.approx(theirs[k], abs=ATOL), k
     assert got.best_valid["valid_ndcg_at_10"] == pytest.approx(ref.best_valid["valid_ndcg_at_10"], abs=ATOL)
     assert_same_weights(flaky_run["model"].state_dict(), local.state_dict())  # best weights, loaded
+
+
+def test_ray_ddp_with_member_groups_matches_one_process_fit(ray_local, tmp_path):
+    """A content-only member beside a member with item ID vectors on two Ray workers: every rank keeps the
+    fit state, stops each group on its own valid score and freezes its replica of a stopped group; the
+    history, each group's best epoch and the final weights are the one process's."""
+    splits, model = synthetic_id_towers(dropout=0.0)
+    start = copy.deepcopy(model)
+    tc = TrainConfig(**{**RAY_CFG, "max_failures": 0, "epochs": 10})
+    got = fit_distributed(model, splits, tc, EvalConfig(ks=[10]), 10, seed=0, storage_path=tmp_path / "ray",
+                          run_name="groups")
+    local = copy.deepcopy(start)
+    ref = fit(local, splits, tc, EvalConfig(ks=[10]), 10, seed=0, progress=False)
+    assert [h["epoch"] for h in got.history] == [h["epoch"] for h in ref.history]
+    for mine, theirs in zip(got.history, ref.history):
+        for k in ("train_loss", "valid_ndcg_at_10", "valid_ndcg_at_10_content", "valid_ndcg_at_10_ids"):
+            assert mine[k] == pytest.approx(theirs[k], abs=ATOL), (mine["epoch"], k)
+    assert got.best_epoch == ref.best_epoch
+    assert got.best_valid["valid_ndcg_at_10"] == pytest.approx(ref.best_valid["valid_ndcg_at_10"], abs=ATOL)
+    assert_same_weights(model.state_dict(), local.state_dict())
 
 
 def test_ray_resumes_from_the_checkpoint_after_a_worker_failure(flaky_run):

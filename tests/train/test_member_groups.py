@@ -27,6 +27,16 @@ def id_towers(members=3, id_members=1, seed=0, content=None, d_llm=D_LLM, n_item
     return TwinTowers(cfg, content, id_known=torch.as_tensor(seen)), content
 
 
+def synthetic_id_towers(dropout=0.1):
+    """tests.train.test_loop's synthetic task, with towers of one content-only member and one with IDs."""
+    splits, content = synthetic()
+    seen = np.zeros(len(content), bool)
+    seen[np.unique(np.concatenate(splits.train))] = True
+    model, _ = id_towers(members=2, id_members=1, content=content, d_llm=16, n_items=len(content), seen=seen,
+                         dropout=dropout)
+    return splits, model
+
+
 def test_only_the_last_id_members_get_id_vectors_and_the_others_ignore_them():
     model, _ = id_towers(members=3, id_members=1)
     assert [s.id_embedding is not None for s in model.stacks] == [False, False, True]
@@ -70,16 +80,11 @@ def test_the_bundle_serves_what_the_mixed_towers_score(tmp_path):
 
 
 def test_frozen_members_add_no_loss_term_and_get_no_gradient():
-    splits, content = synthetic()
-    seen = np.zeros(len(content), bool)
-    seen[np.unique(np.concatenate(splits.train))] = True
-    model, _ = id_towers(members=2, id_members=1, content=content, d_llm=16, n_items=len(content), seen=seen,
-                         dropout=0.0)
+    splits, model = synthetic_id_towers(dropout=0.0)
     tc = TrainConfig(recipe="full_softmax", batch_size=32, lr=1e-2)
     batch = next(iter(epoch_batches(splits.train, tc, 10, 0, 1, num_items=model.num_items)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     full = train_step(model, batch, opt, None, tc)
-    model.load_state_dict(model.state_dict())
     frozen = {k: v.clone() for k, v in model.stacks[1].state_dict().items()}
     model.frozen_members = frozenset({1})
     for p in model.stacks[1].parameters():
@@ -106,10 +111,7 @@ def test_groups_stop_apart_and_each_keeps_its_best_epoch(monkeypatch):
     members peak at epoch 5 and stop after 7; the result is each group at its own best epoch."""
     import learn.train.fit as fit_module
 
-    splits, content = synthetic()
-    seen = np.zeros(len(content), bool)
-    seen[np.unique(np.concatenate(splits.train))] = True
-    model, _ = id_towers(members=2, id_members=1, content=content, d_llm=16, n_items=len(content), seen=seen)
+    splits, model = synthetic_id_towers()
     content_scores = iter([0.1, 0.2, 0.3, 0.35, 0.4, 0.3, 0.2])
     id_scores = iter([0.2, 0.5, 0.4, 0.3, 0.0, 0.0, 0.0])
     snapshots = {}
@@ -144,11 +146,7 @@ def test_groups_stop_apart_and_each_keeps_its_best_epoch(monkeypatch):
 
 
 def test_a_fit_with_content_and_id_members_learns():
-    splits, content = synthetic()
-    seen = np.zeros(len(content), bool)
-    seen[np.unique(np.concatenate(splits.train))] = True
-    model, _ = id_towers(members=2, id_members=1, content=content, d_llm=16, n_items=len(content), seen=seen,
-                         dropout=0.0)
+    splits, model = synthetic_id_towers(dropout=0.0)
     ev = EvalConfig(ks=[10])
     before = evaluate_model(model, splits.valid, ev, 10)["ndcg_at_10"]
     result = fit(model, splits, TrainConfig(recipe="full_softmax", epochs=12, batch_size=32, lr=3e-3, patience=3),
