@@ -11,6 +11,10 @@ popularity(i) = log(1 + training interactions of i) / log(1 + the most popular i
 one inner product over concatenated vectors (what one faiss index over concatenated towers would
 serve; p is one more item dimension against a constant user dimension). Choose w and p on valid;
 test is printed beside them only to show what that choice gives.
+
+``--id-weights`` (towers with member groups, ``model.id_members``): the ID members' part of each user vector
+is scaled by b, so the score is the content members' cosines + b x the ID members' (b = 1: the towers as
+trained and served); every b is crossed with the weights above.
 """
 
 from __future__ import annotations
@@ -63,6 +67,18 @@ def load_row(name: str, content: np.ndarray, popularity: np.ndarray, encoder_id:
     return load_twin_towers(run_dir / "towers", torch.as_tensor(content), id_known=known)
 
 
+def id_weighted(model: TwinTowers, users: torch.Tensor, b: float) -> torch.Tensor:
+    """``users`` with the ID members' columns scaled by ``b`` (towers with member groups; else unchanged)."""
+    groups = model.member_groups()
+    if b == 1 or len(groups) == 1:
+        return users
+    out = users.clone()
+    width = users.shape[1] // model.cfg.members
+    for m in groups[1]:
+        out[:, m * width:(m + 1) * width] *= b
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -70,10 +86,12 @@ def main() -> None:
     ap.add_argument("--combo", action="append", required=True, help="comma-separated bench/quality.py rows")
     ap.add_argument("--weights", default="0,0.1,0.2", help="weights of the last-item content score")
     ap.add_argument("--pop-weights", default="0", help="weights of the popularity prior (every pair with --weights)")
+    ap.add_argument("--id-weights", default="1", help="weights of the ID members' cosines (towers with member groups)")
     ap.add_argument("--json", default="bench/results/ensemble_probe.json")
     args = ap.parse_args()
     cfg, data, splits, popularity, content, encoder_id = probe_inputs(ROOT / args.config, args.data)
-    weights = [(float(w), float(p)) for w in args.weights.split(",") for p in args.pop_weights.split(",")]
+    weights = [(float(w), float(p), float(b)) for w in args.weights.split(",") for p in args.pop_weights.split(",")
+               for b in args.id_weights.split(",")]
     items_raw = content_item_vectors(content)
     prior = torch.as_tensor(np.log1p(popularity) / np.log1p(popularity.max()), dtype=torch.float32)[:, None]
     # the untrained last-item vectors depend on the split only: once for every combo
@@ -88,14 +106,16 @@ def main() -> None:
         for which in ("valid", "test"):
             split, last = getattr(splits, which), lasts[which]
             with torch.no_grad():
-                towers_users = torch.cat([user_embeddings(m, split.histories, cfg.data.max_history)
-                                          for m in models], 1) / len(models) ** 0.5
-            for w, p in weights:
+                per_model = [user_embeddings(m, split.histories, cfg.data.max_history) for m in models]
+            for w, p, b in weights:
                 constant = torch.full((len(last), 1), p)
+                towers_users = torch.cat([id_weighted(m, u, b) for m, u in zip(models, per_model)], 1)
+                towers_users = towers_users / len(models) ** 0.5
                 users = torch.cat([towers_users, last * w ** 0.5, constant], 1)
                 items = torch.cat([towers_items, items_raw * w ** 0.5, prior], 1)
                 incl, excl = target_ranks_both(users, items, split.targets, split.histories)
-                got = row["weights"].setdefault(str(w) if p == 0 else f"{w},pop={p}", {})
+                label = (str(w) if p == 0 else f"{w},pop={p}") + ("" if b == 1 else f",ids={b}")
+                got = row["weights"].setdefault(label, {})
                 for suffix, ranks in (("", incl), ("_excl_hist", excl)):
                     for key, v in metrics_from_ranks(ranks, (10,)).items():
                         if key in ("ndcg_at_10", "recall_at_10"):

@@ -4,7 +4,8 @@ timed sub-stage by sub-stage.
     python bench/export_scale.py --items 100000 1000000 --json bench/results/export_scale.json
 
 The towers are trained-shape but untrained: ``TwinTowers.from_config`` with the model section of
-conf/scientific.yaml (4 one-layer members of d_model 128, d_out 256), seeded initial weights (the
+the sixth Scientific freeze, conf/scientific/2026-12-03-6-cold-floor.yaml (4 one-layer members of d_model
+128, d_out 256: the README's figures; ``--config`` takes another, e.g. conf/scientific.yaml), seeded initial weights (the
 export's cost does not depend on their values). The content vectors are seeded random unit vectors
 of 384 dimensions (MiniLM's width); no encoder runs (embedding throughput is bench/embed.py's job).
 MLflow is a sqlite store with local artifacts in a scratch directory; the retriever is registered
@@ -42,8 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
 D_LLM = 384
-NOTE = ("synthetic: seeded random unit content vectors (384-d), untrained towers of conf/scientific.yaml's "
-        "shape; no encoder ran")
+CONFIG = "conf/scientific/2026-12-03-6-cold-floor.yaml"
+NOTE = "synthetic: seeded random unit content vectors (384-d), untrained towers of {config}'s shape; no encoder ran"
 
 
 class _Peak:
@@ -114,11 +115,11 @@ class Meter:
         print(f"  [{name}] {self.stages[name]}", flush=True)
 
 
-def _model_config():
-    """conf/scientific.yaml's model section, as the pipeline reads it."""
+def _model_config(config: str = CONFIG):
+    """The model section of ``config``, as the pipeline reads it."""
     from learn.config import load_config
 
-    return load_config(ROOT / "conf" / "scientific.yaml", []).model
+    return load_config(ROOT / config, []).model
 
 
 def _nprobe_sweep(summary, nprobes: list[int], seed: int) -> list[dict]:
@@ -146,7 +147,8 @@ def _nprobe_sweep(summary, nprobes: list[int], seed: int) -> list[dict]:
     return out
 
 
-def run_one(items: int, threads: int, seed: int, scratch: Path, nprobes: list[int], index_kind: str) -> dict:
+def run_one(items: int, threads: int, seed: int, scratch: Path, nprobes: list[int], index_kind: str,
+            config: str = CONFIG) -> dict:
     sys.path.insert(0, str(ROOT))
     import faiss
     import numpy as np
@@ -174,7 +176,8 @@ def run_one(items: int, threads: int, seed: int, scratch: Path, nprobes: list[in
                 content[s:s + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
             item_ids = [f"item{i:07d}" for i in range(items)]
             torch.manual_seed(seed)
-            model = TwinTowers.from_config(_model_config(), content).eval()
+            # untrained towers; with item ID embeddings every item counts as seen (random-sized ID vectors)
+            model = TwinTowers.from_config(_model_config(config), content, np.ones(items)).eval()
         work = scratch / f"n{items}"
         uri = f"sqlite:///{work / 'mlflow.db'}"
         work.mkdir(parents=True, exist_ok=True)
@@ -215,9 +218,10 @@ def run_one(items: int, threads: int, seed: int, scratch: Path, nprobes: list[in
     return result
 
 
-def _child(items: int, threads: int, seed: int, scratch: str, nprobes: list[int], index_kind: str, queue) -> None:
+def _child(items: int, threads: int, seed: int, scratch: str, nprobes: list[int], index_kind: str, config: str,
+           queue) -> None:
     try:
-        queue.put(("ok", run_one(items, threads, seed, Path(scratch), nprobes, index_kind)))
+        queue.put(("ok", run_one(items, threads, seed, Path(scratch), nprobes, index_kind, config)))
     except BaseException as exc:  # report it to the parent, then fail
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
         raise
@@ -228,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--threads", type=int, default=1, help="torch and faiss threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default=CONFIG, help="the towers' shape: this config's model section")
     parser.add_argument("--nprobe-sweep", type=int, nargs="*", default=[16, 64, 256],
                         help="after an IVF export, its recall at these nprobe values (default 16 64 256)")
     parser.add_argument("--index-kind", choices=["auto", "flat", "ivf", "hnsw"], default="auto",
@@ -235,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", type=Path, default=None, help="work directory (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "export_scale.json")
     args = parser.parse_args(argv)
-    print(f"export_scale: {NOTE}; {args.threads} thread(s)", flush=True)
+    note = NOTE.format(config=args.config)
+    print(f"export_scale: {note}; {args.threads} thread(s)", flush=True)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="export-scale-"))
     runs = []
     ctx = mp.get_context("spawn")
@@ -243,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{items} items", flush=True)
         queue = ctx.Queue()
         proc = ctx.Process(target=_child, args=(items, args.threads, args.seed, str(scratch),
-                                                    args.nprobe_sweep, args.index_kind, queue))
+                                                    args.nprobe_sweep, args.index_kind, args.config, queue))
         proc.start()
         status, payload = queue.get()
         proc.join()
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{payload['index']['recall_at_10_vs_exact']:.4f}", flush=True)
     if args.scratch is None:
         shutil.rmtree(scratch, ignore_errors=True)
-    out = {"note": NOTE, "threads": args.threads, "seed": args.seed, "index_kind": args.index_kind,
+    out = {"note": note, "threads": args.threads, "seed": args.seed, "index_kind": args.index_kind,
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%d"), "runs": runs}
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ from learn.embed.hf import HFEncoder  # noqa: E402
 from learn.embed.models import ModelNotAvailable, resolve_model  # noqa: E402
 from learn.evaluate.metrics import evaluate_both_modes, target_ranks_both  # noqa: E402
 from learn.towers.model import TwinTowers  # noqa: E402
+from learn.train.batches import item_popularity  # noqa: E402
 from learn.train.loop import batch_to, make_optimizer, train_step  # noqa: E402
 from learn.train.recipes import epoch_batches  # noqa: E402
 from learn.utils import atomic_write_text, seed_everything  # noqa: E402
@@ -172,7 +173,7 @@ def train_section(device: torch.device, size: dict) -> list[dict]:
             batches = list(itertools.islice(epoch_batches(train, cfg.train, cfg.data.max_history, seed=0, epoch=1,
                                                           num_items=n_items), size["steps"]))
             seed_everything(0)
-            init = TwinTowers.from_config(cfg.model, content)
+            init = TwinTowers.from_config(cfg.model, content, item_popularity(train, n_items))  # IDs: the seen items
             cpu_losses, cpu_rate = None, None
             if n_items <= size["agree_max_items"]:
                 cpu_losses, cpu_rate = _run_steps(init, batches[:AGREE_STEPS], cfg.train, torch.device("cpu"))

@@ -42,6 +42,7 @@ FREEZE_3 = "conf/scientific/2026-11-26-3-four-one-layer-members.yaml"
 FREEZE_4 = "conf/scientific/2026-12-02-4-score-mix-transitions.yaml"
 FREEZE_5 = "conf/scientific/2026-12-03-5-softmax-seen-items.yaml"
 FREEZE_6 = "conf/scientific/2026-12-03-6-cold-floor.yaml"
+FREEZE_7 = "conf/scientific/2026-12-07-7-content-id-members.yaml"
 LATEST = "conf/scientific.yaml"  # the floors: a baseline ignores the towers' settings
 TPL_PRODUCT = ['data.text_template="Product: {text}"', "embed.store=.cache/learn/content/Scientific-minilm-tpl-product.parquet"]
 SAMPLED = ["train.recipe=sampled_softmax", "train.num_negatives=1024"]
@@ -166,6 +167,10 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
     ("lever_content_id_members", "lever: 4 content-only members + 4 members with item ID vectors, each group at its "
      "own best epoch", FREEZE_6, CONTENT_ID_MEMBERS),
     ("lever_content_id_members_seed1", "content-only + ID members, seed 1", FREEZE_6, [*CONTENT_ID_MEMBERS, "seed=1"]),
+    # (the seventh freeze is lever_content_id_members's command as a file: its rows are those two)
+    # the seventh freeze on the recipe a large catalog needs (a step independent of the catalog size)
+    ("learn_freeze_7_sampled", "seventh freeze, sampled softmax (1,024 mixed negatives, logQ)", FREEZE_7, SAMPLED),
+    ("learn_freeze_7_sampled_seed1", "seventh freeze, sampled softmax, seed 1", FREEZE_7, [*SAMPLED, "seed=1"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM", FREEZE_1, ["model.item_id_embedding=true", "export.enabled=false"]),
 ]

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from learn.config import load_config  # noqa: E402
 from learn.towers.model import TwinTowers  # noqa: E402
+from learn.train.batches import item_popularity  # noqa: E402
 from learn.train.loop import make_optimizer, train_step  # noqa: E402
 from learn.train.recipes import epoch_batches  # noqa: E402
 from learn.utils import atomic_write_text  # noqa: E402
@@ -34,7 +35,7 @@ from learn.utils import atomic_write_text  # noqa: E402
 
 def step_seconds(cfg, content: np.ndarray, train: list[np.ndarray], steps: int) -> float:
     torch.manual_seed(0)
-    model = TwinTowers.from_config(cfg.model, content)
+    model = TwinTowers.from_config(cfg.model, content, item_popularity(train, len(content)))  # IDs: the seen items
     opt = make_optimizer(model, cfg.train)
     batches = iter(epoch_batches(train, cfg.train, cfg.data.max_history, seed=0, epoch=1, num_items=len(content)))
     times = []

@@ -443,8 +443,9 @@ def _shown(value):
     return str(value).lower() if isinstance(value, bool) else value
 
 
-def _check_effects(cfg: Config, explicit: set[str]) -> None:
-    """Refuse an option that has no effect in this combination, naming both keys."""
+def _check_effects(cfg: Config, explicit: set[str], overridden: set[str] | None = None) -> None:
+    """Refuse an option that has no effect in this combination, naming both keys. ``overridden``: the keys
+    the command line set (a baseline run on a trained config's file ignores the file's towers)."""
     recipe = cfg.train.recipe
     if cfg.model.item_id_dropout and not cfg.model.item_id_embedding:
         raise ConfigError(f"model.item_id_dropout={cfg.model.item_id_dropout} has no effect without "
@@ -453,7 +454,7 @@ def _check_effects(cfg: Config, explicit: set[str]) -> None:
         raise ConfigError(f"model.id_members={cfg.model.id_members} has no effect without "
                           f"model.item_id_embedding=true: set both or drop model.id_members")
     if recipe in typing.get_args(BaselineName):
-        if cfg.model.item_id_embedding:
+        if cfg.model.item_id_embedding and "model.item_id_embedding" in (explicit if overridden is None else overridden):
             raise ConfigError(f"model.item_id_embedding=true has no effect with train.recipe={recipe} (a "
                               f"no-training baseline): drop one of the two")
         return
@@ -525,9 +526,10 @@ def input_views_problem(views: list[str], center_inputs: bool, item_tower: str) 
     return None
 
 
-def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
+def validate(cfg: Config, explicit: set[str] | None = None, overridden: set[str] | None = None) -> Config:
     """Check values and combinations. ``explicit``: the keys a file or an override set (None for a
-    saved config, whose every key is present: the effect checks ran when it was first loaded)."""
+    saved config, whose every key is present: the effect checks ran when it was first loaded);
+    ``overridden``: those an override set."""
     flat = flatten(cfg)
     positive = ["train.epochs", "train.batch_size", "data.max_history", "embed.batch_size", "embed.max_tokens",
                 "eval.chunk_size", "model.max_len", "model.n_heads", "model.n_layers", "model.d_model", "model.d_ff",
@@ -643,7 +645,7 @@ def validate(cfg: Config, explicit: set[str] | None = None) -> Config:
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"key 'train.betas' needs two numbers, got {cfg.train.betas}")
     if explicit is not None:
-        _check_effects(cfg, explicit)
+        _check_effects(cfg, explicit, overridden)
     return cfg
 
 
@@ -668,11 +670,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         explicit = _dotted_keys(data)
     else:
         explicit = set()
+    overridden: set[str] = set()
     for text in overrides or []:
         key, value = _parse_override(text)
         _set_dotted(cfg, key, value, f"override '{text}'")
-        explicit |= _dotted_keys(value, key + ".") if isinstance(value, dict) else {key}
-    return validate(cfg, explicit)
+        overridden |= _dotted_keys(value, key + ".") if isinstance(value, dict) else {key}
+    return validate(cfg, explicit | overridden, overridden)
 
 
 def config_from_dict(data: dict, where: str = "saved config") -> Config:

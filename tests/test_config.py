@@ -72,6 +72,8 @@ def test_effective_combinations_and_saved_configs_load():
     assert dense.model.item_tower == "b" and dense.train.n_history == 3
     # a baseline ignores the towers' settings of the file it runs with
     assert load_config(ROOT / "conf/scientific.yaml", ["train.recipe=content_last"]).train.all_positions
+    ids = load_config(ROOT / "conf/scientific/2026-12-07-7-content-id-members.yaml", ["train.recipe=content_last"])
+    assert ids.model.item_id_embedding  # from the file: ignored by the floor, not refused (an override is)
     # a saved config holds every key: it loads without the effect checks (they ran when it was made)
     assert config_from_dict(to_dict(dense)).train.n_history == 3
 
