@@ -454,7 +454,8 @@ def _check_effects(cfg: Config, explicit: set[str], overridden: set[str] | None 
         raise ConfigError(f"model.id_members={cfg.model.id_members} has no effect without "
                           f"model.item_id_embedding=true: set both or drop model.id_members")
     if recipe in typing.get_args(BaselineName):
-        if cfg.model.item_id_embedding and "model.item_id_embedding" in (explicit if overridden is None else overridden):
+        asked = explicit if overridden is None else overridden  # the file's towers are ignored, an override is not
+        if cfg.model.item_id_embedding and "model.item_id_embedding" in asked:
             raise ConfigError(f"model.item_id_embedding=true has no effect with train.recipe={recipe} (a "
                               f"no-training baseline): drop one of the two")
         return

@@ -134,7 +134,8 @@ class FitState:
                 if self.group_stopped[g]:
                     continue
                 if got[self.key] > self.group_best_score[g]:
-                    self.group_best_score[g], self.group_best_epoch[g], self.group_bad_epochs[g] = got[self.key], epoch, 0
+                    self.group_best_score[g], self.group_best_epoch[g] = got[self.key], epoch
+                    self.group_bad_epochs[g] = 0
                     self.group_best_state[g] = cpu_state(model, group_prefixes(self.groups[g]))
                 else:
                     self.group_bad_epochs[g] += 1
