@@ -160,15 +160,22 @@ def test_ray_ddp_matches_one_process_fit(flaky_run):
 
 def test_ray_ddp_with_member_groups_matches_one_process_fit(ray_local, tmp_path):
     """A content-only member beside a member with item ID vectors on two Ray workers: every rank keeps the
-    fit state, stops each group on its own valid score and freezes its replica of a stopped group; the
-    history, each group's best epoch and the final weights are the one process's."""
+    fit state, stops each group on its own valid score and freezes its replica of a stopped group, also
+    after a restart (rank 1 fails as epoch 4 starts; the content group stopped after epoch 2, so the
+    workers resume from epoch 3's checkpoint with it frozen); the history, each group's best epoch and
+    the final weights are the one process's."""
     splits, model = synthetic_id_towers(dropout=0.0)
     start = copy.deepcopy(model)
-    tc = TrainConfig(**{**RAY_CFG, "max_failures": 0, "epochs": 10})
+    tc = TrainConfig(**{**RAY_CFG, "epochs": 10})
+    hook = FailOnce(marker=str(tmp_path / "failed"), epoch=4, rank=1, log=str(tmp_path / "epochs.log"))
     got = fit_distributed(model, splits, tc, EvalConfig(ks=[10]), 10, seed=0, storage_path=tmp_path / "ray",
-                          run_name="groups")
+                          run_name="groups", worker_hook=hook)
+    assert (tmp_path / "failed").exists()
+    assert (tmp_path / "epochs.log").read_text().split("\n").count("4 1") == 2  # epoch 4 ran again
     local = copy.deepcopy(start)
     ref = fit(local, splits, tc, EvalConfig(ks=[10]), 10, seed=0, progress=False)
+    stops = [r.get("valid_ndcg_at_10_content") for r in ref.history]
+    assert len(set(stops[2:])) == 1 and stops[1] != stops[2]  # the content group frozen from epoch 3 on
     assert [h["epoch"] for h in got.history] == [h["epoch"] for h in ref.history]
     for mine, theirs in zip(got.history, ref.history):
         for k in ("train_loss", "valid_ndcg_at_10", "valid_ndcg_at_10_content", "valid_ndcg_at_10_ids"):
