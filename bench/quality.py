@@ -167,6 +167,11 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
     ("lever_content_id_members", "lever: 4 content-only members + 4 members with item ID vectors, each group at its "
      "own best epoch", FREEZE_6, CONTENT_ID_MEMBERS),
     ("lever_content_id_members_seed1", "content-only + ID members, seed 1", FREEZE_6, [*CONTENT_ID_MEMBERS, "seed=1"]),
+    # cost: half the ID group (2 ID members beside the 4 content-only ones: a third less item vector, half the ID floats)
+    ("lever_two_id_members", "seventh freeze with 2 ID members instead of 4 (6 members, 384 dims)", FREEZE_7,
+     ["model.members=6", "model.d_out=384", "model.id_members=2"]),
+    ("lever_two_id_members_seed1", "2 ID members, seed 1", FREEZE_7,
+     ["model.members=6", "model.d_out=384", "model.id_members=2", "seed=1"]),
     # (the seventh freeze is lever_content_id_members's command as a file: its rows are those two)
     # the seventh freeze on the recipe a large catalog needs (a step independent of the catalog size)
     ("learn_freeze_7_sampled", "seventh freeze, sampled softmax (1,024 mixed negatives, logQ)", FREEZE_7, SAMPLED),
