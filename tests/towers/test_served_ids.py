@@ -1,5 +1,7 @@
 """Served item ID vectors (``model.item_id_embedding`` exported): the bundle carries each item's learned
-ID vector, the exported towers take it, and new or re-embedded items are served with a zero one."""
+ID vector, the exported towers take it, and new or re-embedded items are served with a zero one. Each test
+runs on towers whose every member has ID vectors and on towers with content-only members beside one with
+them (``model.id_members``)."""
 
 import numpy as np
 import pytest
@@ -18,23 +20,24 @@ HISTORIES = [np.array([3, 7, 9]), np.array([11]), np.array([0, 4, 18, 22, 5]), n
 SEEN = np.arange(N_ITEMS) % 4 != 0  # every fourth item never seen in training: no ID vector
 
 
-def make_model(members: int = 2) -> tuple[TwinTowers, np.ndarray]:
+def make_model(members: int = 2, id_members: int = 0) -> tuple[TwinTowers, np.ndarray]:
     torch.manual_seed(0)
     content = torch.randn(N_ITEMS, D_LLM) + 3.0
-    cfg = TowerConfig(d_llm=D_LLM, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.1, d_out=8, max_len=12,
-                      members=members, num_id_items=N_ITEMS)
+    cfg = TowerConfig(d_llm=D_LLM, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.1, d_out=4 * members,
+                      max_len=12, members=members, num_id_items=N_ITEMS, id_members=id_members)
     model = TwinTowers(cfg, content, id_known=torch.as_tensor(SEEN))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))  # ID tables start at zero: make them matter
         for stack in model.stacks:
-            stack.id_embedding.weight[0] = 0  # the padding row, as training keeps it
+            if stack.id_embedding is not None:
+                stack.id_embedding.weight[0] = 0  # the padding row, as training keeps it
     return model.eval(), content.numpy()
 
 
-@pytest.fixture(scope="module")
-def id_bundle(tmp_path_factory):
-    model, content = make_model()
+@pytest.fixture(scope="module", params=[(2, 0), (3, 1)], ids=["every-member", "one-of-three"])
+def id_bundle(request, tmp_path_factory):
+    model, content = make_model(*request.param)
     mix = ScoreMix(0.2, 0.05)
     prior = popularity_prior(SEEN.astype(int) * (1 + np.arange(N_ITEMS) % 3))
     summary = write_bundle(model, IDS, content, tmp_path_factory.mktemp("ids") / "b", info(), mix=mix, prior=prior)
@@ -47,6 +50,7 @@ def test_the_bundle_serves_what_the_towers_with_ids_score(id_bundle):
     assert "item_id_vectors.parquet" in summary.files
     ids = model.id_vectors(torch.arange(N_ITEMS)).numpy()
     np.testing.assert_array_equal(bundle.id_vectors, ids)
+    assert ids.shape[1] == model.id_width == 16 * len([s for s in model.stacks if s.id_embedding is not None])
     assert (np.abs(ids[~SEEN]).sum(1) == 0).all() and (np.abs(ids[SEEN]).sum(1) > 0).all()
     ev = EvalSplit(np.arange(4), HISTORIES, np.zeros(4, int))
     users = user_embeddings(model, ev.histories, 12)  # the training code path: token lookups

@@ -1,19 +1,17 @@
 """Content-only members beside members with item ID vectors (``model.id_members``): which members get ID
-vectors, what the bundle serves, and the per-group early stopping of ``learn.train.fit``."""
+vectors and the per-group early stopping of ``learn.train.fit`` (the bundle, re-embedding and serving of such
+towers: tests/towers/test_served_ids.py)."""
 
 import numpy as np
 import pytest
 import torch
 
 from learn.config import ConfigError, EvalConfig, TrainConfig, load_config
-from learn.data.sequences import EvalSplit
-from learn.export.bundle import load_bundle, write_bundle
-from learn.towers.mix import ScoreMix, popularity_prior
 from learn.towers.model import TowerConfig, TwinTowers, id_width
 from learn.train.fit import fit
-from learn.train.loop import evaluate_model, mixed_vectors, train_step, user_embeddings
+from learn.train.loop import evaluate_model, train_step
 from learn.train.recipes import epoch_batches
-from tests.export.test_bundle import D_LLM, IDS, N_ITEMS, info
+from tests.export.test_bundle import D_LLM, N_ITEMS
 from tests.train.test_loop import synthetic
 
 SEEN = np.arange(N_ITEMS) % 4 != 0
@@ -57,26 +55,6 @@ def test_only_the_last_id_members_get_id_vectors_and_the_others_ignore_them():
     assert every.id_width == 32
     with pytest.raises(ValueError, match="id_members"):
         id_towers(members=2, id_members=2)
-
-
-def test_the_bundle_serves_what_the_mixed_towers_score(tmp_path):
-    model, content = id_towers(members=3, id_members=1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))  # the ID table starts at zero: make it matter
-        model.stacks[2].id_embedding.weight[0] = 0
-    model.eval()
-    mix, prior = ScoreMix(0.1, 0.05), popularity_prior(SEEN.astype(int) * (1 + np.arange(N_ITEMS) % 3))
-    summary = write_bundle(model, IDS, content.numpy(), tmp_path / "b", info(), mix=mix, prior=prior)
-    bundle = load_bundle(summary.directory)
-    assert bundle.id_vectors.shape == (N_ITEMS, 16)
-    np.testing.assert_array_equal(bundle.id_vectors, model.id_vectors(torch.arange(N_ITEMS)).numpy())
-    histories = [np.array([3, 7, 9]), np.array([11]), np.array([0, 4, 18, 22, 5])]
-    ev = EvalSplit(np.arange(3), histories, np.zeros(3, int))
-    u, i = mixed_vectors(model, ev, user_embeddings(model, histories, 12), model.all_item_embeddings(), mix, prior)
-    np.testing.assert_allclose(bundle.item_embeddings, i.numpy(), atol=1e-5)
-    served, _ = bundle.user_vectors([[IDS[j] for j in h] for h in histories], 12)
-    np.testing.assert_allclose(served, u.numpy(), atol=1e-5)
 
 
 def test_frozen_members_add_no_loss_term_and_get_no_gradient():
