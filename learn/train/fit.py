@@ -84,7 +84,6 @@ class FitState:
     stopped: bool = False
     # member groups early-stopped apart (empty: the whole model is one group); per group, in order:
     groups: list[list[int]] = field(default_factory=list)
-    group_names: list[str] = field(default_factory=list)
     group_best_score: list[float] = field(default_factory=list)
     group_best_epoch: list[int] = field(default_factory=list)
     group_bad_epochs: list[int] = field(default_factory=list)
@@ -98,7 +97,6 @@ class FitState:
         if groups and len(groups) > 1:
             n = len(groups)
             state.groups = [list(g) for g in groups]
-            state.group_names = GROUP_NAMES.get(n, [f"group{g}" for g in range(n)])
             state.group_best_score, state.group_best_epoch = [-1.0] * n, [-1] * n
             state.group_bad_epochs, state.group_stopped, state.group_best_state = [0] * n, [False] * n, [None] * n
         return state
@@ -146,6 +144,12 @@ class FitState:
         self.stopped = all(self.group_stopped)
         return self.stopped
 
+    @property
+    def group_names(self) -> list[str]:
+        """The groups' names in metric keys: content and ids for member_groups' two groups."""
+        n = len(self.groups)
+        return GROUP_NAMES.get(n, [f"group{g}" for g in range(n)])
+
     def describe(self, row: dict[str, float]) -> str:
         nan = float("nan")
         line = (f"epoch {int(row['epoch']):3d}  loss {row['train_loss']:.4f}  {self.key} {row.get(self.key, nan):.4f}"
@@ -166,7 +170,8 @@ class FitState:
     def restore_group(self, model: torch.nn.Module, g: int) -> None:
         """Group ``g``'s best weights back into ``model`` (the other groups' stay as they are)."""
         if self.group_best_state[g] is not None:
-            missing = set(cpu_state(model, group_prefixes(self.groups[g]))) - set(self.group_best_state[g])
+            prefixes = group_prefixes(self.groups[g])
+            missing = {k for k in model.state_dict() if k.startswith(prefixes)} - set(self.group_best_state[g])
             if missing:
                 raise ValueError(f"member group {self.group_names[g]}: saved weights lack {sorted(missing)[:3]}")
             model.load_state_dict(self.group_best_state[g], strict=False)

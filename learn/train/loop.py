@@ -156,6 +156,16 @@ def with_item_bias(users: torch.Tensor, items: torch.Tensor, bias: torch.Tensor 
     return torch.cat([users, torch.ones_like(users[:, :1])], 1), torch.cat([items, bias], 1)
 
 
+def ranking_metrics(users: torch.Tensor, items: torch.Tensor, split: EvalSplit, eval_cfg: EvalConfig, prefix: str = "",
+                    train_popularity: np.ndarray | None = None) -> dict[str, float]:
+    """``evaluate_both_modes`` of these user and item vectors on ``split`` with ``eval.*``'s settings."""
+    return evaluate_both_modes(
+        users, items, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
+        chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block, train_popularity=train_popularity,
+        prefix=prefix, popularity_buckets=eval_cfg.popularity_buckets, history_buckets=eval_cfg.history_buckets,
+    )
+
+
 def evaluate_model(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
                    train_popularity: np.ndarray | None = None, prefix: str = "", mix: ScoreMix | None = None,
                    prior: np.ndarray | None = None, towers_prefix: str | None = None,
@@ -172,11 +182,7 @@ def evaluate_model(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, ma
         users, items = with_item_bias(users, items, item_bias)
 
     def metrics(u: torch.Tensor, i: torch.Tensor, pre: str) -> dict[str, float]:
-        return evaluate_both_modes(
-            u, i, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
-            chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block, train_popularity=train_popularity,
-            prefix=pre, popularity_buckets=eval_cfg.popularity_buckets, history_buckets=eval_cfg.history_buckets,
-        )
+        return ranking_metrics(u, i, split, eval_cfg, pre, train_popularity)
 
     if mix is None or not mix.enabled:
         return metrics(users, items, prefix)
@@ -204,11 +210,7 @@ def evaluate_groups(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, m
     k = model.cfg.members
 
     def metrics(u: torch.Tensor, i: torch.Tensor) -> dict[str, float]:
-        u, i = with_item_bias(u, i, item_bias)
-        return evaluate_both_modes(u, i, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
-                                   chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block, prefix=prefix,
-                                   popularity_buckets=eval_cfg.popularity_buckets,
-                                   history_buckets=eval_cfg.history_buckets)
+        return ranking_metrics(*with_item_bias(u, i, item_bias), split, eval_cfg, prefix)
 
     return metrics(users, items), [metrics(group_columns(users, g, k), group_columns(items, g, k)) for g in groups]
 
