@@ -24,12 +24,32 @@ FIXED_PORTS = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_STATS_PO
 
 
 def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
+    """A TCP port free on 127.0.0.1 now, taken just below the kernel's ephemeral range: a port chosen now
+    and bound later (HAProxy's stats and metrics ports, when Serve starts) could otherwise be taken in
+    between by an outgoing connection, which only ever gets ephemeral ports (port 0 would give one)."""
+    import random
     import socket
 
-    with socket.socket() as sock:
+    low = ephemeral_port_low()
+    for port in random.SystemRandom().sample(range(max(1024, low - 8000), low), 64):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # all 64 taken: an ephemeral one, as before
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def ephemeral_port_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768, Linux's default, elsewhere)."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def use_free_serve_ports() -> None:

@@ -190,6 +190,24 @@ def test_haproxy_listeners_are_rebound_to_loopback():
         loopback_template("global\n  bind :9999\n")
 
 
+def test_reserved_ports_come_from_below_the_ephemeral_range(tmp_path):
+    """A port reserved now and bound when Serve starts must not be one an outgoing connection can take
+    in between: those only get ports of the kernel's ephemeral range."""
+    import socket
+
+    from learn.serve.loopback import ephemeral_port_low, free_loopback_port
+
+    low = ephemeral_port_low()
+    ports = {free_loopback_port() for _ in range(5)}
+    assert all(1024 <= p < low for p in ports), (ports, low)
+    for port in ports:  # free to bind on loopback
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    (tmp_path / "range").write_text("40000\t60999\n")
+    assert ephemeral_port_low(str(tmp_path / "range")) == 40000
+    assert ephemeral_port_low(str(tmp_path / "missing")) == 32768
+
+
 def test_settings_come_from_the_config(tmp_path):
     from learn.config import load_config
     from learn.serve.app import ServeError
