@@ -59,6 +59,7 @@ COLD_CONTENT = "score.cold_content_weights=[0.3,0.6,1,2]"
 ITEM_IDS = ["model.item_id_embedding=true"]
 ID_DROPOUT = [*ITEM_IDS, "model.item_id_dropout=0.5"]
 LOGIT_ADJUST = ["train.logit_adjustment=1", "score.popularity_weights=[0,0.02,0.05,0.1,0.2,0.3]"]
+CONTENT_LOGIT_ADJUST = [*LOGIT_ADJUST, "train.logit_adjustment_members=content"]
 # issue 14: the sixth freeze's 4 content-only members beside 4 members with item ID vectors (64 dims each),
 # one pair of towers, each group early-stopped on its own valid score (model.id_members)
 CONTENT_ID_MEMBERS = ["model.members=8", "model.d_out=512", *ITEM_IDS, "model.id_members=4"]
@@ -172,6 +173,11 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
      ["model.members=6", "model.d_out=384", "model.id_members=2"]),
     ("lever_two_id_members_seed1", "2 ID members, seed 1", FREEZE_7,
      ["model.members=6", "model.d_out=384", "model.id_members=2", "seed=1"]),
+    # tail: logit adjustment on the content-only members alone; the ID members keep learning popularity
+    ("lever_content_logit_adjust", "seventh freeze, logit adjustment on the content-only members only, prior re-added "
+     "on valid", FREEZE_7, CONTENT_LOGIT_ADJUST),
+    ("lever_content_logit_adjust_seed1", "logit adjustment on the content-only members, seed 1", FREEZE_7,
+     [*CONTENT_LOGIT_ADJUST, "seed=1"]),
     # (the seventh freeze is lever_content_id_members's command as a file: its rows are those two)
     # the seventh freeze on the recipe a large catalog needs (a step independent of the catalog size)
     ("learn_freeze_7_sampled", "seventh freeze, sampled softmax (1,024 mixed negatives, logQ)", FREEZE_7, SAMPLED),

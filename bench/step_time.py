@@ -7,7 +7,10 @@ unit vectors of the encoder's width (384, MiniLM), not embeddings (embedding spe
 job); sequences are synthetic (``--users`` users, 7 items each, Scientific's mean). Each row: the mean
 wall time of ``--steps`` optimisation steps after 2 warm-up steps, on the same batches for both
 recipes. Full softmax is skipped where its [batch, catalog] logits and catalog pass would not fit
-(``--full-max-items``). Prints a table; writes JSON with --json. Measures, asserts nothing.
+(``--full-max-items``). With item ID tables (the seventh freeze), ``--id-gradients sparse,dense`` times
+each row with sparse ID gradients (lazy rows, learn/train/optim.py) and with dense ones (AdamW over the
+whole tables, as before) on the same batches. Prints a table; writes JSON with --json. Measures, asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from learn.train.recipes import epoch_batches  # noqa: E402
 from learn.utils import atomic_write_text  # noqa: E402
 
 
-def step_seconds(cfg, content: np.ndarray, train: list[np.ndarray], steps: int) -> float:
+def step_seconds(cfg, content: np.ndarray, train: list[np.ndarray], steps: int, sparse_ids: bool = True) -> float:
     torch.manual_seed(0)
     model = TwinTowers.from_config(cfg.model, content, item_popularity(train, len(content)))  # IDs: the seen items
+    model.sparse_id_gradients(sparse_ids)
     opt = make_optimizer(model, cfg.train)
     batches = iter(epoch_batches(train, cfg.train, cfg.data.max_history, seed=0, epoch=1, num_items=len(content)))
     times = []
@@ -57,13 +61,19 @@ def main() -> None:
     ap.add_argument("--config", default="conf/scientific.yaml")
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. --set train.num_negatives=512")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--id-gradients", default="sparse",
+                    help="towers with item IDs: comma-separated sparse (the default: rows a step touches) and/or "
+                         "dense (every row each step, the baseline), each measured on the same batches")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / args.config, args.set)
     rows = []
     print("content vectors: seeded random unit vectors (384-d); sequences: synthetic, 7 items per user")
-    print(f"{'items':>10} {'recipe':>16} {'ms/step':>9}")
+    modes = args.id_gradients.split(",") if cfg.model.item_id_embedding else ["-"]
+    if not set(modes) <= {"sparse", "dense", "-"}:
+        raise SystemExit(f"--id-gradients: sparse and/or dense, got {args.id_gradients!r}")
+    print(f"{'items':>10} {'recipe':>16} {'ID grads':>9} {'ms/step':>9}")
     for n in args.items:
         rng = np.random.default_rng(0)
         content = rng.standard_normal((n, 384)).astype(np.float32)
@@ -74,11 +84,13 @@ def main() -> None:
                 print(f"{n:>10} {recipe:>16} {'skipped':>9}  (catalog > --full-max-items)")
                 continue
             run = replace(cfg, train=replace(cfg.train, recipe=recipe))
-            ms = 1000 * step_seconds(run, content, train, args.steps)
-            rows.append({"items": n, "recipe": recipe, "ms_per_step": round(ms, 1),
-                         "batch_size": cfg.train.batch_size, "num_negatives": cfg.train.num_negatives,
-                         "members": cfg.model.members, "threads": args.threads})
-            print(f"{n:>10} {recipe:>16} {ms:>9.1f}", flush=True)
+            for mode in modes:
+                ms = 1000 * step_seconds(run, content, train, args.steps, sparse_ids=mode != "dense")
+                rows.append({"items": n, "recipe": recipe, "ms_per_step": round(ms, 1), "id_gradients": mode,
+                             "batch_size": cfg.train.batch_size, "num_negatives": cfg.train.num_negatives,
+                             "members": cfg.model.members, "id_members": cfg.model.id_members,
+                             "threads": args.threads})
+                print(f"{n:>10} {recipe:>16} {mode:>9} {ms:>9.1f}", flush=True)
     if args.json:
         atomic_write_text(args.json, json.dumps({"rows": rows, "config": args.config, "overrides": args.set}, indent=2))
 

@@ -201,6 +201,10 @@ class TrainConfig:
     # towers' cosine; score.popularity_weights can add popularity back (chosen on valid): weight
     # logit_adjustment x log(1 + max count) / train.score_scale gives back the training-time score
     logit_adjustment: float = 0.0
+    # which members' training logits carry that bias: all | content (with model.id_members: the content-only
+    # members alone, so the members with item ID vectors keep learning popularity and the content members
+    # learn what it does not explain; valid ranks each group by its own training-time score)
+    logit_adjustment_members: Literal["all", "content"] = "all"
     # dense_all_action recipe
     n_history: int = 10
     n_targets: int = 10
@@ -431,6 +435,7 @@ _ONLY_UNDER = {
     "train.epoch_coverage": ("train.all_positions", True),
     "train.softmax_items": ("train.recipe", ("full_softmax", "sampled_softmax")),
     "train.logit_adjustment": ("train.recipe", "full_softmax"),
+    "train.logit_adjustment_members": ("train.recipe", "full_softmax"),
 }
 # dense_all_action with train.all_positions=true (every position a cut) samples no positions or
 # targets and reads no target sequence: these have no effect there
@@ -551,6 +556,13 @@ def validate(cfg: Config, explicit: set[str] | None = None, overridden: set[str]
         raise ConfigError("train.logit_adjustment > 0 with train.pretrain_epochs > 0 is not supported: valid would "
                           "rank the pre-training stage by the cosine and the fine-tuning stage by the adjusted "
                           "score, and selection compares the two; set one of them to 0")
+    if cfg.train.logit_adjustment_members == "content" and not (cfg.train.logit_adjustment and cfg.model.id_members
+                                                                and cfg.model.item_id_embedding):
+        raise ConfigError("train.logit_adjustment_members=content needs train.logit_adjustment > 0 and content-only "
+                          "members beside members with item IDs (model.item_id_embedding=true, model.id_members > 0); "
+                          f"got train.logit_adjustment={cfg.train.logit_adjustment}, "
+                          f"model.item_id_embedding={_shown(cfg.model.item_id_embedding)}, "
+                          f"model.id_members={cfg.model.id_members}")
     if cfg.train.recipe == "sampled_softmax" and cfg.train.num_negatives == 0:
         raise ConfigError("key 'train.num_negatives' must be > 0 with train.recipe=sampled_softmax (0 leaves no "
                           "sampled pool: use train.recipe=in_batch)")

@@ -227,6 +227,13 @@ class TwinTowers(nn.Module):
                 for m, (stack, member_ids) in enumerate(zip(self.stacks, ids))]
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1) / len(outs) ** 0.5
 
+    def sparse_id_gradients(self, on: bool) -> None:
+        """Whether the item ID tables' gradients are sparse (the default: a step touches only its rows;
+        learn/train/optim.py) or dense (for collectives without sparse tensors: NCCL under DDP)."""
+        for stack in self.stacks:
+            if stack.id_embedding is not None:
+                stack.id_embedding.sparse = on
+
     def member_groups(self) -> list[list[int]]:
         """The members that train and early-stop together: one group, or with ``id_members`` the content-only
         members and the members with ID vectors (in that order)."""
@@ -320,7 +327,8 @@ class Stack(nn.Module):
         self.user_head = nn.Linear(cfg.d_model, width) if cfg.user_head == "separate" else None
         self.id_embedding = None
         if cfg.num_id_items and with_ids:  # learned ID vectors of the items seen in training (model.item_id_embedding)
-            self.id_embedding = nn.Embedding(cfg.num_id_items + 1, cfg.d_model, padding_idx=0)
+            # sparse gradients: a step updates only the rows it touches (learn/train/optim.py)
+            self.id_embedding = nn.Embedding(cfg.num_id_items + 1, cfg.d_model, padding_idx=0, sparse=True)
             nn.init.zeros_(self.id_embedding.weight)  # training starts from the content-only model
 
     def forward(self, inputs: list[torch.Tensor], ids: torch.Tensor | None, mask: torch.Tensor, self_only: bool,

@@ -63,7 +63,8 @@ from learn.tracking.mlflow_run import resolve_uri
 from learn.evaluate.metrics import metrics_both_modes, sample_users, target_ranks_both
 from learn.train.fit import FitResult, FitState, cpu_state, evaluation_due, finish_groups, freeze_stopped_groups
 from learn.train.loop import (cfg_steps_per_epoch, evaluate_groups, evaluate_model, group_columns, make_optimizer,
-                              make_scheduler, run_epoch, training_item_bias, user_embeddings, with_item_bias)
+                              make_scheduler, run_epoch, training_item_bias, user_embeddings, valid_item_biases,
+                              with_item_bias)
 from learn.train.recipes import whole_rows
 
 STATE_FILE = "state.pt"
@@ -159,11 +160,11 @@ def _all_gather_array(local: np.ndarray) -> np.ndarray:
 
 def evaluate_sharded(core: TwinTowers, split: EvalSplit, ev: EvalConfig, max_history: int, rank: int,
                      world: int, prefix: str = "", item_bias: torch.Tensor | None = None,
-                     groups: list[list[int]] | None = None):
+                     groups: list[list[int]] | None = None, group_bias: list[torch.Tensor | None] | None = None):
     """``evaluate_model`` split across the DDP ranks (call on every rank; every rank gets the metrics):
     rank r embeds the r-th share of the catalog and ranks the r-th share of the users (``item_bias``
     as in ``evaluate_model``). With member ``groups``: (the towers' metrics, each group's own), as
-    ``learn.train.loop.evaluate_groups``, from the same tower vectors."""
+    ``learn.train.loop.evaluate_groups``, from the same tower vectors (``group_bias`` as there)."""
     was = core.training
     core.eval()
     n = core.num_items
@@ -177,19 +178,21 @@ def evaluate_sharded(core: TwinTowers, split: EvalSplit, ev: EvalConfig, max_his
     part = split.subset(rows)
     users = user_embeddings(core, part.histories, max_history)
 
-    def metrics(u: torch.Tensor, i: torch.Tensor) -> dict[str, float]:
-        u, i = with_item_bias(u, i, item_bias)
+    def metrics(u: torch.Tensor, i: torch.Tensor, bias: torch.Tensor | None) -> dict[str, float]:
+        u, i = with_item_bias(u, i, bias)
         incl, excl = target_ranks_both(u, i, part.targets, part.histories, chunk_size=ev.chunk_size,
                                        item_block=ev.item_block)
         return metrics_both_modes(_all_gather_array(incl), _all_gather_array(excl), split, ks=ev.ks,
                                   exclude_history=ev.exclude_history, prefix=prefix,
                                   popularity_buckets=ev.popularity_buckets, history_buckets=ev.history_buckets)
 
-    whole = metrics(users, items)
+    whole = metrics(users, items, item_bias)
     if groups is None:
         return whole
     k = core.cfg.members
-    return whole, [metrics(group_columns(users, g, k), group_columns(items, g, k)) for g in groups]
+    group_bias = [item_bias] * len(groups) if group_bias is None else group_bias
+    return whole, [metrics(group_columns(users, g, k), group_columns(items, g, k), b)
+                   for g, b in zip(groups, group_bias, strict=True)]
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -262,6 +265,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     if saved is not None:
         model.load_state_dict(saved["model"])
     groups = model.member_groups()
+    # sparse ID gradients where the collective can all-reduce them (gloo: CPU workers); NCCL cannot
+    model.sparse_id_gradients(not dist.is_initialized() or dist.get_backend() == "gloo")
     # the content buffers never change: no per-step buffer broadcast; the item head takes no part
     # in any loss when the item side is raw content and the user side has its own head, and a member
     # group that has stopped takes no part in any (with several groups)
@@ -286,7 +291,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             if spec.tracking is not None:
                 _log_missing_epochs(spec.tracking, state.history)
     rows = ShardedRows(rank, world) if world > 1 else whole_rows
-    bias = training_item_bias(tc, spec.train, core.num_items)  # valid ranks as training scores
+    bias, group_bias = valid_item_biases(tc, spec.train, core, state.groups)  # valid ranks as training scores
     for epoch in range(state.epoch + 1, (state.epoch if state.stopped else tc.epochs) + 1):
         if spec.hook is not None:
             spec.hook(epoch, rank)
@@ -299,11 +304,11 @@ def _train_worker(config: dict[str, Any]) -> None:
         if evaluation_due(epoch, tc):
             if world > 1:
                 got = evaluate_sharded(core, spec.valid, ev, spec.max_history, rank, world, prefix="valid_",
-                                       item_bias=bias, groups=state.groups or None)
+                                       item_bias=bias, groups=state.groups or None, group_bias=group_bias)
                 valid, group_valid = got if state.groups else (got, None)
             elif state.groups:
                 valid, group_valid = evaluate_groups(core, spec.valid, ev, spec.max_history, state.groups,
-                                                     prefix="valid_", item_bias=bias)
+                                                     prefix="valid_", item_bias=bias, group_bias=group_bias)
             else:
                 valid = evaluate_model(core, spec.valid, ev, spec.max_history, prefix="valid_", item_bias=bias)
         if keeps_state:
@@ -386,7 +391,7 @@ def fit_distributed(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, e
     state.restore_best(model)
     if state.groups:  # every group at its own best epoch: score that ensemble, as fit does
         finish_groups(model, state, sample_users(splits.valid, eval_cfg.valid_max_users, seed), eval_cfg,
-                      max_history, training_item_bias(train_cfg, splits.train, model.num_items))
+                      max_history, training_item_bias(train_cfg, splits.train, model.num_items, model.cfg))
     if on_epoch is not None:
         for row in state.history:
             on_epoch(int(row["epoch"]), row)

@@ -31,7 +31,7 @@ from learn.data.sequences import Splits
 from learn.device import resolve_device
 from learn.evaluate.metrics import sample_users
 from learn.train.loop import (cfg_steps_per_epoch, evaluate_groups, evaluate_model, make_optimizer, make_scheduler,
-                              run_epoch, training_item_bias)
+                              run_epoch, training_item_bias, valid_item_biases)
 
 OnEpoch = Callable[[int, dict[str, float]], None]
 
@@ -226,7 +226,7 @@ def fit(model, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max
     state.restore_best(model)
     if state.groups:
         finish_groups(model, state, valid_split, eval_cfg, max_history,
-                      training_item_bias(train_cfg, splits.train, model.num_items))
+                      training_item_bias(train_cfg, splits.train, model.num_items, model.cfg))
     return state.result(time.perf_counter() - start)
 
 
@@ -264,7 +264,7 @@ def _fit_stage(model, splits: Splits, train_cfg: TrainConfig, max_history: int, 
     opt = make_optimizer(model, train_cfg)
     sched = make_scheduler(opt, train_cfg, cfg_steps_per_epoch(splits.train, train_cfg, max_history))
     first = state.epoch
-    bias = training_item_bias(train_cfg, splits.train, model.num_items)  # valid ranks as training scores
+    bias, group_bias = valid_item_biases(train_cfg, splits.train, model, state.groups)  # the training scores
     bar = tqdm(range(first + 1, first + train_cfg.epochs + 1), desc="epochs" if not stage else f"stage {stage} epochs",
                disable=not progress)
     for epoch in bar:
@@ -278,7 +278,7 @@ def _fit_stage(model, splits: Splits, train_cfg: TrainConfig, max_history: int, 
         if evaluation_due(epoch - first, train_cfg):
             if state.groups:
                 valid, group_valid = evaluate_groups(model, valid_split, eval_cfg, max_history, state.groups,
-                                                     prefix="valid_", item_bias=bias)
+                                                     prefix="valid_", item_bias=bias, group_bias=group_bias)
             else:
                 valid = evaluate_model(model, valid_split, eval_cfg, max_history, prefix="valid_", item_bias=bias)
         stop = state.end_epoch(epoch, row, valid, model, group_valid)

@@ -25,10 +25,12 @@ from learn.evaluate.metrics import evaluate_both_modes
 from learn.towers.mix import ScoreMix, last_items
 from learn.towers.model import TwinTowers, pad_tails
 from learn.train.batches import epoch_rows, item_popularity
-from learn.train.recipes import RowMap, compute_loss, epoch_batches, whole_rows
+from learn.train.optim import LazyAdamW, clip_gradients
+from learn.train.recipes import RowMap, compute_loss, epoch_batches, logit_adjusted_members, whole_rows
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
+    """AdamW; item ID tables with sparse gradients update only the rows a step touches (learn/train/optim.py)."""
+    return LazyAdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
     )
@@ -72,7 +74,7 @@ def train_step(model, batch, opt, sched, cfg: TrainConfig, rows: RowMap = whole_
         raise FloatingPointError(f"loss is {loss.item()}: lower train.lr or check the content vectors")
     loss.backward()
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        clip_gradients(model.parameters(), cfg.grad_clip)
     opt.step()
     if sched is not None:
         sched.step()
@@ -137,15 +139,32 @@ def user_embeddings(model: TwinTowers, histories: Sequence[np.ndarray], max_hist
     return result
 
 
-def training_item_bias(cfg: TrainConfig, train, num_items: int) -> torch.Tensor | None:
+def training_item_bias(cfg: TrainConfig, train, num_items: int, model_cfg=None,
+                       members: Sequence[int] | None = None) -> torch.Tensor | None:
     """[N] what the training logit adds to each item's cosine, in cosine units (the column bias /
     ``train.score_scale``), when the recipe trains with one (``train.logit_adjustment``); else None.
     Valid during training ranks by cosine + this bias: the score the towers were trained to rank by
-    (the served score adds popularity back only as ``score.popularity_weights`` chooses on valid)."""
+    (the served score adds popularity back only as ``score.popularity_weights`` chooses on valid).
+    With ``model_cfg`` the towers' score is the mean of ``members``' cosines (default: every member), so
+    the bias is scaled by the share of them whose logits carry it (``train.logit_adjustment_members``;
+    None when none does). Without ``model_cfg``: every member's."""
     if cfg.recipe != "full_softmax" or not cfg.logit_adjustment:
         return None
+    share = 1.0
+    if model_cfg is not None:
+        members = list(range(model_cfg.members)) if members is None else list(members)
+        share = len(logit_adjusted_members(cfg, model_cfg) & set(members)) / len(members)
+        if not share:
+            return None
     counts = item_popularity(train, num_items)
-    return torch.from_numpy((cfg.logit_adjustment * np.log1p(counts) / cfg.score_scale).astype(np.float32))
+    return torch.from_numpy((share * cfg.logit_adjustment * np.log1p(counts) / cfg.score_scale).astype(np.float32))
+
+
+def valid_item_biases(cfg: TrainConfig, train, model: TwinTowers,
+                      groups: list[list[int]]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """(the whole towers' ``training_item_bias``, each member group's own): what valid ranks by while training."""
+    return (training_item_bias(cfg, train, model.num_items, model.cfg),
+            [training_item_bias(cfg, train, model.num_items, model.cfg, g) for g in groups])
 
 
 def with_item_bias(users: torch.Tensor, items: torch.Tensor, bias: torch.Tensor | None):
@@ -201,18 +220,22 @@ def group_columns(vectors: torch.Tensor, group: list[int], members: int) -> torc
 
 
 def evaluate_groups(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
-                    groups: list[list[int]], prefix: str = "",
-                    item_bias: torch.Tensor | None = None) -> tuple[dict[str, float], list[dict[str, float]]]:
+                    groups: list[list[int]], prefix: str = "", item_bias: torch.Tensor | None = None,
+                    group_bias: Sequence[torch.Tensor | None] | None = None,
+                    ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Full-ranking metrics of the whole towers and of each member group's own towers on ``split``
-    (``TwinTowers.member_groups``), from one pass of the towers; ``item_bias`` as in ``evaluate_model``."""
+    (``TwinTowers.member_groups``), from one pass of the towers; ``item_bias`` as in ``evaluate_model``,
+    for the whole towers, and ``group_bias`` each group's (``valid_item_biases``; default ``item_bias``)."""
     users = user_embeddings(model, split.histories, max_history)
     items = model.all_item_embeddings()
     k = model.cfg.members
+    group_bias = [item_bias] * len(groups) if group_bias is None else list(group_bias)
 
-    def metrics(u: torch.Tensor, i: torch.Tensor) -> dict[str, float]:
-        return ranking_metrics(*with_item_bias(u, i, item_bias), split, eval_cfg, prefix)
+    def metrics(u: torch.Tensor, i: torch.Tensor, bias: torch.Tensor | None) -> dict[str, float]:
+        return ranking_metrics(*with_item_bias(u, i, bias), split, eval_cfg, prefix)
 
-    return metrics(users, items), [metrics(group_columns(users, g, k), group_columns(items, g, k)) for g in groups]
+    return metrics(users, items, item_bias), [metrics(group_columns(users, g, k), group_columns(items, g, k), b)
+                                              for g, b in zip(groups, group_bias, strict=True)]
 
 
 def mixed_vectors(model: TwinTowers, split: EvalSplit, users: torch.Tensor, items: torch.Tensor, mix: ScoreMix,

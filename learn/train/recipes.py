@@ -29,7 +29,7 @@ import torch
 
 from learn.config import TrainConfig, TrainedRecipe
 from learn.towers.losses import dense_all_action_loss, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
-from learn.towers.model import member_slices
+from learn.towers.model import id_member_indices, member_slices
 from learn.train.batches import (CandidateBatch, DenseBatch, NegativeSampler, PairBatch, SampledBatch, dense_batches,
                                  item_popularity, pair_batches)
 
@@ -58,14 +58,27 @@ def _core(model):
 
 def _per_member(model, loss_fn: Loss, *vectors: torch.Tensor) -> torch.Tensor:
     """Each member trained on its own slice of the tower outputs, as if alone (an ensemble, not
-    one wide model): the mean of the members' losses. ``loss_fn`` takes one slice of each of ``vectors``.
+    one wide model): the mean of the members' losses. ``loss_fn`` takes the member's index and its slice
+    of each of ``vectors``.
     Members whose training has ended (``TwinTowers.frozen_members``) add no term; the sum is still
     divided by every member, so the others' gradients keep their scale."""
     core = _core(model)
     k = core.cfg.members
-    terms = [loss_fn(*parts) for m, parts in enumerate(zip(*(member_slices(v, k) for v in vectors)))
+    terms = [loss_fn(m, *parts) for m, parts in enumerate(zip(*(member_slices(v, k) for v in vectors)))
              if m not in core.frozen_members]
     return torch.stack(terms).mean() if len(terms) == k else torch.stack(terms).sum() / k
+
+
+def logit_adjusted_members(cfg: TrainConfig, model_cfg) -> frozenset[int]:
+    """The members whose full-softmax training logits carry ``train.logit_adjustment``'s bias: none without
+    it, every member, or (``train.logit_adjustment_members=content``) the members without item ID vectors."""
+    if cfg.recipe != "full_softmax" or not cfg.logit_adjustment:
+        return frozenset()
+    every = range(model_cfg.members)
+    if cfg.logit_adjustment_members == "all":
+        return frozenset(every)
+    with_ids = set(id_member_indices(model_cfg))
+    return frozenset(m for m in every if m not in with_ids)
 
 
 def _user_vectors(model, batch: PairBatch, rows) -> torch.Tensor:
@@ -137,7 +150,9 @@ def full_softmax(model, batch: PairBatch, cfg: TrainConfig, rows) -> torch.Tenso
     else:
         columns, targets = torch.arange(core.num_items, device=user.device), batch.targets
     items = rows(core.item_embedding, columns)
-    return _per_member(model, lambda u, i: full_softmax_loss(u, i, targets, cfg.score_scale, bias), user, items)
+    adjusted = logit_adjusted_members(cfg, core.cfg) if bias is not None else frozenset()
+    return _per_member(model, lambda m, u, i: full_softmax_loss(u, i, targets, cfg.score_scale,
+                                                                bias if m in adjusted else None), user, items)
 
 
 def sampled_softmax(model, batch: SampledBatch, cfg: TrainConfig, rows) -> torch.Tensor:
@@ -146,7 +161,7 @@ def sampled_softmax(model, batch: SampledBatch, cfg: TrainConfig, rows) -> torch
     targets = rows(core.item_embedding, batch.targets)
     negatives = rows(core.item_embedding, batch.negatives)
     correct = cfg.logq_correction
-    return _per_member(model, lambda u, t, n: sampled_softmax_loss(
+    return _per_member(model, lambda m, u, t, n: sampled_softmax_loss(
         u, t, batch.targets, n, batch.negatives, cfg.score_scale, batch.rows,
         batch.target_log_q if correct else None, batch.neg_log_q if correct else None), user, targets, negatives)
 
@@ -154,7 +169,7 @@ def sampled_softmax(model, batch: SampledBatch, cfg: TrainConfig, rows) -> torch
 def in_batch(model, batch: PairBatch, cfg: TrainConfig, rows) -> torch.Tensor:
     user = _user_vectors(model, batch, rows)
     targets = rows(_core(model).item_embedding, batch.targets)
-    return _per_member(model, lambda u, t: in_batch_softmax_loss(u, t, batch.targets, cfg.score_scale, batch.rows),
+    return _per_member(model, lambda m, u, t: in_batch_softmax_loss(u, t, batch.targets, cfg.score_scale, batch.rows),
                        user, targets)
 
 
@@ -175,7 +190,7 @@ def dense_all_action(model, batch: DenseBatch, cfg: TrainConfig, rows) -> torch.
     vectors = (hist, tgt) + ((rows(core.item_embedding, batch.negatives),) if pool else ())
     correct = cfg.logq_correction
 
-    def one(h, t, *neg):
+    def one(m, h, t, *neg):
         return dense_all_action_loss(h, batch.hist_valid, t, batch.tgt_valid, batch.tgt_items, cfg.score_scale,
                                      batch.pair_valid, batch.tgt_log_q if correct else None,
                                      neg[0] if pool else None, batch.negatives if pool else None,

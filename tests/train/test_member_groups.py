@@ -9,8 +9,9 @@ import torch
 from learn.config import ConfigError, EvalConfig, TrainConfig, load_config
 from learn.towers.model import TowerConfig, TwinTowers, id_width
 from learn.train.fit import fit
-from learn.train.loop import evaluate_model, train_step
-from learn.train.recipes import epoch_batches
+from learn.train.loop import (evaluate_groups, evaluate_model, group_columns, make_optimizer, ranking_metrics, train_step,
+                              training_item_bias, valid_item_biases, with_item_bias)
+from learn.train.recipes import compute_loss, epoch_batches, logit_adjusted_members
 from tests.export.test_bundle import D_LLM, N_ITEMS
 from tests.train.test_loop import synthetic
 
@@ -61,7 +62,7 @@ def test_frozen_members_add_no_loss_term_and_get_no_gradient():
     splits, model = synthetic_id_towers(dropout=0.0)
     tc = TrainConfig(recipe="full_softmax", batch_size=32, lr=1e-2)
     batch = next(iter(epoch_batches(splits.train, tc, 10, 0, 1, num_items=model.num_items)))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = make_optimizer(model, tc)
     full = train_step(model, batch, opt, None, tc)
     frozen = {k: v.clone() for k, v in model.stacks[1].state_dict().items()}
     model.frozen_members = frozenset({1})
@@ -94,7 +95,7 @@ def test_groups_stop_apart_and_each_keeps_its_best_epoch(monkeypatch):
     id_scores = iter([0.2, 0.5, 0.4, 0.3, 0.0, 0.0, 0.0])
     snapshots = {}
 
-    def fake_groups(m, split, ev, max_history, groups, prefix="", item_bias=None):
+    def fake_groups(m, split, ev, max_history, groups, prefix="", item_bias=None, group_bias=None):
         assert groups == [[0], [1]]
         snapshots[len(snapshots) + 1] = {k: v.clone() for k, v in m.state_dict().items()}
         return ({f"{prefix}ndcg_at_10": 0.0}, [{f"{prefix}ndcg_at_10": next(content_scores)},
@@ -143,3 +144,71 @@ def test_id_members_settings_are_checked(tmp_path):
         load_config(None, base + ["model.item_id_embedding=true", "model.id_members=2", "train.pretrain_epochs=3"])
     cfg = load_config(None, base + ["model.item_id_embedding=true", "model.id_members=2"])
     assert cfg.model.id_members == 2
+
+
+def test_logit_adjustment_on_the_content_members_only():
+    """train.logit_adjustment_members=content: the content-only member's loss term has the adjusted
+    logits, the ID member's the plain ones (each checked alone by freezing the other)."""
+    splits, model = synthetic_id_towers(dropout=0.0)
+    model.eval()
+    base = dict(recipe="full_softmax", batch_size=32, all_positions=True)
+    plain = TrainConfig(**base)
+    every = TrainConfig(**base, logit_adjustment=1.5)
+    content = TrainConfig(**base, logit_adjustment=1.5, logit_adjustment_members="content")
+    assert logit_adjusted_members(every, model.cfg) == {0, 1} and logit_adjusted_members(content, model.cfg) == {0}
+    assert logit_adjusted_members(plain, model.cfg) == frozenset()
+    batch = next(iter(epoch_batches(splits.train, content, 10, 0, 1, num_items=model.num_items)))
+
+    def loss(cfg, frozen):
+        model.frozen_members = frozenset(frozen)
+        return compute_loss(model, batch, cfg).detach()
+
+    # member 0 alone (content-only): adjusted, as with every member adjusted
+    torch.testing.assert_close(loss(content, {1}), loss(every, {1}))
+    assert not torch.isclose(loss(content, {1}), loss(plain, {1}))
+    # member 1 alone (with IDs): plain logits
+    torch.testing.assert_close(loss(content, {0}), loss(plain, {0}))
+    assert not torch.isclose(loss(content, {0}), loss(every, {0}))
+    model.frozen_members = frozenset()
+    torch.testing.assert_close(compute_loss(model, batch, content).detach(), (loss(content, {1}) + loss(content, {0})))
+
+
+def test_valid_ranks_each_group_by_its_own_training_score():
+    """The towers' score is the mean of the members' cosines, so with half the members adjusted the
+    whole towers rank with half the bias; the content group with all of it, the ID group with none."""
+    splits, model = synthetic_id_towers(dropout=0.0)
+    model.eval()
+    n = model.num_items
+    cfg = TrainConfig(recipe="full_softmax", logit_adjustment=2.0, logit_adjustment_members="content")
+    full = training_item_bias(cfg, splits.train, n)
+    assert full is not None and full.max() > 0
+    whole, groups = valid_item_biases(cfg, splits.train, model, [[0], [1]])
+    torch.testing.assert_close(whole, full / 2)
+    torch.testing.assert_close(groups[0], full)
+    assert groups[1] is None
+    ev = EvalConfig(ks=[10])
+    got_whole, got_groups = evaluate_groups(model, splits.valid, ev, 10, [[0], [1]], item_bias=whole,
+                                            group_bias=groups)
+    from learn.train.loop import user_embeddings
+    with torch.no_grad():
+        users, items = user_embeddings(model, splits.valid.histories, 10), model.all_item_embeddings()
+    want = [ranking_metrics(*with_item_bias(group_columns(users, [g], 2), group_columns(items, [g], 2), b),
+                            splits.valid, ev) for g, b in ((0, full), (1, None))]
+    assert got_groups == want
+    assert got_whole == ranking_metrics(*with_item_bias(users, items, whole), splits.valid, ev)
+    # the bias moves the content group's ranking (else the check above shows nothing)
+    assert got_groups[0] != ranking_metrics(group_columns(users, [0], 2), group_columns(items, [0], 2),
+                                            splits.valid, ev)
+
+
+def test_logit_adjustment_members_is_checked():
+    ids = ["data.path=demo", "model.members=4", "model.item_id_embedding=true", "model.id_members=2"]
+    with pytest.raises(ConfigError, match="logit_adjustment_members=content.*model.id_members=0"):
+        load_config(None, ["data.path=demo", "train.logit_adjustment=1", "train.logit_adjustment_members=content"])
+    with pytest.raises(ConfigError, match="logit_adjustment_members=content.*train.logit_adjustment=0"):
+        load_config(None, ids + ["train.logit_adjustment_members=content"])
+    with pytest.raises(ConfigError, match=r"train\.logit_adjustment.*train\.recipe=full_softmax"):
+        load_config(None, ids + ["train.recipe=in_batch", "train.logit_adjustment=1",
+                                 "train.logit_adjustment_members=content"])
+    cfg = load_config(None, ids + ["train.logit_adjustment=1", "train.logit_adjustment_members=content"])
+    assert cfg.train.logit_adjustment_members == "content"
