@@ -228,8 +228,9 @@ class TwinTowers(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1) / len(outs) ** 0.5
 
     def sparse_id_gradients(self, on: bool) -> None:
-        """Whether the item ID tables' gradients are sparse (the default: a step touches only its rows;
-        learn/train/optim.py) or dense (for collectives without sparse tensors: NCCL under DDP)."""
+        """Whether the item ID tables' gradients are sparse (the default: a step updates only the rows it
+        touches, learn/train/optim.py) or dense (AdamW over every row: the baseline bench/step_time.py
+        times against)."""
         for stack in self.stacks:
             if stack.id_embedding is not None:
                 stack.id_embedding.sparse = on

@@ -152,6 +152,26 @@ class _NoCtx:
     """Stands in for autograd's ctx when the gather runs without a graph."""
 
 
+def mean_sparse_gradients(params: list[tuple[str, torch.Tensor]]) -> None:
+    """Every rank's sparse gradients of ``params`` (the item ID tables, left out of DDP) replaced by their
+    mean over the ranks, DDP's rule, by all-gathering the rows each rank touched: a transfer of the
+    batch's rows, not of the table, on any backend (NCCL has no sparse all-reduce). Call on every rank
+    after backward, in the same order; a parameter that does not train (a frozen group, on every rank
+    alike) is skipped, and a rank without a gradient for one sends no rows."""
+    world = dist.get_world_size()
+    for _, p in params:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            rows = torch.zeros(0, dtype=torch.long, device=p.device)
+            values = p.new_zeros((0, *p.shape[1:]))
+        else:
+            grad = p.grad.coalesce() if p.grad.is_sparse else p.grad.to_sparse(1).coalesce()
+            rows, values = grad.indices()[0], grad.values()
+        rows, values = _all_gather_rows(rows.contiguous()), _all_gather_rows(values.contiguous())
+        p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values / world, p.shape).coalesce()
+
+
 def _all_gather_array(local: np.ndarray) -> np.ndarray:
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, local)
@@ -258,15 +278,15 @@ def _train_worker(config: dict[str, Any]) -> None:
         content = torch.from_numpy(spec.content)
     known = None if spec.id_known is None else torch.from_numpy(spec.id_known)
     model = TwinTowers(spec.tower, content, id_known=known, padded=True)
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["content"])
+    # the item ID tables: sparse gradients, averaged over the ranks by mean_sparse_gradients, not by DDP
+    id_tables = [(name, p) for name, p in model.named_parameters() if ".id_embedding." in name]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["content", *(n for n, _ in id_tables)])
     model.load_state_dict(spec.init_state)
     checkpoint = ray.train.get_checkpoint()
     saved = _load_state(checkpoint) if checkpoint is not None else None
     if saved is not None:
         model.load_state_dict(saved["model"])
     groups = model.member_groups()
-    # sparse ID gradients where the collective can all-reduce them (gloo: CPU workers); NCCL cannot
-    model.sparse_id_gradients(not dist.is_initialized() or dist.get_backend() == "gloo")
     # the content buffers never change: no per-step buffer broadcast; the item head takes no part
     # in any loss when the item side is raw content and the user side has its own head, and a member
     # group that has stopped takes no part in any (with several groups)
@@ -291,13 +311,14 @@ def _train_worker(config: dict[str, Any]) -> None:
             if spec.tracking is not None:
                 _log_missing_epochs(spec.tracking, state.history)
     rows = ShardedRows(rank, world) if world > 1 else whole_rows
+    sync_ids = (lambda: mean_sparse_gradients(id_tables)) if world > 1 and id_tables else None
     bias, group_bias = valid_item_biases(tc, spec.train, core, state.groups)  # valid ranks as training scores
     for epoch in range(state.epoch + 1, (state.epoch if state.stopped else tc.epochs) + 1):
         if spec.hook is not None:
             spec.hook(epoch, rank)
         torch.manual_seed(_epoch_seed(spec.seed, epoch, rank))  # dropout masks: the same after a restart
         loss = run_epoch(ddp, spec.train, tc, spec.max_history, opt, sched, spec.seed, epoch, progress=False,
-                         rows=rows, device=device)
+                         rows=rows, device=device, after_backward=sync_ids)
         row: dict[str, float] = {"epoch": epoch, "train_loss": loss, "lr": sched.get_last_lr()[0]}
         stop = False
         valid = group_valid = None

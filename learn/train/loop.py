@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -63,9 +63,11 @@ def cfg_steps_per_epoch(train, cfg: TrainConfig, max_history: int, world_size: i
                            epoch_rows(train, max_history, cfg.epoch_coverage, cfg.all_positions))
 
 
-def train_step(model, batch, opt, sched, cfg: TrainConfig, rows: RowMap = whole_rows) -> float:
+def train_step(model, batch, opt, sched, cfg: TrainConfig, rows: RowMap = whole_rows,
+               after_backward: Callable[[], None] | None = None) -> float:
     """One optimisation step; returns the loss. Used as is by the Ray Train worker loop. The forward
-    and loss run under ``train.precision`` (bf16: autocast on the model's device)."""
+    and loss run under ``train.precision`` (bf16: autocast on the model's device). ``after_backward``
+    runs before clipping (the DDP worker averages the ID tables' sparse gradients there)."""
     model.train()
     opt.zero_grad(set_to_none=True)
     with autocast(next(model.parameters()).device, cfg.precision):
@@ -73,6 +75,8 @@ def train_step(model, batch, opt, sched, cfg: TrainConfig, rows: RowMap = whole_
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()}: lower train.lr or check the content vectors")
     loss.backward()
+    if after_backward is not None:
+        after_backward()
     if cfg.grad_clip > 0:
         clip_gradients(model.parameters(), cfg.grad_clip)
     opt.step()
@@ -83,7 +87,8 @@ def train_step(model, batch, opt, sched, cfg: TrainConfig, rows: RowMap = whole_
 
 def run_epoch(model, train: list[np.ndarray], cfg: TrainConfig, max_history: int, opt, sched,
               seed: int, epoch: int, rank: int = 0, world_size: int = 1, progress: bool = True,
-              desc: str = "train", rows: RowMap = whole_rows, device: torch.device | None = None) -> float:
+              desc: str = "train", rows: RowMap = whole_rows, device: torch.device | None = None,
+              after_backward: Callable[[], None] | None = None) -> float:
     """Mean loss over the epoch's batches. ``rank``/``world_size`` shard the users (each worker its
     own batches); ``rows`` instead shares each whole batch's rows out (see ``RowMap``)."""
     total, n = 0.0, 0
@@ -95,7 +100,7 @@ def run_epoch(model, train: list[np.ndarray], cfg: TrainConfig, max_history: int
     for batch in bar:
         if device is not None:
             batch = batch_to(batch, device, moved)
-        loss = train_step(model, batch, opt, sched, cfg, rows)
+        loss = train_step(model, batch, opt, sched, cfg, rows, after_backward)
         total += loss
         n += 1
         bar.set_postfix(loss=f"{loss:.4f}")

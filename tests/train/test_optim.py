@@ -112,3 +112,46 @@ def test_a_resumed_optimizer_continues_as_the_uninterrupted_one():
     opt2.step()
     torch.testing.assert_close(emb2.weight, whole.weight)
     assert np.isfinite(emb2.weight.detach().numpy()).all()
+
+
+def _mean_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from learn.train.distributed import mean_sparse_gradients
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    emb = torch.nn.Embedding(12, 3, sparse=True)
+    frozen = torch.nn.Embedding(12, 3, sparse=True)
+    frozen.weight.requires_grad_(False)
+    with torch.no_grad():
+        emb.weight.fill_(1.0)
+    rows = torch.tensor([[1, 2, 2], [2, 7, 9]][rank])
+    (emb(rows) * (rank + 1)).sum().backward()
+    if rank == 1:
+        emb.weight.grad = None  # rank 1 sends no rows for this one: as if its batch had no ID item
+        (emb(torch.tensor([9])) * 3).sum().backward()
+    other = torch.nn.Embedding(12, 3, sparse=True)
+    if rank == 0:  # rank 1 has no gradient at all for this one
+        other(torch.tensor([4])).sum().backward()
+    mean_sparse_gradients([("a", emb.weight), ("frozen", frozen.weight), ("other", other.weight)])
+    assert frozen.weight.grad is None
+    torch.save((emb.weight.grad.to_dense(), other.weight.grad.to_dense()), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sparse_gradients_are_averaged_over_ranks_by_their_rows(tmp_path):
+    """mean_sparse_gradients (the DDP workers' ID tables): every rank ends with the mean of the ranks'
+    sparse gradients, as DDP averages dense ones; no process group beyond two local gloo ranks."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_mean_worker, args=(f"file://{tmp_path}/pg", str(tmp_path)), nprocs=2, join=True)
+    want = torch.zeros(12, 3)
+    want[1] += 1 / 2
+    want[2] += 2 / 2  # rank 0 touches row 2 twice
+    want[9] += 3 / 2  # rank 1's only row
+    other = torch.zeros(12, 3)
+    other[4] = 1 / 2
+    for rank in (0, 1):
+        got, got_other = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_other, other)
