@@ -178,7 +178,9 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
      "on valid", FREEZE_7, CONTENT_LOGIT_ADJUST),
     ("lever_content_logit_adjust_seed1", "logit adjustment on the content-only members, seed 1", FREEZE_7,
      [*CONTENT_LOGIT_ADJUST, "seed=1"]),
-    # (the seventh freeze is lever_content_id_members's command as a file: its rows are those two)
+    # (the seventh freeze is lever_content_id_members's command as a file: its rows are those two; this row
+    # reruns the file itself since the ID tables train with sparse gradients and lazy row updates)
+    ("learn_freeze_7", "seventh freeze as its file, end to end, sparse ID gradients", FREEZE_7, []),
     # the seventh freeze on the recipe a large catalog needs (a step independent of the catalog size)
     ("learn_freeze_7_sampled", "seventh freeze, sampled softmax (1,024 mixed negatives, logQ)", FREEZE_7, SAMPLED),
     ("learn_freeze_7_sampled_seed1", "seventh freeze, sampled softmax, seed 1", FREEZE_7, [*SAMPLED, "seed=1"]),

@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # learn's metric module needs only numpy, pandas and torch (all present in .venv-recbole)
-from learn.evaluate.metrics import metrics_from_ranks, target_ranks_both  # noqa: E402
+from learn.evaluate.metrics import metrics_from_ranks, segment_metrics, target_ranks_both  # noqa: E402
 
 _torch_load = torch.load
 
@@ -113,6 +113,22 @@ def build_split(rows, earlier: dict[str, set[str]], tok2id: dict[str, int], max_
         longer += len(whole) > len(set(hist))
         histories.append(np.array(sorted(tok2id[t] - 1 for t in whole), dtype=np.int64))
     return seq, lens, targets, histories, longer
+
+
+def train_popularity(rows, tok2id: dict[str, int], n_items: int) -> np.ndarray:
+    """[n_items] training interactions per catalog item, counted as learn counts them for its segments
+    (learn.data.unisrec chains each user's rows into one sequence; the training split is all of it but
+    the last two items): every train row's target, plus each user's first item (the one-item history of
+    the user's earliest row)."""
+    counts = np.zeros(n_items, dtype=np.int64)
+    first: dict[str, tuple[int, str]] = {}
+    for u, hist, tgt in rows:
+        counts[tok2id[tgt] - 1] += 1
+        if hist and (u not in first or len(hist) < first[u][0]):
+            first[u] = (len(hist), hist[0])
+    for _, item in first.values():
+        counts[tok2id[item] - 1] += 1
+    return counts
 
 
 @torch.no_grad()
@@ -247,10 +263,18 @@ def main() -> int:
         before_test.setdefault(u, set()).update(hist)
         before_test[u].add(tgt)
     ours, longer = {}, {}
+    popularity = train_popularity(raw["train"], tok2id, n_items)
+    segments: dict[str, float] = {}
     for split, earlier in (("valid", before_valid), ("test", before_test)):
         seq, lens, targets, hists, longer[split] = build_split(raw[split], earlier, tok2id, 50)
         incl, excl = rank_split(model, seq, lens, targets, hists, n_items)
         ours[split] = {"incl": metrics_from_ranks(incl), "excl": metrics_from_ranks(excl), "users": len(targets)}
+        if split == "test":  # test NDCG@10 / R@10 by the target's training popularity, as learn's runs log them
+            for ranks, suffix in ((incl, ""), (excl, "_excl_hist")):
+                got = segment_metrics(ranks, targets, hists, popularity, k=10, popularity_buckets=3,
+                                      history_buckets=[])
+                segments.update({f"test_{k}{suffix}": v for k, v in got.items() if not k.startswith("users_")})
+                segments.update({f"test_{k}": v for k, v in got.items() if k.startswith("users_")})
     wall = time.perf_counter() - start
 
     metrics = {
@@ -268,6 +292,7 @@ def main() -> int:
         "test_recall_at_50": ours["test"]["incl"]["recall_at_50"],
         "best_epoch": best_epoch,
         "epochs_run": epochs_run,
+        **segments,
     }
     shown = [".venv-recbole/bin/python", "bench/sasrec_recbole.py", "--data", args.data]
     for flag, val, default in (("--seed", args.seed, 2020), ("--epochs", args.epochs, 300),
