@@ -273,8 +273,8 @@ def main() -> int:
             for ranks, suffix in ((incl, ""), (excl, "_excl_hist")):
                 got = segment_metrics(ranks, targets, hists, popularity, k=10, popularity_buckets=3,
                                       history_buckets=[])
-                segments.update({f"test_{k}{suffix}": v for k, v in got.items() if not k.startswith("users_")})
-                segments.update({f"test_{k}": v for k, v in got.items() if k.startswith("users_")})
+                segments.update({f"test_{k}" if k.startswith("users_") else f"test_{k}{suffix}": v
+                                 for k, v in got.items()})  # user counts: the same in both modes
     wall = time.perf_counter() - start
 
     metrics = {
