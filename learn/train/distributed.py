@@ -63,7 +63,7 @@ from learn.tracking.mlflow_run import resolve_uri
 from learn.evaluate.metrics import metrics_both_modes, sample_users, target_ranks_both
 from learn.train.fit import FitResult, FitState, cpu_state, evaluation_due, finish_groups, freeze_stopped_groups
 from learn.train.loop import (cfg_steps_per_epoch, evaluate_groups, evaluate_model, group_columns, make_optimizer,
-                              make_scheduler, run_epoch, training_item_bias, user_embeddings, valid_item_biases,
+                              make_scheduler, run_epoch, user_embeddings, valid_item_biases,
                               with_item_bias)
 from learn.train.recipes import whole_rows
 
@@ -155,21 +155,31 @@ class _NoCtx:
 def mean_sparse_gradients(params: list[tuple[str, torch.Tensor]]) -> None:
     """Every rank's sparse gradients of ``params`` (the item ID tables, left out of DDP) replaced by their
     mean over the ranks, DDP's rule, by all-gathering the rows each rank touched: a transfer of the
-    batch's rows, not of the table, on any backend (NCCL has no sparse all-reduce). Call on every rank
-    after backward, in the same order; a parameter that does not train (a frozen group, on every rank
-    alike) is skipped, and a rank without a gradient for one sends no rows."""
+    batch's rows, not of the tables, on any backend (NCCL has no sparse all-reduce). The tables' rows go
+    in one gather (row numbers offset per table), so a step costs two all-gathers whatever the number of
+    tables. Call on every rank after backward, in the same order; a parameter that does not train (a
+    frozen group, on every rank alike) is skipped, and a rank without a gradient for one sends no rows."""
+    live = [p for _, p in params if p.requires_grad]
+    if not live:
+        return
+    if len({tuple(p.shape[1:]) for p in live}) > 1:
+        raise ValueError("mean_sparse_gradients: the tables' rows must have one shape")
     world = dist.get_world_size()
-    for _, p in params:
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            rows = torch.zeros(0, dtype=torch.long, device=p.device)
-            values = p.new_zeros((0, *p.shape[1:]))
-        else:
+    offsets = np.cumsum([0] + [p.shape[0] for p in live])
+    rows, values = [], []
+    for offset, p in zip(offsets, live):
+        if p.grad is not None:
             grad = p.grad.coalesce() if p.grad.is_sparse else p.grad.to_sparse(1).coalesce()
-            rows, values = grad.indices()[0], grad.values()
-        rows, values = _all_gather_rows(rows.contiguous()), _all_gather_rows(values.contiguous())
-        p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values / world, p.shape).coalesce()
+            rows.append(grad.indices()[0] + int(offset))
+            values.append(grad.values())
+    rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=live[0].device)
+    values = torch.cat(values) if values else live[0].new_zeros((0, *live[0].shape[1:]))
+    rows, values = _all_gather_rows(rows.contiguous()), _all_gather_rows(values.contiguous())
+    table = torch.searchsorted(torch.as_tensor(offsets, device=rows.device), rows, right=True) - 1
+    for t, p in enumerate(live):
+        mine = table == t
+        p.grad = torch.sparse_coo_tensor((rows[mine] - int(offsets[t])).unsqueeze(0), values[mine] / world,
+                                         p.shape).coalesce()
 
 
 def _all_gather_array(local: np.ndarray) -> np.ndarray:
@@ -412,7 +422,7 @@ def fit_distributed(model: TwinTowers, splits: Splits, train_cfg: TrainConfig, e
     state.restore_best(model)
     if state.groups:  # every group at its own best epoch: score that ensemble, as fit does
         finish_groups(model, state, sample_users(splits.valid, eval_cfg.valid_max_users, seed), eval_cfg,
-                      max_history, training_item_bias(train_cfg, splits.train, model.num_items, model.cfg))
+                      max_history, valid_item_biases(train_cfg, splits.train, model, [])[0])
     if on_epoch is not None:
         for row in state.history:
             on_epoch(int(row["epoch"]), row)

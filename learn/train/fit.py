@@ -31,7 +31,7 @@ from learn.data.sequences import Splits
 from learn.device import resolve_device
 from learn.evaluate.metrics import sample_users
 from learn.train.loop import (cfg_steps_per_epoch, evaluate_groups, evaluate_model, make_optimizer, make_scheduler,
-                              run_epoch, training_item_bias, valid_item_biases)
+                              run_epoch, valid_item_biases)
 
 OnEpoch = Callable[[int, dict[str, float]], None]
 
@@ -226,7 +226,7 @@ def fit(model, splits: Splits, train_cfg: TrainConfig, eval_cfg: EvalConfig, max
     state.restore_best(model)
     if state.groups:
         finish_groups(model, state, valid_split, eval_cfg, max_history,
-                      training_item_bias(train_cfg, splits.train, model.num_items, model.cfg))
+                      valid_item_biases(train_cfg, splits.train, model, [])[0])
     return state.result(time.perf_counter() - start)
 
 

@@ -144,32 +144,31 @@ def user_embeddings(model: TwinTowers, histories: Sequence[np.ndarray], max_hist
     return result
 
 
-def training_item_bias(cfg: TrainConfig, train, num_items: int, model_cfg=None,
-                       members: Sequence[int] | None = None) -> torch.Tensor | None:
+def training_item_bias(cfg: TrainConfig, train, num_items: int) -> torch.Tensor | None:
     """[N] what the training logit adds to each item's cosine, in cosine units (the column bias /
     ``train.score_scale``), when the recipe trains with one (``train.logit_adjustment``); else None.
     Valid during training ranks by cosine + this bias: the score the towers were trained to rank by
     (the served score adds popularity back only as ``score.popularity_weights`` chooses on valid).
-    With ``model_cfg`` the towers' score is the mean of ``members``' cosines (default: every member), so
-    the bias is scaled by the share of them whose logits carry it (``train.logit_adjustment_members``;
-    None when none does). Without ``model_cfg``: every member's."""
+    With member groups, ``valid_item_biases`` scales it to the members that carry it."""
     if cfg.recipe != "full_softmax" or not cfg.logit_adjustment:
         return None
-    share = 1.0
-    if model_cfg is not None:
-        members = list(range(model_cfg.members)) if members is None else list(members)
-        share = len(logit_adjusted_members(cfg, model_cfg) & set(members)) / len(members)
-        if not share:
-            return None
     counts = item_popularity(train, num_items)
-    return torch.from_numpy((share * cfg.logit_adjustment * np.log1p(counts) / cfg.score_scale).astype(np.float32))
+    return torch.from_numpy((cfg.logit_adjustment * np.log1p(counts) / cfg.score_scale).astype(np.float32))
 
 
 def valid_item_biases(cfg: TrainConfig, train, model: TwinTowers,
                       groups: list[list[int]]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-    """(the whole towers' ``training_item_bias``, each member group's own): what valid ranks by while training."""
-    return (training_item_bias(cfg, train, model.num_items, model.cfg),
-            [training_item_bias(cfg, train, model.num_items, model.cfg, g) for g in groups])
+    """What valid ranks by while training: (the whole towers' bias, each member group's own). A score is
+    the mean of its members' cosines, so ``training_item_bias`` is scaled by the share of them whose
+    logits carry it (``train.logit_adjustment_members``; None where none does)."""
+    full = training_item_bias(cfg, train, model.num_items)
+    adjusted = logit_adjusted_members(cfg, model.cfg)
+
+    def scaled(members) -> torch.Tensor | None:
+        share = len(adjusted & set(members)) / len(members)
+        return full * share if full is not None and share else None
+
+    return scaled(range(model.cfg.members)), [scaled(g) for g in groups]
 
 
 def with_item_bias(users: torch.Tensor, items: torch.Tensor, bias: torch.Tensor | None):
