@@ -19,11 +19,11 @@ Reproduce (from the repo root; one CPU thread):
     make recbole-env
     .venv-recbole/bin/python bench/sasrec_recbole.py --data ../shared/data/amazon-unisrec/Scientific
 
-Cost: one CPU thread (OMP_NUM_THREADS=1, torch.set_num_threads(1)); on the 2-core dev box, shared
+Cost: one CPU thread by default (OMP_NUM_THREADS=1, `--threads`); on the 2-core dev box, shared
 with other work, one epoch (17 batches of 2048) takes about 100-120 s of training plus about 3.5 s
 of valid evaluation, so an early-stopped run takes hours. Seeded runs are bit-reproducible on the
 same machine (epochs 0-1 of two runs matched to the logged digits). RecBole's log lands in
-runs/sasrec_recbole/seed<S>_h<H>/log/, the best checkpoint in .../saved/. An interrupted run goes
+runs/sasrec_recbole/<name>/seed<S>_h<H>/log/ (<name>: the dataset directory's), the best checkpoint in .../saved/. An interrupted run goes
 on from that checkpoint with `--resume` (weights, optimizer, epoch, best score and early-stopping
 counter come back; the data-shuffling RNG does not).
 
@@ -150,9 +150,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=2020)
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (the README figures: 1; more threads may change float sums in the last digits)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue an interrupted run from its best-valid checkpoint (a path, or the newest "
-                        "in runs/sasrec_recbole/seed<S>_h<H>/saved/ when given alone)")
+                        "in runs/sasrec_recbole/<name>/seed<S>_h<H>/saved/ when given alone)")
     p.add_argument("--eval-only", action="store_true",
                    help="with --resume: train no further, only evaluate the checkpoint")
     args = p.parse_args()
@@ -161,7 +163,7 @@ def main() -> int:
     # a checkpoint path is relative to where the command runs (the script chdirs below)
     resume_path = Path(args.resume).resolve() if args.resume not in (None, "latest") else None
     start = time.perf_counter()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
 
     data_dir = Path(args.data).resolve()
     name = data_dir.name
@@ -170,7 +172,7 @@ def main() -> int:
         if not f.is_file():
             raise SystemExit(f"missing {f}")
     out_json = Path(args.json).resolve()
-    work = ROOT / "runs" / "sasrec_recbole" / f"seed{args.seed}_h{args.hidden_size}"
+    work = ROOT / "runs" / "sasrec_recbole" / name / f"seed{args.seed}_h{args.hidden_size}"
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # RecBole's ./log and ./log_tensorboard land here
 
@@ -213,7 +215,7 @@ def main() -> int:
     config = Config(model="SASRec", dataset=name, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
 
     dataset = create_dataset(config)
     print(dataset, flush=True)
