@@ -317,7 +317,12 @@ class Stack(nn.Module):
         # one adaptor per further input view, outputs summed (absent with one view: the same weights
         # and state-dict keys as before views existed)
         self.view_adaptors = nn.ModuleList(make_adaptor(cfg) for _ in cfg.input_views[1:]) or None
-        self.positions = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.positions = None
+        if cfg.positions == "learned":
+            # zeros: training starts from the position-free model (torch's N(0, 1) default would swamp the
+            # adaptor's outputs, whose entries are ~0.1, and the towers collapsed to one vector with it)
+            self.positions = nn.Embedding(cfg.max_len, cfg.d_model)
+            nn.init.zeros_(self.positions.weight)
         self.in_norm = nn.LayerNorm(cfg.d_model)
         self.in_drop = nn.Dropout(cfg.dropout)
         layer = nn.TransformerEncoderLayer(

@@ -29,6 +29,22 @@ def test_attention_is_causal(positions):
     assert not torch.allclose(oa[:, 3], ob[:, 3], atol=1e-4)
 
 
+def test_learned_positions_start_at_zero_and_then_tell_positions_apart():
+    """Fresh learned positions change nothing (the towers start as the position-free model, as torch's
+    N(0, 1) initialisation did not: it swamped the adaptor's outputs); once trained they move the users."""
+    plain, learned = make(), make(positions="learned")
+    assert torch.count_nonzero(learned.stacks[0].positions.weight) == 0
+    missing = learned.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.endswith("positions.weight") for k in missing)
+    hists = pad_histories([np.array([3, 1, 4]), np.array([4, 1, 3])], 16)
+    assert torch.allclose(learned.user_embedding(hists), plain.user_embedding(hists), atol=1e-6)
+    assert torch.allclose(learned.all_item_embeddings(), plain.all_item_embeddings(), atol=1e-6)
+    with torch.no_grad():
+        learned.stacks[0].positions.weight.normal_(0, 0.1)
+    assert not torch.allclose(learned.user_embedding(hists), plain.user_embedding(hists), atol=1e-3)
+    assert torch.allclose(learned.all_item_embeddings(), learned.item_embedding(torch.arange(30)), atol=1e-6)
+
+
 def test_user_vector_is_last_real_position_and_padding_does_not_matter():
     m = make()
     hists = [np.array([3, 1, 4]), np.array([1, 5, 9, 2, 6])]
