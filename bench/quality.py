@@ -184,6 +184,10 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
     # the seventh freeze on the recipe a large catalog needs (a step independent of the catalog size)
     ("learn_freeze_7_sampled", "seventh freeze, sampled softmax (1,024 mixed negatives, logQ)", FREEZE_7, SAMPLED),
     ("learn_freeze_7_sampled_seed1", "seventh freeze, sampled softmax, seed 1", FREEZE_7, [*SAMPLED, "seed=1"]),
+    # learned positions again, now zero-initialised (lever_positions ran with torch's N(0, 1) rows, which
+    # swamped the adaptor's outputs): what SASRec has and the towers lack, for long sequences (MovieLens)
+    ("lever_positions_zero_init", "seventh freeze + learned position embeddings, zero-initialised", FREEZE_7,
+     ["model.positions=learned"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM", FREEZE_1, ["model.item_id_embedding=true", "export.enabled=false"]),
 ]

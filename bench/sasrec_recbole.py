@@ -21,7 +21,8 @@ Reproduce (from the repo root; one CPU thread):
 
 Cost: one CPU thread by default (OMP_NUM_THREADS=1, `--threads`); on the 2-core dev box, shared
 with other work, one epoch (17 batches of 2048) takes about 100-120 s of training plus about 3.5 s
-of valid evaluation, so an early-stopped run takes hours. Seeded runs are bit-reproducible on the
+of valid evaluation, so an early-stopped run takes hours (MovieLens-100k from bench/movielens.py: 48
+batches, about 190-200 s an epoch on one thread, 100-130 s on two). Seeded runs are bit-reproducible on the
 same machine (epochs 0-1 of two runs matched to the logged digits). RecBole's log lands in
 runs/sasrec_recbole/<name>/seed<S>_h<H>/log/ (<name>: the dataset directory's), the best checkpoint in .../saved/. An interrupted run goes
 on from that checkpoint with `--resume` (weights, optimizer, epoch, best score and early-stopping
