@@ -58,10 +58,15 @@ def load_row(name: str, content: np.ndarray, popularity: np.ndarray, encoder_id:
                    key=lambda p: p.stat().st_mtime)
     if not found:
         raise SystemExit(f"row {name}: no runs/bench-quality/{name}/*/towers/ (run bench/quality.py --only {name})")
-    run_dir = found[-1].parents[1]
+    return load_run(found[-1].parents[1], content, popularity, encoder_id)
+
+
+def load_run(run_dir: Path, content: np.ndarray, popularity: np.ndarray, encoder_id: str) -> TwinTowers:
+    """The towers a run exported, over ``content`` (which must come from the encoder the run trained on);
+    towers with item ID vectors get them for the items seen in training."""
     trained_on = json.loads((run_dir / "metrics.json").read_text())["encoder_id"]
     if trained_on != encoder_id:
-        raise SystemExit(f"row {name} was trained on {trained_on}, the probe embeds with {encoder_id}")
+        raise SystemExit(f"run {run_dir} was trained on {trained_on}, the probe embeds with {encoder_id}")
     ids = json.loads((run_dir / "towers" / "tower_config.json").read_text())["num_id_items"]
     known = torch.as_tensor(popularity > 0) if ids else None
     return load_twin_towers(run_dir / "towers", torch.as_tensor(content), id_known=known)

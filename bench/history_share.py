@@ -12,7 +12,6 @@ mean share over the valid and the test users, of the whole history and of the pa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.ensemble_probe import probe_inputs  # noqa: E402
-from learn.export.towers import load_twin_towers  # noqa: E402
+from bench.ensemble_probe import load_run, probe_inputs  # noqa: E402
 from learn.train.loop import user_embeddings  # noqa: E402
 
 
@@ -40,10 +38,8 @@ def main() -> int:
     ap.add_argument("--config", default="conf/scientific.yaml")
     ap.add_argument("--k", type=int, default=10)
     args = ap.parse_args()
-    cfg, _, splits, popularity, content, _ = probe_inputs(ROOT / args.config, args.data)
-    ids = json.loads((args.run / "towers" / "tower_config.json").read_text())["num_id_items"]
-    known = torch.as_tensor(popularity > 0) if ids else None  # towers with item ID vectors: the warm items
-    model = load_twin_towers(args.run / "towers", torch.as_tensor(content), id_known=known)
+    cfg, _, splits, popularity, content, encoder_id = probe_inputs(ROOT / args.config, args.data)
+    model = load_run(args.run, content, popularity, encoder_id)
     with torch.no_grad():
         items = model.all_item_embeddings()
         for which in ("valid", "test"):
