@@ -31,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from learn.data.files import decode_utf8  # noqa: E402
 from learn.data.schema import DataError  # noqa: E402
 from learn.utils import atomic_write_text  # noqa: E402
 
@@ -46,7 +47,7 @@ def default_source() -> Path | None:
 
 def _rows(path: Path, header: list[str]) -> list[tuple[int, list[str]]]:
     """(line number, fields) of every data line; the header and the field count are checked."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = decode_utf8(path.read_bytes(), path).splitlines()  # bad bytes: named by line, as learn's readers do
     if not lines or lines[0].split("\t") != header:
         got = lines[0].split("\t") if lines else "an empty file"
         raise DataError(f"{path}: line 1: expected the header {header}, got {got}")
