@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, common + VARIANTS[name])
         lags = pair_lags(splits.train, cfg.train, cfg.data.max_history, data.num_items, cfg.seed)
         seed_everything(cfg.seed)
-        model = TwinTowers.from_config(cfg.model, content, splits.train_popularity(data.num_items))
+        model = TwinTowers.from_config(cfg.model, content, splits.train_popularity(data.num_items),
+                                       splits.train, cfg.data.max_history)
         start = time.perf_counter()
         fitted = fit(model, splits, cfg.train, cfg.eval, cfg.data.max_history, seed=cfg.seed, progress=False)
         row = {"overrides": VARIANTS[name], **lags, "best_epoch": fitted.best_epoch,

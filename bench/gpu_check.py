@@ -173,7 +173,8 @@ def train_section(device: torch.device, size: dict) -> list[dict]:
             batches = list(itertools.islice(epoch_batches(train, cfg.train, cfg.data.max_history, seed=0, epoch=1,
                                                           num_items=n_items), size["steps"]))
             seed_everything(0)
-            init = TwinTowers.from_config(cfg.model, content, item_popularity(train, n_items))  # IDs: the seen items
+            init = TwinTowers.from_config(cfg.model, content, item_popularity(train, n_items), train,
+                                          cfg.data.max_history)  # IDs: the seen items
             cpu_losses, cpu_rate = None, None
             if n_items <= size["agree_max_items"]:
                 cpu_losses, cpu_rate = _run_steps(init, batches[:AGREE_STEPS], cfg.train, torch.device("cpu"))

@@ -43,6 +43,7 @@ FREEZE_4 = "conf/scientific/2026-12-02-4-score-mix-transitions.yaml"
 FREEZE_5 = "conf/scientific/2026-12-03-5-softmax-seen-items.yaml"
 FREEZE_6 = "conf/scientific/2026-12-03-6-cold-floor.yaml"
 FREEZE_7 = "conf/scientific/2026-12-07-7-content-id-members.yaml"
+FREEZE_8 = "conf/scientific/2026-12-07-8-auto-positions.yaml"
 LATEST = "conf/scientific.yaml"  # the floors: a baseline ignores the towers' settings
 TPL_PRODUCT = ['data.text_template="Product: {text}"', "embed.store=.cache/learn/content/Scientific-minilm-tpl-product.parquet"]
 SAMPLED = ["train.recipe=sampled_softmax", "train.num_negatives=1024"]
@@ -188,6 +189,9 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
     # swamped the adaptor's outputs): what SASRec has and the towers lack, for long sequences (MovieLens)
     ("lever_positions_zero_init", "seventh freeze + learned position embeddings, zero-initialised", FREEZE_7,
      ["model.positions=learned"]),
+    # the eighth freeze: the seventh with model.positions=auto, which resolves to none on Scientific (3.95
+    # earlier items per training target): the seventh freeze's towers, rerun from its own file
+    ("learn_freeze_8", "eighth freeze as its file (positions auto: none here)", FREEZE_8, []),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM", FREEZE_1, ["model.item_id_embedding=true", "export.enabled=false"]),
 ]

@@ -38,7 +38,8 @@ from learn.utils import atomic_write_text  # noqa: E402
 
 def step_seconds(cfg, content: np.ndarray, train: list[np.ndarray], steps: int, sparse_ids: bool = True) -> float:
     torch.manual_seed(0)
-    model = TwinTowers.from_config(cfg.model, content, item_popularity(train, len(content)))  # IDs: the seen items
+    model = TwinTowers.from_config(cfg.model, content, item_popularity(train, len(content)), train,
+                                   cfg.data.max_history)  # IDs: the seen items
     model.sparse_id_gradients(sparse_ids)
     opt = make_optimizer(model, cfg.train)
     batches = iter(epoch_batches(train, cfg.train, cfg.data.max_history, seed=0, epoch=1, num_items=len(content)))

@@ -112,7 +112,8 @@ def main() -> int:
     content, _, encoder_id = embed_items(cfg.embed, data.name, data.item_ids, data.texts, progress=False)
     sequences = sum(1 for s in splits.train if len(s) >= 2) * args.epochs
     seed_everything(cfg.seed)
-    model = TwinTowers.from_config(cfg.model, content, splits.train_popularity(data.num_items))
+    model = TwinTowers.from_config(cfg.model, content, splits.train_popularity(data.num_items), splits.train,
+                                   cfg.data.max_history)
     init = copy.deepcopy(model.state_dict())
 
     per_epoch = sequences // args.epochs

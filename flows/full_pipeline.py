@@ -23,7 +23,7 @@ import json
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
@@ -42,7 +42,7 @@ from learn.evaluate.metrics import sample_users  # noqa: E402
 from learn.evaluate.report import format_summary  # noqa: E402
 from learn.export.bundle import BundleInfo  # noqa: E402
 from learn.export.towers import save_tower_weights  # noqa: E402
-from learn.towers.model import TwinTowers  # noqa: E402
+from learn.towers.model import TwinTowers, resolve_positions  # noqa: E402
 from learn.tracking.mlflow_run import Tracker  # noqa: E402
 from learn.tracking.plots import plot_segments, plot_training_curves  # noqa: E402
 from learn.train.distributed import MlflowTarget, fit_distributed  # noqa: E402
@@ -77,6 +77,8 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
         splits = data.split(cfg.data.split, cfg.data.time_cut, cfg.seed)
         data.release_times()  # 8 bytes per interaction nothing reads after the split
         popularity = splits.train_popularity(data.num_items)
+        # model.positions=auto: learned position embeddings on long training sequences only
+        towers_cfg, mean_history = resolve_positions(cfg.model, splits.train, cfg.data.max_history)
     check_before_run(cfg.embed, data.name)  # an unknown encoder or a corrupt content store: no run either
     resolve_device(cfg.train.device, "train.device")  # train.device=cuda without a GPU: no run either
     # a distinct, readable run name unless tracking.run_name gives one (uuid4: not the seeded RNGs)
@@ -84,13 +86,14 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment, run_name,
                       system_metrics=cfg.tracking.system_metrics, artifact_location=cfg.tracking.artifact_location)
     with tracker:
-        tracker.log_params(flatten(cfg))
+        tracker.log_params(flatten(cfg))  # as configured (model.positions=auto stays auto here) ...
         # counts and the dataset's fingerprint go to the run
         n_inter = data.num_interactions
         print(f"[data] {data.name}: {data.num_items} items, {len(data.seqs)} users, {n_inter} "
               f"interactions; {raw.drops.summary()}; split {splits.kind}: valid {len(splits.valid)}, test "
               f"{len(splits.test)}", flush=True)
         data_info = {
+            "data_mean_train_history": round(mean_history, 3),
             "data_items": data.num_items, "data_users": len(data.seqs), "data_interactions": n_inter,
             "data_valid_users": len(splits.valid), "data_test_users": len(splits.test),
             "data_cold_items": int((popularity == 0).sum()),
@@ -98,6 +101,11 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
             **{f"split_{k}": v for k, v in splits.info.items()},
         }
         tracker.log_metrics(data_info)
+        if cfg.model.positions == "auto" and cfg.train.recipe not in BASELINES:
+            print(f"[model] positions auto -> {towers_cfg.positions}: the training targets have "
+                  f"{mean_history:.1f} earlier items on average (learned at >= "
+                  f"{cfg.model.positions_min_history:g})", flush=True)
+            tracker.log_params({"model_positions_resolved": towers_cfg.positions})  # ... and as decided
         fingerprint, source = data.fingerprint(), str(raw.source or cfg.data.path)
         tracker.set_tags({"dataset": data.name, "dataset_source": source, "dataset_fingerprint": fingerprint})
         tracker.log_dataset(data.name, source, fingerprint, "training",
@@ -124,7 +132,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
         else:
             # train: the twin towers, the recipe's loss, early stopping on valid; the best epoch restored
             seed_everything(cfg.seed)  # the same initial weights whether or not the encoder ran
-            model = TwinTowers.from_config(cfg.model, content, popularity)
+            model = TwinTowers.from_config(towers_cfg, content, popularity)  # positions decided
             n_params = sum(p.numel() for p in model.parameters())
             print(f"[train] recipe {cfg.train.recipe}, item tower {cfg.model.item_tower}, output dim "
                   f"{model.cfg.d_out}, {n_params:,} parameters", flush=True)
@@ -183,7 +191,8 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
             if cfg.export.enabled:
                 with timer("export"):
                     info = BundleInfo(encoder_id=encoder_id, dataset=data.name, dataset_fingerprint=fingerprint,
-                                      run_id=tracker.run_id, max_history=cfg.data.max_history, config=to_dict(cfg))
+                                      run_id=tracker.run_id, max_history=cfg.data.max_history,
+                                      config=to_dict(replace(cfg, model=towers_cfg)))  # as the towers are
                     exported = registry.export_trained(
                         model, [str(i) for i in data.item_ids], content, out_dir / "bundle", info, cfg.export,
                         seed=cfg.seed, max_history=cfg.data.max_history,
@@ -202,7 +211,8 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
         metrics.update({f"time_{k}_s": v for k, v in timer.seconds.items()})
         tracker.log_metrics(metrics)
         summary = {"run_id": tracker.run_id, "dataset": data.name, "encoder_id": encoder_id,
-                   "config": to_dict(cfg), "metrics": metrics, "data": data_info}
+                   "config": to_dict(cfg), "metrics": metrics, "data": data_info,
+                   "model_positions_resolved": towers_cfg.positions}  # config as given; positions as decided
         atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2, default=str))
         tracker.log_dict(summary, "metrics.json")
     print(format_summary(metrics, cfg.eval), flush=True)

@@ -103,7 +103,12 @@ class ModelConfig:
     d_ff: int = 1024
     dropout: float = 0.1
     d_out: int = 256
-    positions: Literal["none", "learned"] = "none"
+    # learned: a zero-initialised position embedding per window slot | none: the history as a set plus its
+    # order through causal attention | auto: learned when the training sequences are long (the mean number
+    # of earlier items, capped at data.max_history, that a training interaction has is at least
+    # positions_min_history), else none; decided once per run from the training split and logged
+    positions: Literal["none", "learned", "auto"] = "none"
+    positions_min_history: float = 6.0
     # a: shared stack, causal over target sequences | b: shared, each target alone (differs from a only
     # under dense_all_action, the one recipe with target sequences) | c: raw content, no item-side stack
     item_tower: Literal["a", "b", "c"] = "a"
@@ -433,6 +438,7 @@ _ONLY_UNDER = {
     "train.negative_sampler": ("train.recipe", ("sampled_softmax", "dense_all_action")),
     "train.logq_correction": ("train.recipe", ("sampled_softmax", "dense_all_action")),
     "train.epoch_coverage": ("train.all_positions", True),
+    "model.positions_min_history": ("model.positions", "auto"),
     "train.softmax_items": ("train.recipe", ("full_softmax", "sampled_softmax")),
     "train.logit_adjustment": ("train.recipe", "full_softmax"),
     "train.logit_adjustment_members": ("train.recipe", "full_softmax"),
@@ -631,10 +637,13 @@ def validate(cfg: Config, explicit: set[str] | None = None, overridden: set[str]
     if cfg.data.time_cut <= 0:
         raise ConfigError(f"key 'data.time_cut' must be a quantile in (0, 1] or a timestamp > 1, got {cfg.data.time_cut}")
     if (cfg.train.recipe == "dense_all_action" and cfg.model.item_tower == "a" and not cfg.train.all_positions
-            and cfg.model.positions == "learned"):
-        raise ConfigError("model.positions=learned with model.item_tower=a and the dense_all_action recipe would "
-                          "train targets at positions 1..n but serve them at position 0; use item_tower=b or "
-                          "positions=none")
+            and cfg.model.positions in ("learned", "auto")):
+        raise ConfigError(f"model.positions={cfg.model.positions} with model.item_tower=a and the dense_all_action "
+                          f"recipe would train targets at positions 1..n but serve them at position 0 (auto turns "
+                          f"positions on for long sequences); use item_tower=b or positions=none")
+    if cfg.model.positions_min_history <= 0:
+        raise ConfigError(f"key 'model.positions_min_history' must be > 0 (earlier items per training interaction), "
+                          f"got {cfg.model.positions_min_history}")
     if cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(
             f"key 'model.d_model' ({cfg.model.d_model}) must be divisible by 'model.n_heads' ({cfg.model.n_heads})"

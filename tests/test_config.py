@@ -58,6 +58,7 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
     (["train.n_history=3"], ["train.n_history", "train.recipe=dense_all_action"]),
     (["train.recipe=content_last", "model.item_id_embedding=true", "export.enabled=false"],
      ["model.item_id_embedding=true", "train.recipe=content_last"]),
+    (["model.positions_min_history=5"], ["model.positions_min_history", "model.positions=auto"]),
 ])
 def test_an_option_without_effect_in_its_combination_is_an_error_naming_both_keys(overrides, named):
     with pytest.raises(ConfigError) as err:
@@ -109,6 +110,8 @@ def test_the_scientific_config_is_its_latest_freeze():
     (["train.pretrain_epochs=3", "train.backend=ray"], "train.backend=local only"),
     (["train.pretrain_epochs=3", "train.recipe=dense_all_action"], "trained pair recipe"),
     (["train.epoch_coverage=transitions", "train.all_positions=false"], "unless train.all_positions=true"),
+    (["model.positions=auto", "model.positions_min_history=0"], "'model.positions_min_history' must be > 0"),
+    (["model.positions=auto", "train.recipe=dense_all_action"], "model.positions=auto with model.item_tower=a"),
 ])
 def test_two_stage_and_coverage_keys_are_refused_where_they_cannot_act(overrides, message):
     with pytest.raises(ConfigError, match=message):

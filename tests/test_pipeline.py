@@ -139,6 +139,15 @@ def _two_stacks(run, base, cfg) -> None:
     assert 1.5 * base[1] < run[1] < 2 * base[1]
 
 
+def _auto_positions(run, base, cfg) -> None:
+    # decided from the demo's training sequences (well over 1 earlier item per target): learned, logged beside
+    # the configured auto, one d_model row per window slot and member on top of the base towers
+    logged = mlflow.MlflowClient(tracking_uri=cfg.tracking.tracking_uri).get_run(run[2].name).data
+    assert logged.params["model.positions"] == "auto" and logged.params["model_positions_resolved"] == "learned"
+    assert logged.metrics["data_mean_train_history"] >= 1
+    assert run[1] - base[1] == cfg.model.max_len * cfg.model.d_model
+
+
 def _item_vectors_are_the_content(run, base, cfg) -> None:
     bundle = run[2] / "bundle"
     content = pq.read_table(bundle / "content.parquet")
@@ -158,7 +167,8 @@ def _item_vectors_are_the_content(run, base, cfg) -> None:
       "export.enabled=true", "tracking.enabled=false"], _item_vectors_are_the_content),
     (["model.item_id_embedding=true", "export.enabled=true", "tracking.registered_model="], _id_embedding_params),
     (["model.members=2"], _two_stacks),
-], ids=["in_batch", "dense-b-time_cut", "item_tower_c", "item_id_embedding", "members"])
+    (["model.positions=auto", "model.positions_min_history=1"], _auto_positions),
+], ids=["in_batch", "dense-b-time_cut", "item_tower_c", "item_id_embedding", "members", "positions_auto"])
 def test_recipes_and_variants_take_effect(variant_cfg, base_run, overrides, check):
     """Each flag changes what it should: a silently ignored one would reproduce the base run exactly
     (same seed, same data), so every variant must rank differently, and show its own mark."""

@@ -81,3 +81,17 @@ def test_bad_source_rows_name_the_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"ml-100k.item: line 1: expected the header"):
         convert(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_last_keeps_each_users_latest_ratings_and_only_the_items_they_name(tmp_path):
+    ratings = [("7", str(k), 100 + k) for k in range(1, 9)] + [("9", "2", 10), ("9", "6", 5), ("9", "1", 20)]
+    src = _write_source(tmp_path, ratings, _items(10))
+    counts = convert(src, tmp_path / "cut", last=4)
+    assert counts == {**counts, "users": 2, "interactions": 4 + 3, "max_sequence": 4}
+    _, data = load_sequences(DataConfig(path=str(tmp_path / "cut")))
+    by_user = sorted([data.item_ids[i] for i in s] for s in data.seqs)
+    assert by_user == sorted([["5", "6", "7", "8"], ["6", "2", "1"]])  # the last 4 by time; user 9 whole
+    assert sorted(data.item_ids, key=int) == ["1", "2", "5", "6", "7", "8"]  # items 3, 4 only in the cut-off part
+    assert "only each user's last 4 ratings kept" in (tmp_path / "cut" / "PROVENANCE.md").read_text()
+    with pytest.raises(ValueError, match="--last must be >= 3"):
+        convert(src, tmp_path / "bad", last=2)

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -185,3 +187,49 @@ def test_item_id_dropout_needs_item_ids_and_a_probability():
         load_config(conf, ["model.item_id_embedding=true", "model.item_id_dropout=1"])
     cfg = load_config(conf, ["model.item_id_embedding=true", "model.item_id_dropout=0.5"])
     assert TowerConfig.from_model_config(cfg.model, 16, 30).item_id_dropout == 0.5  # the bundle's config keeps it
+
+
+def test_mean_history_counts_the_earlier_items_of_each_training_target_capped():
+    from learn.data.ragged import Ragged
+    from learn.towers.model import mean_history
+
+    seqs = [np.array([5]), np.array([1, 2, 3]), np.arange(6)]
+    # targets: none in the 1-item sequence; 1, 2 earlier items; 1, 2, 2, 2, 2 (capped at 2)
+    assert mean_history(seqs, 2) == pytest.approx(12 / 7)
+    assert mean_history(Ragged.from_arrays(seqs), 2) == pytest.approx(12 / 7)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 90, 200)
+    brute = [min(k, 40) for n in lengths for k in range(1, n)]
+    assert mean_history([np.zeros(n) for n in lengths], 40) == pytest.approx(np.mean(brute))
+    assert mean_history([np.array([7])], 40) == 0.0  # no target at all
+
+
+def test_auto_positions_are_learned_on_long_training_sequences_only():
+    from learn.config import ModelConfig
+    from learn.towers.model import resolve_positions
+
+    m = ModelConfig(d_model=32, n_layers=1, n_heads=4, d_ff=64, d_out=8, max_len=16, positions="auto",
+                    positions_min_history=3.0)
+    short = [np.arange(4) % 30] * 5  # 1, 2, 3 earlier items: mean 2
+    long = [np.arange(10) % 30] * 5  # mean 5
+    at = [np.arange(6) % 30] * 5  # mean 3: the threshold itself turns them on
+    assert resolve_positions(m, short, 40) == (replace(m, positions="none"), 2.0)
+    assert resolve_positions(m, long, 40)[0].positions == "learned"
+    assert resolve_positions(m, long, 2)[0].positions == "none"  # capped at max_history: mean < 2
+    assert resolve_positions(m, at, 40)[0].positions == "learned"
+    for fixed in ("none", "learned"):  # an explicit choice is kept
+        assert resolve_positions(replace(m, positions=fixed), long if fixed == "none" else short, 40)[0].positions == fixed
+    content = torch.randn(30, 16)
+    torch.manual_seed(0)
+    auto_short = TwinTowers.from_config(m, content, train=short, max_history=40)
+    torch.manual_seed(0)
+    plain = TwinTowers.from_config(replace(m, positions="none"), content)
+    assert auto_short.cfg.positions == "none"  # the same towers, weight for weight, as positions=none
+    assert auto_short.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in auto_short.state_dict().items())
+    auto_long = TwinTowers.from_config(m, content, train=long, max_history=40)
+    assert auto_long.cfg.positions == "learned" and auto_long.stacks[0].positions is not None
+    with pytest.raises(ValueError, match="pass train= and max_history="):
+        TwinTowers.from_config(m, content)
+    with pytest.raises(ValueError, match="resolve it first"):
+        TowerConfig.from_model_config(m, 16)
