@@ -39,7 +39,7 @@ id members  with item ID embeddings (``num_id_items``), ``id_members`` = k in 1.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -396,8 +396,6 @@ def resolve_positions(m: ModelConfig, train, max_history: int) -> tuple[ModelCon
     bench/positions_length.py): learned positions cost at ~4 earlier items (Scientific; MovieLens cut to 10
     ratings a user) and pay from ~9 up (MovieLens cut to 20 and 40, the whole of it at 33); the default
     threshold, 6, sits between."""
-    from dataclasses import replace
-
     mean = mean_history(train, max_history)
     if m.positions != "auto":
         return m, mean
