@@ -8,8 +8,8 @@ decides on; Scientific: 3.95).
 
 Each run is ``flows/full_pipeline.py --config conf/scientific/2026-12-07-7-content-id-members.yaml`` (the
 seventh freeze: positions none unless set) with ``data.path``, ``model.positions``, ``seed`` and one torch
-thread, outputs under ``runs/bench-positions/ml_last<N>_<positions>_s<seed>/`` and an MLflow store beside
-them; a run whose ``metrics.json`` is already there is read, not run again (``--from-runs`` runs nothing).
+thread (bench/quality.py's ``run_row``: the default MLflow store, as its rows), outputs under
+``runs/bench-positions/ml_last<N>_<positions>_s<seed>/``; a run whose ``metrics.json`` is already there is read, not run again (``--from-runs`` runs nothing).
 ``--full`` adds the uncut dataset (``.cache/learn/data/movielens-100k``, 12-30 min a run). Prints, per length
 and setting, the mean over seeds of the served valid NDCG@10 and of test NDCG@10 / Recall@10 (history kept,
 the issue's protocol, and excluded), the per-seed differences learned - none, and the SASRec peer's test
@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.quality import run_row  # noqa: E402
 from learn.utils import atomic_write_text  # noqa: E402
 
 CONFIG = "conf/scientific/2026-12-07-7-content-id-members.yaml"
@@ -55,15 +53,8 @@ def summary(out: Path) -> dict | None:
 
 def run(length: int | None, positions: str, seed: int) -> dict:
     out = run_dir(length, positions, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "flows/full_pipeline.py", "--config", CONFIG, f"data.path={data_dir(length)}",
-           f"model.positions={positions}", f"seed={seed}", "train.num_threads=1", f"output_dir={out}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    print(f"[run] {out.name}: {time.perf_counter() - start:.0f} s", flush=True)
+    run_row(out.name, CONFIG, [f"model.positions={positions}", f"seed={seed}", "train.num_threads=1"],
+            str(data_dir(length)), root=out.parent)
     return summary(out)
 
 

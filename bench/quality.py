@@ -203,9 +203,10 @@ KEYS = ["test_ndcg_at_10", "test_recall_at_10", "test_ndcg_at_10_excl_hist", "te
         "best_valid_recall_at_10_excl_hist"]
 
 
-def run_row(name: str, config: str, overrides: list[str], data: str) -> dict:
+def run_row(name: str, config: str, overrides: list[str], data: str, root: Path = ROOT / "runs" / "bench-quality") -> dict:
+    """Run one row's command with its outputs under ``root/name``; the row read back from its metrics.json."""
     print(f"== {name}: {' '.join(overrides)}", flush=True)
-    out_dir = ROOT / "runs" / "bench-quality" / name
+    out_dir = root / name
     cmd = [sys.executable, "flows/full_pipeline.py", "--config", config, "--no-progress", f"data.path={data}",
            *overrides]
     start = time.perf_counter()

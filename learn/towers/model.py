@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from learn.config import ModelConfig, input_views_problem
+from learn.data.ragged import Ragged
 
 
 @dataclass
@@ -378,8 +379,7 @@ def mean_history(train, max_history: int) -> float:
     towers read in front of it): the k-th item of a sequence (k = 1, 2, ...; the first item is never a
     target) has min(k, max_history). ``train``: per-user sequences (a ``Ragged`` or a list of arrays);
     from the lengths only, O(users)."""
-    offsets = getattr(train, "offsets", None)
-    lengths = np.diff(offsets) if offsets is not None else np.fromiter((len(s) for s in train), np.int64)
+    lengths = train.lengths() if isinstance(train, Ragged) else np.fromiter((len(s) for s in train), np.int64)
     n = lengths.astype(np.float64)
     h = float(max_history)
     # sum_{k=0}^{n-1} min(k, h): the first min(n, h+1) items contribute 0 + 1 + ... , the rest h each
