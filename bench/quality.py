@@ -59,6 +59,7 @@ SCORE_MIX = ["score.content_weights=[0,0.05,0.1,0.2,0.3]", "score.popularity_wei
 COLD_CONTENT = "score.cold_content_weights=[0.3,0.6,1,2]"
 ITEM_IDS = ["model.item_id_embedding=true"]
 ID_DROPOUT = [*ITEM_IDS, "model.item_id_dropout=0.5"]
+HISTORY_PENALTY = "score.history_weights=[0,0.03,0.1,0.3,2]"
 LOGIT_ADJUST = ["train.logit_adjustment=1", "score.popularity_weights=[0,0.02,0.05,0.1,0.2,0.3]"]
 CONTENT_LOGIT_ADJUST = [*LOGIT_ADJUST, "train.logit_adjustment_members=content"]
 # issue 14: the sixth freeze's 4 content-only members beside 4 members with item ID vectors (64 dims each),
@@ -192,6 +193,14 @@ ROWS: list[tuple[str, str, str, list[str]]] = [
     # the eighth freeze: the seventh with model.positions=auto, which resolves to none on Scientific (3.95
     # earlier items per training target): the seventh freeze's towers, rerun from its own file
     ("learn_freeze_8", "eighth freeze as its file (positions auto: none here)", FREEZE_8, []),
+    # a served history penalty (the request's own items lowered by h after the search), h chosen on valid
+    ("lever_history_penalty", "eighth freeze + served history penalty, chosen on valid", FREEZE_8, [HISTORY_PENALTY]),
+    ("lever_history_penalty_seed1", "served history penalty, seed 1", FREEZE_8, [HISTORY_PENALTY, "seed=1"]),
+    # ... and towers trained without the row's own earlier items as negatives (early stopping with history excluded)
+    ("lever_no_history_negatives", "served history penalty + own items not negatives in training", FREEZE_8,
+     [HISTORY_PENALTY, "train.history_negatives=false"]),
+    ("lever_no_history_negatives_seed1", "own items not negatives in training, seed 1", FREEZE_8,
+     [HISTORY_PENALTY, "train.history_negatives=false", "seed=1"]),
     # transductive ablation: + a learned ID embedding for items seen in training (not exportable)
     ("ablation_item_ids", "ablation: + item ID embeddings for warm items, MiniLM", FREEZE_1, ["model.item_id_embedding=true", "export.enabled=false"]),
 ]
@@ -234,6 +243,7 @@ def row_from_summary(name: str, path: Path, overrides: list[str], data: str, con
 
 # a score-mix run also reports what it chose and what the towers alone score on test
 MIX_PREFIXES = ("score_mix_content_weight", "score_mix_popularity_weight", "score_mix_cold_content_weight",
+                "score_mix_history_weight",
                 "score_mix_valid_ndcg_at_10",
                 "test_towers_ndcg_at_10", "test_towers_recall_at_10")
 

@@ -155,8 +155,8 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
             # score mix: the served score's weights, chosen on the valid users training selected on
             mix, prior = ScoreMix(), popularity_prior(popularity)
             options = candidates(cfg.score.content_weights, cfg.score.popularity_weights,
-                                 cfg.score.cold_content_weights)
-            if len(options) > 1 or options[0].enabled:
+                                 cfg.score.cold_content_weights, cfg.score.history_weights)
+            if len(options) > 1 or options[0].served:
                 with timer("score_mix"):
                     key = selection_key(cfg.eval)
                     mix, table = choose_score_mix(
@@ -167,10 +167,11 @@ def run_pipeline(cfg: Config, progress: bool = True) -> PipelineResult:
                 metrics.update({"score_mix_content_weight": mix.content_weight,
                                 "score_mix_popularity_weight": mix.popularity_weight,
                                 "score_mix_cold_content_weight": mix.unseen_content_weight,
+                                "score_mix_history_weight": mix.history_weight,
                                 f"score_mix_valid_{key}": table[mix_metric_key(key, mix)]})
                 print(f"[score_mix] chosen on valid {key} over {len(options)} candidates: content weight "
                       f"{mix.content_weight:g} (unseen items {mix.unseen_content_weight:g}), popularity weight "
-                      f"{mix.popularity_weight:g} (valid "
+                      f"{mix.popularity_weight:g}, history penalty {mix.history_weight:g} (valid "
                       f"{metrics[f'score_mix_valid_{key}']:.4f}; towers alone {metrics['best_valid_' + key]:.4f})",
                       flush=True)
 

@@ -210,6 +210,12 @@ class TrainConfig:
     # members alone, so the members with item ID vectors keep learning popularity and the content members
     # learn what it does not explain; valid ranks each group by its own training-time score)
     logit_adjustment_members: Literal["all", "content"] = "all"
+    # full_softmax: whether a training row's own earlier items (those in its window) are negatives of its
+    # softmax. false: they are left out (the target stays, also when it is one of them), so the towers do
+    # not spend themselves pushing a user's own items down, and valid during training ranks as such towers
+    # are trained to (history excluded: early stopping on valid NDCG@10 with history excluded); the served
+    # score then needs a history penalty (score.history_weights) where users rarely come back to an item
+    history_negatives: bool = True
     # dense_all_action recipe
     n_history: int = 10
     n_targets: int = 10
@@ -273,6 +279,11 @@ class ScoreConfig:
     # items keep content_weight); each (content, popularity) pair is also scored with one weight for every
     # item. []: one weight for every item
     cold_content_weights: list[float] = field(default_factory=list)
+    # candidates for the history penalty: subtracted from the served score (served-vector units: cosines of
+    # unit vectors) of each item already in the request's history, after the index search; every mix
+    # above is also scored with each. [0.0]: off. Valid picks a large one where users rarely come back
+    # to an item they have (purchases, ratings), 0 where they do
+    history_weights: list[float] = field(default_factory=lambda: [0.0])
     # how valid chooses among the candidates: overall = the best valid NDCG@10; cold_floor = the best among
     # those whose valid NDCG@10 on the users with a cold target (unseen in training) is at least the
     # untrained last-item floor's on them (none such, or no cold valid target: as overall)
@@ -442,6 +453,7 @@ _ONLY_UNDER = {
     "train.softmax_items": ("train.recipe", ("full_softmax", "sampled_softmax")),
     "train.logit_adjustment": ("train.recipe", "full_softmax"),
     "train.logit_adjustment_members": ("train.recipe", "full_softmax"),
+    "train.history_negatives": ("train.recipe", "full_softmax"),
 }
 # dense_all_action with train.all_positions=true (every position a cut) samples no positions or
 # targets and reads no target sequence: these have no effect there
@@ -615,7 +627,7 @@ def validate(cfg: Config, explicit: set[str] | None = None, overridden: set[str]
                           f"(here {cfg.embed.executor}, {cfg.embed.backend}): Ray Data actors take embed.gpus_per_actor "
                           f"and vLLM the GPUs its process sees")
     _check_serve(cfg.serve)
-    for key in ("content_weights", "popularity_weights"):
+    for key in ("content_weights", "popularity_weights", "history_weights"):
         weights = getattr(cfg.score, key)
         if not weights or any(w < 0 for w in weights) or len(set(weights)) != len(weights):
             raise ConfigError(f"key 'score.{key}' must be a non-empty list of distinct weights >= 0 (candidates "

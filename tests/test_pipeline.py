@@ -148,6 +148,17 @@ def _auto_positions(run, base, cfg) -> None:
     assert run[1] - base[1] == cfg.model.max_len * cfg.model.d_model
 
 
+def _history_penalty(run, base, cfg) -> None:
+    # the same towers' size; both penalties scored on valid, the chosen one logged and carried by the bundle
+    _same_params(run, base, cfg)
+    m = run[0]
+    assert {"score_mix_valid_ndcg_at_10_c0_p0", "score_mix_valid_ndcg_at_10_c0_p0_h2"} <= set(m)
+    assert m["score_mix_history_weight"] in (0.0, 2.0)
+    best = max(m["score_mix_valid_ndcg_at_10_c0_p0"], m["score_mix_valid_ndcg_at_10_c0_p0_h2"])
+    assert m["score_mix_valid_ndcg_at_10"] == best
+    assert load_bundle(run[2] / "bundle").mix.history_weight == m["score_mix_history_weight"]
+
+
 def _item_vectors_are_the_content(run, base, cfg) -> None:
     bundle = run[2] / "bundle"
     content = pq.read_table(bundle / "content.parquet")
@@ -168,7 +179,10 @@ def _item_vectors_are_the_content(run, base, cfg) -> None:
     (["model.item_id_embedding=true", "export.enabled=true", "tracking.registered_model="], _id_embedding_params),
     (["model.members=2"], _two_stacks),
     (["model.positions=auto", "model.positions_min_history=1"], _auto_positions),
-], ids=["in_batch", "dense-b-time_cut", "item_tower_c", "item_id_embedding", "members", "positions_auto"])
+    (["train.history_negatives=false", "score.history_weights=[0,2]", "export.enabled=true",
+      "tracking.registered_model="], _history_penalty),
+], ids=["in_batch", "dense-b-time_cut", "item_tower_c", "item_id_embedding", "members", "positions_auto",
+        "history_penalty"])
 def test_recipes_and_variants_take_effect(variant_cfg, base_run, overrides, check):
     """Each flag changes what it should: a silently ignored one would reproduce the base run exactly
     (same seed, same data), so every variant must rank differently, and show its own mark."""

@@ -30,6 +30,8 @@ newer data than the champion (A), so the two need not share a dataset; the rules
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -110,11 +112,19 @@ def leaked_users(ev: EvalSplit, ev_data: SequenceData, ev_splits: Splits, data: 
     return int(np.count_nonzero(theirs > mine))
 
 
-def top_k_rows(users: np.ndarray, items: np.ndarray, k: int, chunk: int = 4096) -> np.ndarray:
-    """Rows of the k best-scoring items per user (exact, unordered)."""
+def top_k_rows(users: np.ndarray, items: np.ndarray, k: int, chunk: int = 4096,
+               histories: Sequence[np.ndarray] | None = None, history_penalty: float = 0.0) -> np.ndarray:
+    """Rows of the k best-scoring items per user (exact, unordered); with ``history_penalty`` each user's
+    ``histories`` items (item rows) scored that much lower first, as the served score does."""
     k = min(k, len(items))
-    return np.concatenate([np.argpartition(-(users[s:s + chunk] @ items.T), k - 1, axis=1)[:, :k]
-                           for s in range(0, len(users), chunk)])
+    out = []
+    for s in range(0, len(users), chunk):
+        scores = users[s:s + chunk] @ items.T
+        if history_penalty:
+            for r, h in enumerate(histories[s:s + chunk]):
+                scores[r, np.unique(h)] -= history_penalty
+        out.append(np.argpartition(-scores, k - 1, axis=1)[:, :k])
+    return np.concatenate(out)
 
 
 
@@ -160,8 +170,10 @@ def common_catalog_ranks(bundles: dict[str, Bundle], ev: EvalSplit, ev_data: Seq
     for m, bundle in bundles.items():
         items = bundle.item_embeddings[[bundle.id_to_row[i] for i in common]]
         users = vectors[m][rows]
+        penalty = bundle.mix.history_weight  # the served score's history penalty (0: none)
         ranks[m] = target_ranks(users, items, cols, common_histories, exclude_history=exclude_history,
-                                chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block)
-        top[m] = top_k_rows(users, items, k)
+                                chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block,
+                                history_penalty=penalty)
+        top[m] = top_k_rows(users, items, k, histories=common_histories, history_penalty=penalty)
     counts["users_scored"] = len(rows)
     return ranks, top, counts

@@ -114,8 +114,9 @@ def _lengths(histories: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _history_pairs(histories: Sequence[np.ndarray], tgt: np.ndarray, n: int,
-                   where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct (row, item) history pairs of a chunk, the target item itself left out, sorted by item."""
+                   where: str, keep_target: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (row, item) history pairs of a chunk, sorted by item; the target item itself left out
+    unless ``keep_target``."""
     hist = histories if isinstance(histories, Ragged) else Ragged.from_arrays([np.asarray(h) for h in histories])
     if len(hist.values) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -123,9 +124,28 @@ def _history_pairs(histories: Sequence[np.ndarray], tgt: np.ndarray, n: int,
     if cols.min() < 0 or cols.max() >= n:
         raise ValueError(f"history index out of range [0, {n}) among users {where}")
     rows = hist.row_of_values()
-    keep = cols != tgt[rows]
+    keep = slice(None) if keep_target else cols != tgt[rows]
     keys = np.unique(cols[keep] * len(hist) + rows[keep])
     return keys % len(hist), keys // len(hist)
+
+
+def _penalised(blocks, t_score: torch.Tensor, tgt: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], penalty: float):
+    """``blocks`` with ``penalty`` subtracted from the score of every (row, item) pair in ``pairs`` (the
+    chunk's history, target included, sorted by item), written into each block's scores, and
+    ``t_score`` lowered alike where the target is one of its row's history items. Both sides subtract
+    the same float32 from the same float32, so a target still ties with what it tied with before."""
+    rows, cols = pairs
+    dev = t_score.device
+    in_hist = np.zeros(len(tgt), dtype=bool)
+    in_hist[rows[cols == tgt[rows]]] = True
+    t_score[torch.from_numpy(in_hist).to(dev)] -= penalty
+    for a, b, scores in blocks:
+        lo, hi = np.searchsorted(cols, [a, b])
+        if hi > lo:
+            r = torch.from_numpy(rows[lo:hi]).to(dev)
+            c = torch.from_numpy(cols[lo:hi] - a).to(dev)
+            scores[r, c] -= penalty
+        yield a, b, scores
 
 
 def _count_blocks(blocks, t_score: torch.Tensor, tgt: np.ndarray, hist_rows: np.ndarray | None,
@@ -167,11 +187,14 @@ def target_ranks_both(
     score_fn: ScoreFn | None = None,
     need_included: bool = True,
     need_excluded: bool = True,
+    history_penalty: float = 0.0,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Ranks with history kept and with history excluded, from one scoring pass per chunk.
 
     Returns (ranks_included, ranks_excluded); an entry is None when its ``need_*`` flag is False.
-    See ``target_ranks`` for the arguments.
+    See ``target_ranks`` for the arguments. ``history_penalty`` (>= 0) is subtracted from the score of
+    each of a user's own history items (the target too, when it is one) before counting: the served
+    score of a history penalty (``score.history_weights``, learn/towers/mix.py).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -181,9 +204,11 @@ def target_ranks_both(
     U = len(targets)
     if user_emb is None or len(user_emb) != U:
         raise ValueError(f"user_emb has {None if user_emb is None else len(user_emb)} rows, targets {U}")
-    if need_excluded:
+    if isinstance(history_penalty, bool) or not np.isfinite(history_penalty) or history_penalty < 0:
+        raise ValueError(f"history_penalty must be a finite number >= 0, got {history_penalty!r}")
+    if need_excluded or history_penalty:
         if histories is None:
-            raise ValueError("histories are required to exclude history items")
+            raise ValueError("histories are required to exclude or penalise history items")
         if len(histories) != U:
             raise ValueError(f"{len(histories)} histories for {U} targets")
 
@@ -227,6 +252,8 @@ def target_ranks_both(
             tgt_t = torch.from_numpy(tgt)
 
             if score_fn is not None:  # the callback scores the whole catalog: one block
+                if history_penalty:
+                    scores = scores.clone()  # (it may be the callback's own array)
                 blocks = [(0, N, scores)]
                 t_score = scores.gather(1, tgt_t.to(scores.device).view(-1, 1))[:, 0]
             elif len(spans) == 1:
@@ -237,6 +264,9 @@ def target_ranks_both(
                 t_score = _target_scores(chunk, item_f32, tgt_t.to(item_f32.device), item_block)
                 blocks = _score_blocks(chunk, item_f32, spans)
 
+            if history_penalty:
+                blocks = _penalised(blocks, t_score, tgt, _history_pairs(histories[start:end], tgt, N, where, True),
+                                    float(history_penalty))
             pairs = _history_pairs(histories[start:end], tgt, N, where) if excl is not None else (None, None)
             base, excluded = _count_blocks(blocks, t_score, tgt, *pairs)
             if incl is not None:
@@ -256,6 +286,7 @@ def target_ranks(
     chunk_size: int = 2048,
     item_block: int = 8192,
     score_fn: ScoreFn | None = None,
+    history_penalty: float = 0.0,
 ) -> np.ndarray:
     """0-based pessimistic rank of each user's target among all N catalog items.
 
@@ -275,6 +306,7 @@ def target_ranks(
         score_fn=score_fn,
         need_included=not exclude_history,
         need_excluded=exclude_history,
+        history_penalty=history_penalty,
     )
     return excl if exclude_history else incl
 
@@ -491,15 +523,17 @@ def evaluate_both_modes(
     history_buckets: Sequence[int] = (3, 5, 10, 20),
     score_fn: ScoreFn | None = None,
     item_block: int = 8192,
+    history_penalty: float = 0.0,
 ) -> dict[str, float]:
     """Like ``evaluate_split`` for both history modes from one scoring pass.
 
     The configured mode's keys are plain ({prefix}ndcg_at_10); the other mode's carry a suffix:
     "_excl_hist" when exclude_history=False is configured, "_incl_hist" when it is True.
+    ``history_penalty``: see ``target_ranks_both``.
     """
     incl, excl = target_ranks_both(
         user_emb, item_emb, split.targets, split.histories, chunk_size=chunk_size, item_block=item_block,
-        score_fn=score_fn,
+        score_fn=score_fn, history_penalty=history_penalty,
     )
     return metrics_both_modes(incl, excl, split, ks=ks, exclude_history=exclude_history,
                               train_popularity=train_popularity, prefix=prefix, segment_k=segment_k,

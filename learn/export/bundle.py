@@ -70,6 +70,7 @@ from learn.export.towers import (
 )
 from learn.index.faiss_index import (
     ItemIndex,
+    MISSING_ID,
     ItemIndexError,
     VectorStream,
     build_index,
@@ -77,7 +78,7 @@ from learn.index.faiss_index import (
     load_index,
     recall_of_rows,
 )
-from learn.towers.mix import ScoreMix
+from learn.towers.mix import ScoreMix, penalise_history
 from learn.towers.model import TowerConfig, TwinTowers, id_width
 from learn.utils import file_sha256
 
@@ -556,7 +557,7 @@ def _finish_bundle(tmp: Path, out_dir: Path, ids: list[str], content: np.ndarray
             "index_params": index.params,
             "index_recall_at_10_vs_flat": recall,
         }
-        if mix.enabled:
+        if mix.served:
             full_info["score_mix"] = mix.to_json()
         manifest = write_manifest(tmp, files, full_info, digests)
         _publish(tmp, out_dir)
@@ -687,6 +688,23 @@ class Bundle:
                 vecs = self.mix.users(vecs, self.content[[rows[i][-1] for i in batch]])
             out[batch] = vecs.numpy()
         return out, unknown
+
+    def search(self, vectors: np.ndarray, histories: Sequence[Sequence[str]], k: int,
+               exclude_history: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The served top ``k`` (ids [B, k], scores [B, k], as ``ItemIndex.search``) for user vectors from
+        :meth:`user_vectors` and the histories they came from: the index's inner products, with the score
+        mix's history penalty applied (learn/towers/mix.py), or the history left out (``exclude_history``)."""
+        if exclude_history:
+            return self.index.search(vectors, k, exclude=histories)
+        if not self.mix.penalises_history or len(vectors) == 0:
+            return self.index.search(vectors, k)
+        own = [np.unique(np.array([self.id_to_row[x] for x in h if x in self.id_to_row], dtype=np.int64))
+               for h in histories]
+        rows, scores = self.index.search_rows(vectors, k + max(len(h) for h in own))
+        rows, scores = penalise_history(rows, scores, own, self.mix.history_weight, min(k, self.index.size))
+        ids = np.full(rows.shape, MISSING_ID, dtype=self.index.item_ids.dtype)
+        ids[rows >= 0] = self.index.item_ids[rows[rows >= 0]]
+        return ids, scores
 
     def embed_items(self, content_vectors: np.ndarray, prior: np.ndarray | None = None,
                     id_vectors: np.ndarray | None = None) -> np.ndarray:

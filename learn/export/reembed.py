@@ -73,7 +73,7 @@ def new_item_recall(bundle: Any, histories: list[list[str]], targets: list[str],
     ok = ~np.isnan(vecs).any(1)
     hits = 0
     if ok.any():
-        ids, _ = bundle.index.search(vecs[ok], k=k)
+        ids, _ = bundle.search(vecs[ok], [h for h, keep in zip(histories, ok) if keep], k)  # as served
         hits = sum(t in set(row) for t, row in zip(np.asarray(targets)[ok], ids.tolist()))
     return hits / max(len(targets), 1)
 

@@ -9,7 +9,9 @@ Input column ``history``: catalog item ids, oldest first. Params ``k`` (default 
 ``exclude_history`` (default False); any other param is an error (also through
 ``mlflow.pyfunc.load_model``, which on its own would drop it with a warning: see ``_refuse_dropped_params``). Output columns ``item_ids`` and ``scores`` (best first) and
 ``unknown_item_ids`` (history ids not in the catalog: skipped and reported, never an error; a
-history with no known item gets empty results).
+history with no known item gets empty results). A bundle whose score mix carries a history penalty
+(``score_mix.history_weight``, learn/towers/mix.py) lowers the request's own history items by it
+before taking the top k, as evaluation scored it; ``exclude_history=True`` leaves them out instead.
 
 The model is logged from code (``retriever_model.py``; nothing is pickled). On each load the bundle
 directory, the model's one artifact, is verified (every sha256 against its manifest, and the
@@ -170,8 +172,7 @@ class Retriever(PythonModel):
         item_ids: list[list[str]] = [[] for _ in histories]
         scores: list[list[float]] = [[] for _ in histories]
         if len(valid):
-            exclude = [histories[i] for i in valid] if exclude_history else None
-            ids, sc = self.bundle.index.search(vectors[valid], k, exclude=exclude)
+            ids, sc = self.bundle.search(vectors[valid], [histories[i] for i in valid], k, exclude_history)
             for row, i in enumerate(valid):
                 keep = ids[row] != MISSING_ID
                 item_ids[i] = ids[row][keep].tolist()

@@ -7,12 +7,15 @@ import torch.nn.functional as F
 
 
 def full_softmax_loss(user: torch.Tensor, all_items: torch.Tensor, targets: torch.Tensor, scale: float,
-                      column_bias: torch.Tensor | None = None) -> torch.Tensor:
+                      column_bias: torch.Tensor | None = None, masked: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over the whole catalog. user [B, d], all_items [N, d], targets [B] catalog indices;
-    ``column_bias`` [N] is added to every row's logits (logit adjustment: training only)."""
+    ``column_bias`` [N] is added to every row's logits (logit adjustment: training only); ``masked``
+    [B, N] bool: columns left out of a row's softmax (never its target's)."""
     logits = scale * user @ all_items.T
     if column_bias is not None:
         logits = logits + column_bias.unsqueeze(0)
+    if masked is not None:
+        logits = logits.masked_fill(masked, float("-inf"))
     return F.cross_entropy(logits, targets)
 
 

@@ -32,6 +32,16 @@ The user side carries W and the popularity weight; the item side depends on the 
 content, the priors and, when the content weight varies, the ratio of the two content weights.
 Several candidate weights are chosen on valid after training (``learn.train.loop.choose_score_mix``),
 never on test.
+
+A history penalty (``history_weight`` h >= 0, ``score.history_weights``) is subtracted from the
+served inner product of every item in the request's own history (the items the user already has):
+the one term that is not an inner product, so it is applied after the index search (the retriever
+fetches k + the history's length candidates, lowers the history items among them by h and keeps the
+top k: the same top k as lowering them in the whole catalog). Chosen on valid like the weights above:
+where users rarely come back to an item they have (purchases, ratings) valid picks a large h and the
+slots the towers gave to history items (the user's vector sits close to its own items) go to new
+ones; where they do come back it picks 0. It is in the served inner product's units (the served
+vectors are unit vectors: h >= 2 puts every history item below every other item).
 """
 
 from __future__ import annotations
@@ -49,9 +59,10 @@ class ScoreMix:
     content_weight: float = 0.0
     popularity_weight: float = 0.0
     cold_content_weight: float | None = None  # w of an item unseen in training (prior 0); None: content_weight
+    history_weight: float = 0.0  # h: subtracted from the served score of the request's own history items
 
     def __post_init__(self) -> None:
-        for key in ("content_weight", "popularity_weight", "cold_content_weight"):
+        for key in ("content_weight", "popularity_weight", "cold_content_weight", "history_weight"):
             value = getattr(self, key)
             if value is None and key == "cold_content_weight":
                 continue
@@ -86,7 +97,17 @@ class ScoreMix:
 
     @property
     def enabled(self) -> bool:
+        """Whether the served vectors differ from the towers' (a content or popularity term)."""
         return self.has_content or self.popularity_weight > 0
+
+    @property
+    def penalises_history(self) -> bool:
+        return self.history_weight > 0
+
+    @property
+    def served(self) -> bool:
+        """Whether the served score differs from the towers' cosine at all (vectors or history penalty)."""
+        return self.enabled or self.penalises_history
 
     def extra_dims(self, d_llm: int) -> int:
         """How many dimensions the mix appends to the towers' vectors."""
@@ -127,6 +148,8 @@ class ScoreMix:
         out = {"content_weight": float(self.content_weight), "popularity_weight": float(self.popularity_weight)}
         if self.varies:
             out["cold_content_weight"] = float(self.cold_content_weight)
+        if self.penalises_history:
+            out["history_weight"] = float(self.history_weight)
         return out
 
     @classmethod
@@ -135,9 +158,10 @@ class ScoreMix:
         if data is None:
             return cls()
         required = {"content_weight", "popularity_weight"}
-        if not isinstance(data, dict) or not required <= set(data) <= required | {"cold_content_weight"}:
+        optional = {"cold_content_weight", "history_weight"}
+        if not isinstance(data, dict) or not required <= set(data) <= required | optional:
             raise ValueError(f"{where}: score_mix must be {{'content_weight': w, 'popularity_weight': w"
-                             f"[, 'cold_content_weight': w]}}, got {data!r}")
+                             f"[, 'cold_content_weight': w][, 'history_weight': h]}}, got {data!r}")
         try:
             return cls(**data)
         except ValueError as exc:
@@ -200,15 +224,37 @@ def popularity_prior(train_popularity: np.ndarray) -> np.ndarray:
 
 
 def candidates(content_weights: list[float], popularity_weights: list[float],
-               cold_content_weights: list[float] | None = None) -> list[ScoreMix]:
+               cold_content_weights: list[float] | None = None,
+               history_weights: list[float] | None = None) -> list[ScoreMix]:
     """Every combination of candidate weights: each (content, popularity) pair with one content
-    weight for every item, and with each of ``cold_content_weights`` for unseen items. The unmixed
-    towers (0, 0) come first when they are a candidate, then the one-weight mixes, then the varying
-    ones (ties on valid go to the earlier candidate: the simpler score)."""
-    mixes = {ScoreMix(float(c), float(p), None if cold is None else float(cold))
-             for c in content_weights for p in popularity_weights for cold in [None, *(cold_content_weights or [])]}
+    weight for every item, and with each of ``cold_content_weights`` for unseen items, each with each
+    of ``history_weights`` (default: 0 only). The unmixed towers (0, 0) come first when they are a
+    candidate, then the one-weight mixes, then the varying ones, each with the smallest history weight
+    first (ties on valid go to the earlier candidate: the simpler score)."""
+    mixes = {ScoreMix(float(c), float(p), None if cold is None else float(cold), float(h))
+             for c in content_weights for p in popularity_weights for cold in [None, *(cold_content_weights or [])]
+             for h in (history_weights or [0.0])}
     return sorted(mixes, key=lambda m: (m.enabled, m.varies, m.content_weight, m.popularity_weight,
-                                        m.cold_content_weight or 0.0))
+                                        m.cold_content_weight or 0.0, m.history_weight))
+
+
+def penalise_history(rows: np.ndarray, scores: np.ndarray, history_rows: list[np.ndarray], weight: float,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` (rows, scores) per query after lowering each query's own history items by ``weight``.
+
+    ``rows`` / ``scores`` [B, fetch] are an index search's results (best first, row -1 and score -inf
+    where unfilled) with ``fetch`` >= k + the number of distinct rows in each query's history (
+    ``history_rows[b]``): however far the history items fall, the top k after the penalty are among
+    them. Returns [B, k] arrays in the same form (ties keep the search's order)."""
+    out_rows = np.full((len(rows), k), -1, dtype=np.int64)
+    out_scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
+    for b in range(len(rows)):
+        s = scores[b].astype(np.float32, copy=True)
+        s[(rows[b] >= 0) & np.isin(rows[b], history_rows[b])] -= np.float32(weight)
+        order = np.argsort(-s, kind="stable")[:k]
+        out_rows[b, : len(order)], out_scores[b, : len(order)] = rows[b][order], s[order]
+    out_scores[out_rows < 0] = -np.inf
+    return out_rows, out_scores
 
 
 def last_items(histories: Any) -> np.ndarray:

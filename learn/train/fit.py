@@ -36,9 +36,14 @@ from learn.train.loop import (cfg_steps_per_epoch, evaluate_groups, evaluate_mod
 OnEpoch = Callable[[int, dict[str, float]], None]
 
 
-def selection_key(eval_cfg: EvalConfig) -> str:
-    """The valid metric early stopping and best-epoch selection use."""
-    return "ndcg_at_10" if 10 in eval_cfg.ks else f"ndcg_at_{min(eval_cfg.ks)}"
+def selection_key(eval_cfg: EvalConfig, train_cfg: TrainConfig | None = None) -> str:
+    """The valid metric early stopping and best-epoch selection use: NDCG@10 in the configured history mode;
+    with ``train.history_negatives=false`` (towers not trained to rank a user's own items down) NDCG@10
+    with history excluded, what such towers are trained to rank."""
+    key = "ndcg_at_10" if 10 in eval_cfg.ks else f"ndcg_at_{min(eval_cfg.ks)}"
+    if train_cfg is not None and not train_cfg.history_negatives and not eval_cfg.exclude_history:
+        key += "_excl_hist"
+    return key
 
 
 def evaluation_due(epoch: int, cfg: TrainConfig) -> bool:
@@ -93,7 +98,7 @@ class FitState:
     @classmethod
     def start(cls, train_cfg: TrainConfig, eval_cfg: EvalConfig, groups: list[list[int]] | None = None) -> "FitState":
         """``groups``: the model's ``member_groups``; with more than one each is early-stopped on its own."""
-        state = cls(key=f"valid_{selection_key(eval_cfg)}", patience=train_cfg.patience)
+        state = cls(key=f"valid_{selection_key(eval_cfg, train_cfg)}", patience=train_cfg.patience)
         if groups and len(groups) > 1:
             n = len(groups)
             state.groups = [list(g) for g in groups]

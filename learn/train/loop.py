@@ -180,12 +180,14 @@ def with_item_bias(users: torch.Tensor, items: torch.Tensor, bias: torch.Tensor 
 
 
 def ranking_metrics(users: torch.Tensor, items: torch.Tensor, split: EvalSplit, eval_cfg: EvalConfig, prefix: str = "",
-                    train_popularity: np.ndarray | None = None) -> dict[str, float]:
-    """``evaluate_both_modes`` of these user and item vectors on ``split`` with ``eval.*``'s settings."""
+                    train_popularity: np.ndarray | None = None, history_penalty: float = 0.0) -> dict[str, float]:
+    """``evaluate_both_modes`` of these user and item vectors on ``split`` with ``eval.*``'s settings
+    (``history_penalty``: a served history penalty, learn/towers/mix.py)."""
     return evaluate_both_modes(
         users, items, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
         chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block, train_popularity=train_popularity,
         prefix=prefix, popularity_buckets=eval_cfg.popularity_buckets, history_buckets=eval_cfg.history_buckets,
+        history_penalty=history_penalty,
     )
 
 
@@ -193,23 +195,25 @@ def evaluate_model(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, ma
                    train_popularity: np.ndarray | None = None, prefix: str = "", mix: ScoreMix | None = None,
                    prior: np.ndarray | None = None, towers_prefix: str | None = None,
                    item_bias: torch.Tensor | None = None) -> dict[str, float]:
-    """Full-ranking metrics of the towers on ``split``; with an enabled ``mix`` the served score of
-    learn/towers/mix.py (``prior``: learn.towers.mix.popularity_prior of the training split), and with
-    ``towers_prefix`` too the towers alone under that prefix (from the same tower vectors).
+    """Full-ranking metrics of the towers on ``split``; with a ``mix`` that changes the score
+    (``ScoreMix.served``) the served score of learn/towers/mix.py (``prior``:
+    learn.towers.mix.popularity_prior of the training split), and with ``towers_prefix`` too the
+    towers alone under that prefix (from the same tower vectors).
     ``item_bias`` [N] (no mix): rank by the towers' score + the item's bias (``training_item_bias``)."""
     users = user_embeddings(model, split.histories, max_history)
     items = model.all_item_embeddings()
     if item_bias is not None:
-        if mix is not None and mix.enabled:
+        if mix is not None and mix.served:
             raise ValueError("item_bias is the training-time score: not with a served score mix")
         users, items = with_item_bias(users, items, item_bias)
 
-    def metrics(u: torch.Tensor, i: torch.Tensor, pre: str) -> dict[str, float]:
-        return ranking_metrics(u, i, split, eval_cfg, pre, train_popularity)
+    def metrics(u: torch.Tensor, i: torch.Tensor, pre: str, penalty: float = 0.0) -> dict[str, float]:
+        return ranking_metrics(u, i, split, eval_cfg, pre, train_popularity, penalty)
 
-    if mix is None or not mix.enabled:
+    if mix is None or not mix.served:
         return metrics(users, items, prefix)
-    out = metrics(*mixed_vectors(model, split, users, items, mix, prior), prefix)
+    served = mixed_vectors(model, split, users, items, mix, prior) if mix.enabled else (users, items)
+    out = metrics(*served, prefix, mix.history_weight)
     if towers_prefix is not None:
         out.update(metrics(users, items, towers_prefix))
     return out
@@ -257,9 +261,10 @@ def mixed_vectors(model: TwinTowers, split: EvalSplit, users: torch.Tensor, item
 
 def mix_metric_key(key: str, mix: ScoreMix) -> str:
     """The run's metric of ``mix``'s valid ``key``, e.g. score_mix_valid_ndcg_at_10_c0.05_p0.1 (and
-    ..._c0.05_p0.1_cold0.5 with a cold content weight)."""
+    ..._c0.05_p0.1_cold0.5 with a cold content weight, ..._h0.2 with a history penalty)."""
     cold = f"_cold{mix.cold_content_weight:g}" if mix.varies else ""
-    return f"score_mix_valid_{key}_c{mix.content_weight:g}_p{mix.popularity_weight:g}{cold}"
+    history = f"_h{mix.history_weight:g}" if mix.penalises_history else ""
+    return f"score_mix_valid_{key}_c{mix.content_weight:g}_p{mix.popularity_weight:g}{cold}{history}"
 
 
 def choose_score_mix(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, max_history: int,
@@ -300,7 +305,8 @@ def choose_score_mix(model: TwinTowers, split: EvalSplit, eval_cfg: EvalConfig, 
             else (users, items)
         item_sides[side] = i
         got = evaluate_both_modes(u, i, split, ks=eval_cfg.ks, exclude_history=eval_cfg.exclude_history,
-                                  chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block, **segments)
+                                  chunk_size=eval_cfg.chunk_size, item_block=eval_cfg.item_block,
+                                  history_penalty=mix.history_weight, **segments)
         value = got[key]
         table[mix_metric_key(key, mix)] = value
         if value > best_value:

@@ -6,7 +6,8 @@ full_softmax      one target per user and epoch, index uniform in [1, L-1] (or e
                   ``train.all_positions``); softmax over every catalog item (all items through the
                   item tower each step: the reference objective, O(catalog) per step), or over the
                   items that occur in training only (``train.softmax_items=seen``); with
-                  ``train.logit_adjustment`` each column's logit gains a popularity bias (training only)
+                  ``train.logit_adjustment`` each column's logit gains a popularity bias (training only);
+                  with ``train.history_negatives=false`` a row's own earlier items are not its negatives
 in_batch          target index uniform in [L//2, L-1] (or every position); softmax over the batch's
                   targets, rows with the same item or of the same user masked
 dense_all_action  each sequence cut into a history and a target part; N_h history positions x N_t
@@ -140,19 +141,41 @@ def _dense_batches(train, cfg: TrainConfig, max_history, rng, order_rng, rank, w
                          num_negatives=cfg.num_negatives, coverage=cfg.epoch_coverage)
 
 
+def own_history_columns(batch: PairBatch, columns: torch.Tensor | None, num_columns: int,
+                        targets: torch.Tensor) -> torch.Tensor:
+    """[P, C] bool: for each predicting position, the softmax columns holding an item the row has at or
+    before that position (what its user tower read), its own target column excepted. ``columns``: the
+    softmax's catalog indices, sorted (None: the whole catalog, column = catalog index); ``targets`` [P]
+    the target columns. O(P x L) to build, the size of the logits to hold."""
+    tokens = batch.tokens[batch.rows]  # [P, L], catalog index + 1, 0 = pad
+    upto = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) <= batch.positions.unsqueeze(1)
+    pair, slot = (upto & (tokens > 0)).nonzero(as_tuple=True)
+    items = tokens[pair, slot] - 1
+    if columns is not None:  # items outside the softmax's columns have no column to mask
+        at = torch.searchsorted(columns, items).clamp_max(len(columns) - 1)
+        keep = columns[at] == items
+        pair, items = pair[keep], at[keep]
+    out = torch.zeros(len(targets), num_columns, dtype=torch.bool, device=tokens.device)
+    out[pair, items] = True
+    out[torch.arange(len(targets), device=tokens.device), targets] = False
+    return out
+
+
 def full_softmax(model, batch: PairBatch, cfg: TrainConfig, rows) -> torch.Tensor:
     user = _user_vectors(model, batch, rows)
     core = _core(model)
-    bias = None
+    bias, sorted_columns = None, None
     if isinstance(batch, CandidateBatch):  # the softmax over the batch's columns, each with its logit bias
         columns, targets = batch.candidates, batch.target_cols
         bias = batch.column_bias if cfg.logit_adjustment else None
+        sorted_columns = columns
     else:
         columns, targets = torch.arange(core.num_items, device=user.device), batch.targets
+    masked = None if cfg.history_negatives else own_history_columns(batch, sorted_columns, len(columns), targets)
     items = rows(core.item_embedding, columns)
     adjusted = logit_adjusted_members(cfg, core.cfg) if bias is not None else frozenset()
     return _per_member(model, lambda m, u, i: full_softmax_loss(u, i, targets, cfg.score_scale,
-                                                                bias if m in adjusted else None), user, items)
+                                                                bias if m in adjusted else None, masked), user, items)
 
 
 def sampled_softmax(model, batch: SampledBatch, cfg: TrainConfig, rows) -> torch.Tensor:

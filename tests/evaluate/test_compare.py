@@ -268,3 +268,15 @@ def test_format_comparison():
     assert "promote B on ndcg_at_10: no" in text
     assert "users: 300" in text and "top-k overlap: 0.6250" in text
     assert "overlap" not in format_comparison(out, None)
+
+
+def test_top_k_rows_lowers_each_user_own_items_by_the_served_penalty():
+    from learn.evaluate.ab import top_k_rows
+
+    rng = np.random.default_rng(0)
+    users, items = rng.normal(size=(9, 4)).astype(np.float32), rng.normal(size=(30, 4)).astype(np.float32)
+    plain = top_k_rows(users, items, 5, chunk=4)
+    histories = [np.array(row[:2]) for row in plain]  # two of each user's top 5 are its own items
+    got = top_k_rows(users, items, 5, chunk=4, histories=histories, history_penalty=10.0)
+    for row, h, before in zip(got, histories, plain):
+        assert not set(row) & set(h) and set(before[2:]) <= set(row)

@@ -402,3 +402,31 @@ def test_half_precision_inputs(dtype):
     r = target_ranks(torch.randn(30, 8, generator=g).to(dtype), torch.randn(40, 8, generator=g).to(dtype),
                      np.arange(30), None, exclude_history=False, chunk_size=8)
     assert r.min() >= 0 and r.max() <= 39
+
+
+@pytest.mark.parametrize("item_block", [3, 8192])
+@pytest.mark.parametrize("penalty", [0.5, 1.0, 100.0])
+def test_history_penalty_matches_reference(penalty, item_block):
+    """The served history penalty: each user's own items (the target too, when it is one) lowered before
+    counting, in both history modes; integer scores and penalties keep the ties exact."""
+    users, items, targets, histories = tie_heavy_case(seed=3)
+    scores = (users @ items.T).astype(np.float64)
+    lowered = scores.copy()
+    for u, h in enumerate(histories):
+        lowered[u, np.unique(h).astype(int)] -= penalty
+    incl, excl = M.target_ranks_both(torch.tensor(users, dtype=torch.float32), torch.tensor(items, dtype=torch.float32),
+                                     targets, histories, chunk_size=5, item_block=item_block, history_penalty=penalty)
+    np.testing.assert_array_equal(incl, ref_ranks(lowered, targets, histories, False))
+    np.testing.assert_array_equal(excl, ref_ranks(lowered, targets, histories, True))
+    assert not np.array_equal(incl, ref_ranks(scores, targets, histories, False))  # it moved something
+    # the callback path too, without writing into the callback's own array
+    fn_scores = torch.tensor(scores, dtype=torch.float32)
+    before = fn_scores.clone()
+    got = target_ranks(np.arange(len(targets)), None, targets, histories, exclude_history=False, chunk_size=4,
+                       score_fn=lambda rows: fn_scores[rows], history_penalty=penalty)
+    np.testing.assert_array_equal(got, incl)
+    assert torch.equal(fn_scores, before)
+    with pytest.raises(ValueError, match="history_penalty"):
+        target_ranks(users, items, targets, histories, exclude_history=False, history_penalty=-1.0)
+    with pytest.raises(ValueError, match="histories are required"):
+        target_ranks(users, items, targets, None, exclude_history=False, history_penalty=1.0)

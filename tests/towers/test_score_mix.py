@@ -231,3 +231,80 @@ def test_config_checks(tmp_path):
     # a baseline ignores the towers' settings and the mix of the file it runs with (the floors run on the freeze)
     floor = load_config("conf/scientific.yaml", ["train.recipe=content_last"])
     assert floor.train.recipe == "content_last"
+
+
+def test_history_penalty_form_candidates_and_manifest_json():
+    penalised = ScoreMix(0.0, 0.0, None, 0.3)
+    assert penalised.served and not penalised.enabled and penalised.extra_dims(5) == 0  # the vectors are the towers'
+    assert penalised.to_json() == {"content_weight": 0.0, "popularity_weight": 0.0, "history_weight": 0.3}
+    assert ScoreMix.from_json(penalised.to_json(), "m") == penalised
+    # manifests written before the penalty read as no penalty
+    assert ScoreMix.from_json({"content_weight": 0.2, "popularity_weight": 0.1}, "m").history_weight == 0.0
+    with pytest.raises(ValueError, match="history_weight"):
+        ScoreMix(0.0, 0.0, None, -0.5)
+    with pytest.raises(ValueError, match="history_weight"):
+        ScoreMix.from_json({"content_weight": 0.0, "popularity_weight": 0.0, "history_weight": "a lot"}, "m")
+    mixes = candidates([0.0, 0.2], [0.0], None, [0.0, 2.0])
+    # every mix with every penalty, the smaller penalty first (ties go to it)
+    assert mixes == [ScoreMix(), ScoreMix(0, 0, None, 2.0), ScoreMix(0.2, 0), ScoreMix(0.2, 0, None, 2.0)]
+
+
+def test_a_history_penalty_wins_on_valid_when_users_never_come_back():
+    """Each valid target is the towers' best item outside the user's history: ranked below some of the
+    user's own items by the towers alone, first once they are lowered."""
+    model, _ = make_model(0)
+    users = user_embeddings(model, split().histories, 12)
+    scores = users @ model.all_item_embeddings().T
+    own = torch.zeros_like(scores, dtype=torch.bool)
+    for u, h in enumerate(HISTORIES):
+        own[u, torch.as_tensor(h)] = True
+    targets = scores.masked_fill(own, -9).argmax(1)
+    above = [(scores[u, torch.as_tensor(h)] > scores[u, targets[u]]).sum().item() for u, h in enumerate(HISTORIES)]
+    assert sum(above) > 0, "precondition: the towers alone put a history item above some target"
+    ev = split(targets.tolist())
+    prior = popularity_prior(np.ones(N_ITEMS))
+    chosen, table = choose_score_mix(model, ev, EvalConfig(ks=[10]), 12, candidates([0.0], [0.0], None, [0.0, 2.0]),
+                                     prior)
+    assert chosen == ScoreMix(0.0, 0.0, None, 2.0)
+    assert table["score_mix_valid_ndcg_at_10_c0_p0_h2"] == 1.0 > table["score_mix_valid_ndcg_at_10_c0_p0"]
+    # the test metrics of the chosen score are what valid scored (history kept: every target at rank 0)
+    got = evaluate_model(model, ev, EvalConfig(ks=[10]), 12, prefix="t_", mix=chosen, prior=prior,
+                         towers_prefix="towers_")
+    assert got["t_ndcg_at_10"] == 1.0 and got["towers_ndcg_at_10"] == table["score_mix_valid_ndcg_at_10_c0_p0"]
+
+
+@pytest.mark.parametrize("mix", [ScoreMix(0.0, 0.0, None, 0.05), ScoreMix(0.1, 0.0, 0.8, 2.0)],
+                         ids=["penalty-only", "mix-and-penalty"])
+def test_retriever_serves_the_history_penalty_evaluation_scored(tmp_path, mix):
+    from learn.serve.retriever import Retriever
+
+    model, content = make_model(0)
+    prior = popularity_prior(np.arange(N_ITEMS) % 5)
+    summary = write_bundle(model, IDS, content, tmp_path / "b", info(), mix=mix, prior=prior)
+    assert summary.manifest["info"]["score_mix"]["history_weight"] == mix.history_weight
+    bundle = load_bundle(summary.directory)
+    assert bundle.mix == mix
+    histories = [[IDS[j] for j in h] for h in HISTORIES]
+    retriever = Retriever.from_bundle(bundle, 12)
+    got_ids, got_scores, _ = retriever.retrieve(histories, k=8)
+    served, _ = bundle.user_vectors(histories, 12)
+    brute = served @ bundle.item_embeddings.T
+    for u, h in enumerate(HISTORIES):
+        brute[u, np.unique(h)] -= np.float32(mix.history_weight)
+    order = np.argsort(-brute, axis=1, kind="stable")[:, :8]
+    unpenalised = np.argsort(-(served @ bundle.item_embeddings.T), axis=1, kind="stable")[:, :8]
+    assert not np.array_equal(order, unpenalised), "precondition: the penalty moves some history item"
+    assert got_ids == [[IDS[j] for j in row] for row in order.tolist()]
+    np.testing.assert_allclose(got_scores, np.take_along_axis(brute, order, 1), atol=1e-5)
+    # exclude_history still leaves the history out altogether
+    excluded, _, _ = retriever.retrieve(histories, k=8, exclude_history=True)
+    assert all(not set(row) & set(h) for row, h in zip(excluded, histories))
+
+
+def test_history_weights_config_checks():
+    cfg = load_config("conf/tiny.yaml", ["score.history_weights=[0,0.5]"])
+    assert cfg.score.history_weights == [0, 0.5]
+    assert load_config("conf/tiny.yaml").score.history_weights == [0.0]  # off by default
+    for bad in (["score.history_weights=[-1]"], ["score.history_weights=[0.5,0.5]"], ["score.history_weights=[]"]):
+        with pytest.raises(ConfigError, match="score.history_weights"):
+            load_config("conf/tiny.yaml", bad)

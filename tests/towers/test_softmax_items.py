@@ -93,3 +93,42 @@ def test_softmax_items_is_refused_outside_the_full_and_sampled_softmax():
         load_config("conf/default.yaml", ["train.softmax_items=some"])
     assert load_config("conf/default.yaml", ["train.recipe=full_softmax",
                                              "train.softmax_items=seen"]).train.softmax_items == "seen"
+
+
+@pytest.mark.parametrize("softmax_items", ["catalog", "seen"])
+def test_without_history_negatives_a_row_own_earlier_items_leave_its_softmax(softmax_items):
+    """train.history_negatives=false: the loss is the full softmax with, per predicting position, the items
+    its row has up to that position masked (its target kept, also when it is one of them)."""
+    _, content, train, n_seen = _unseen_split()
+    train = [np.append(s, s[0]) for s in train]  # every user comes back to its first item at the end
+    cfg = TrainConfig(recipe="full_softmax", batch_size=16, all_positions=True, softmax_items=softmax_items,
+                      history_negatives=False)
+    batch = next(iter(epoch_batches(train, cfg, 10, seed=0, epoch=1, num_items=len(content))))
+    model = model_for(content)
+    model.eval()
+    loss = compute_loss(model, batch, cfg)
+    with torch.no_grad():
+        user = model(batch.tokens)[batch.rows, batch.positions]
+        logits = cfg.score_scale * user @ model.item_embedding(torch.arange(len(content))).T
+        if softmax_items == "seen":
+            logits[:, n_seen:] = float("-inf")
+        repeats = 0
+        for p, (r, pos, t) in enumerate(zip(batch.rows.tolist(), batch.positions.tolist(), batch.targets.tolist())):
+            own = {int(x) - 1 for x in batch.tokens[r, : pos + 1] if x > 0}
+            repeats += t in own
+            logits[p, sorted(own - {t})] = float("-inf")
+        reference = torch.nn.functional.cross_entropy(logits, batch.targets)
+    assert repeats > 0, "precondition: some target is one of its row's own earlier items"
+    torch.testing.assert_close(loss.detach(), reference)
+    assert not torch.isclose(loss.detach(), compute_loss(model, batch, TrainConfig(
+        recipe="full_softmax", batch_size=16, all_positions=True, softmax_items=softmax_items)))
+
+
+def test_history_negatives_config_and_selection_key():
+    from learn.train.fit import selection_key
+
+    cfg = load_config("conf/tiny.yaml", ["train.recipe=full_softmax", "train.history_negatives=false"])
+    assert selection_key(cfg.eval, cfg.train) == "ndcg_at_10_excl_hist"  # what such towers are trained to rank
+    assert selection_key(cfg.eval) == selection_key(cfg.eval, load_config("conf/tiny.yaml").train) == "ndcg_at_10"
+    with pytest.raises(ConfigError, match="train.history_negatives"):
+        load_config("conf/tiny.yaml", ["train.recipe=in_batch", "train.history_negatives=false"])
