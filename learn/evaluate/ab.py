@@ -120,9 +120,10 @@ def top_k_rows(users: np.ndarray, items: np.ndarray, k: int, chunk: int = 4096,
     out = []
     for s in range(0, len(users), chunk):
         scores = users[s:s + chunk] @ items.T
-        if history_penalty:
-            for r, h in enumerate(histories[s:s + chunk]):
-                scores[r, np.unique(h)] -= history_penalty
+        if history_penalty:  # (a repeated index is lowered once)
+            own = [np.asarray(h, dtype=np.int64) for h in histories[s:s + chunk]]
+            rows = np.repeat(np.arange(len(own)), [len(h) for h in own])
+            scores[rows, np.concatenate(own) if own else rows] -= history_penalty
         out.append(np.argpartition(-scores, k - 1, axis=1)[:, :k])
     return np.concatenate(out)
 

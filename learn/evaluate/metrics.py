@@ -264,10 +264,15 @@ def target_ranks_both(
                 t_score = _target_scores(chunk, item_f32, tgt_t.to(item_f32.device), item_block)
                 blocks = _score_blocks(chunk, item_f32, spans)
 
-            if history_penalty:
-                blocks = _penalised(blocks, t_score, tgt, _history_pairs(histories[start:end], tgt, N, where, True),
-                                    float(history_penalty))
-            pairs = _history_pairs(histories[start:end], tgt, N, where) if excl is not None else (None, None)
+            pairs = (None, None)
+            if history_penalty:  # the pairs with the target, for the penalty; without it, for exclusion
+                rows, cols = _history_pairs(histories[start:end], tgt, N, where, keep_target=True)
+                blocks = _penalised(blocks, t_score, tgt, (rows, cols), float(history_penalty))
+                if excl is not None:
+                    other = cols != tgt[rows]
+                    pairs = rows[other], cols[other]
+            elif excl is not None:
+                pairs = _history_pairs(histories[start:end], tgt, N, where)
             base, excluded = _count_blocks(blocks, t_score, tgt, *pairs)
             if incl is not None:
                 incl[start:end] = base
