@@ -164,14 +164,14 @@ def own_history_columns(batch: PairBatch, columns: torch.Tensor | None, num_colu
 def full_softmax(model, batch: PairBatch, cfg: TrainConfig, rows) -> torch.Tensor:
     user = _user_vectors(model, batch, rows)
     core = _core(model)
-    bias, sorted_columns = None, None
-    if isinstance(batch, CandidateBatch):  # the softmax over the batch's columns, each with its logit bias
+    bias, subset = None, isinstance(batch, CandidateBatch)
+    if subset:  # the softmax over the batch's columns, each with its logit bias
         columns, targets = batch.candidates, batch.target_cols
         bias = batch.column_bias if cfg.logit_adjustment else None
-        sorted_columns = columns
     else:
         columns, targets = torch.arange(core.num_items, device=user.device), batch.targets
-    masked = None if cfg.history_negatives else own_history_columns(batch, sorted_columns, len(columns), targets)
+    masked = None if cfg.history_negatives else own_history_columns(batch, columns if subset else None,
+                                                                    len(columns), targets)
     items = rows(core.item_embedding, columns)
     adjusted = logit_adjusted_members(cfg, core.cfg) if bias is not None else frozenset()
     return _per_member(model, lambda m, u, i: full_softmax_loss(u, i, targets, cfg.score_scale,
